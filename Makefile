@@ -1,0 +1,22 @@
+# Each target makes its own virtual environment, so both quick-start commands
+# work on a machine that has only Python and pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: quickstart test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(PY) -m mlx_flash.finetune recipes/quickstart.yaml --overwrite
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,12 @@
+"""mlx-flash: fused flash-attention forward and backward for MLX.
+
+    import mlx_flash
+    out = mlx_flash.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask="causal")
+    print(mlx_flash.explain(q, k, v, mask="causal"))
+"""
+
+from .attention import VARIANTS, Plan, explain, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["VARIANTS", "Plan", "explain", "scaled_dot_product_attention", "__version__"]

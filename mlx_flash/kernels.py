@@ -1,0 +1,66 @@
+"""Metal kernel sources and launches.
+
+Kernel bodies live in ``metal/*.metal`` (shipped in the wheel as
+``mlx_flash.metal``) in the form ``mx.fast.metal_kernel`` takes: a body, plus
+an optional header of helpers. ``build`` makes each kernel object once and
+caches it; ``launch`` runs it on real Metal, or through the CPU emulator when
+``mlx_flash.emulator.metal()`` is active.
+"""
+
+import functools
+from importlib import resources
+from typing import Optional, Sequence
+
+import mlx.core as mx
+
+from . import emulator
+
+
+def backend() -> Optional[str]:
+    """Where Metal kernels run now: ``"emulator"``, ``"metal"``, or None."""
+    if emulator.is_active():
+        return "emulator"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def source(filename: str) -> str:
+    """Text of ``metal/<filename>``."""
+    return resources.files("mlx_flash.metal").joinpath(filename).read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def build(
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    body_file: str,
+    header_file: Optional[str] = None,
+    atomic_outputs: bool = False,
+):
+    """The ``mx.fast.metal_kernel`` for ``metal/<body_file>``, built once.
+
+    ``input_names`` and ``output_names`` must be tuples (they are cache keys).
+    Template constants (tile sizes, dtypes) are passed per launch, so one
+    kernel object serves every dtype and shape.
+    """
+    return mx.fast.metal_kernel(
+        name=name,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        source=source(body_file),
+        header=source(header_file) if header_file else "",
+        ensure_row_contiguous=False,
+        atomic_outputs=atomic_outputs,
+    )
+
+
+def launch(kernel, **call) -> list:
+    """Call ``kernel`` with ``mx.fast.metal_kernel``'s keyword arguments
+    (``inputs``, ``template``, ``grid``, ``threadgroup``, ``output_shapes``,
+    ``output_dtypes``, ``init_value``), on Metal or on the emulator."""
+    if emulator.is_active():
+        return emulator.run(kernel, **call, schedule=emulator.active_schedule())
+    return kernel(**call)
