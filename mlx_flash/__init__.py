@@ -6,7 +6,19 @@
 """
 
 from .attention import VARIANTS, Plan, explain, scaled_dot_product_attention
+from .patch import is_patched, patch, patch_state, patched, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["VARIANTS", "Plan", "explain", "scaled_dot_product_attention", "__version__"]
+__all__ = [
+    "VARIANTS",
+    "Plan",
+    "explain",
+    "scaled_dot_product_attention",
+    "patch",
+    "unpatch",
+    "patched",
+    "is_patched",
+    "patch_state",
+    "__version__",
+]
