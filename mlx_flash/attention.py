@@ -10,6 +10,9 @@ Implementations behind the dispatch see normalised inputs: ``q``, ``k``, ``v``
 rank 4 in one floating dtype; ``mask`` is ``None``, ``"causal"`` with
 ``Lq <= Lk``, or a rank-4 array that is boolean or of that dtype and is
 broadcastable to ``(B, Hq, Lq, Lk)`` (size-1 axes kept, never materialised).
+Rows that keep no key at all (bottom-right causal with ``Lq > Lk``, or a
+boolean mask row of all False) are answered here with MLX's uniform weights,
+so what an implementation returns for them is never used.
 """
 
 from dataclasses import dataclass
@@ -254,4 +257,13 @@ def scaled_dot_product_attention(
             return empty
         rest = _run(chosen.implementation, q[:, :, n_empty:], k, v, scale, mask)
         return mx.concatenate([empty, rest], axis=2)
-    return _run(chosen.implementation, q, k, v, scale, mask)
+    out = _run(chosen.implementation, q, k, v, scale, mask)
+    if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+        # A row whose boolean mask keeps nothing gets uniform weights in MLX.
+        # Tiled implementations keep only a float32 log-sum-exp per row, which
+        # cannot carry that case exactly through the backward, so such rows
+        # are answered here; the where() also stops their gradient from
+        # reaching the implementation.
+        keeps_any = mx.any(mask, axis=-1, keepdims=True)
+        out = mx.where(keeps_any, out, _uniform_rows(v, q.shape[1], q_len))
+    return out
