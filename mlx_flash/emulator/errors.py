@@ -1,0 +1,22 @@
+"""Errors the emulator reports about a kernel."""
+
+
+class EmulatorError(RuntimeError):
+    """Base class of the emulator's errors."""
+
+
+class CompilerNotFoundError(EmulatorError):
+    """No C++ compiler to build kernels with."""
+
+
+class CompileError(EmulatorError):
+    """The kernel source does not compile as Metal (compiler message and the
+    generated source lines around the error)."""
+
+
+class RaceError(EmulatorError):
+    """Results differ between thread schedules: a data race."""
+
+
+class DivergenceError(EmulatorError):
+    """A barrier or SIMD collective that not every thread reaches."""

@@ -1,0 +1,1829 @@
+// A CPU meaning for the Metal Shading Language subset that MLX kernels use.
+//
+// The MLX-generated kernel source is compiled by the system C++ compiler
+// against this header. Each GPU thread runs as a fiber; barriers and SIMD
+// collectives are rendezvous points where the scheduler switches threads, so a
+// threadgroup runs deterministically in the order the schedule gives.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+// ---------------------------------------------------------------- scalars --
+
+typedef _Float16 half;
+typedef unsigned int uint;
+typedef unsigned short ushort;
+typedef unsigned char uchar;
+typedef unsigned long ulong;
+
+namespace mtl {
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+} // namespace mtl
+
+// bfloat16: the top 16 bits of a float32, rounded to nearest even.
+struct bfloat {
+  uint16_t bits;
+
+  bfloat() = default;
+  bfloat(float f) {
+    uint32_t b = mtl::float_to_bits(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+      bits = uint16_t((b >> 16) | 0x40); // keep NaN a NaN
+    } else {
+      bits = uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    }
+  }
+  template <
+      class U,
+      std::enable_if_t<std::is_arithmetic<U>::value || std::is_same<U, half>::value, int> = 0>
+  bfloat(U u) : bfloat(float(u)) {}
+  operator float() const {
+    return mtl::bits_to_float(uint32_t(bits) << 16);
+  }
+
+  template <class U>
+  bfloat& operator+=(U u) { return *this = bfloat(float(*this) + float(u)); }
+  template <class U>
+  bfloat& operator-=(U u) { return *this = bfloat(float(*this) - float(u)); }
+  template <class U>
+  bfloat& operator*=(U u) { return *this = bfloat(float(*this) * float(u)); }
+  template <class U>
+  bfloat& operator/=(U u) { return *this = bfloat(float(*this) / float(u)); }
+};
+
+typedef half float16_t;
+typedef bfloat bfloat16_t;
+
+namespace mtl {
+
+template <class T>
+struct is_float_scalar
+    : std::integral_constant<
+          bool,
+          std::is_same<T, float>::value || std::is_same<T, half>::value ||
+              std::is_same<T, bfloat>::value> {};
+
+template <class T>
+struct is_scalar
+    : std::integral_constant<
+          bool,
+          std::is_integral<T>::value || is_float_scalar<T>::value> {};
+
+// bfloat with bfloat (or an integer) stays bfloat; with float or half it is
+// float, as in Metal.
+template <class A, class B>
+struct bf_result {
+  using type = std::conditional_t<
+      std::is_integral<A>::value || std::is_integral<B>::value ||
+          (std::is_same<A, bfloat>::value && std::is_same<B, bfloat>::value),
+      bfloat,
+      float>;
+};
+
+} // namespace mtl
+
+#define MTL_BF_BINOP(op)                                                      \
+  template <                                                                  \
+      class A,                                                                \
+      class B,                                                                \
+      std::enable_if_t<                                                       \
+          (std::is_same<A, bfloat>::value || std::is_same<B, bfloat>::value) && \
+              mtl::is_scalar<A>::value && mtl::is_scalar<B>::value,           \
+          int> = 0>                                                           \
+  inline typename mtl::bf_result<A, B>::type operator op(A a, B b) {          \
+    return typename mtl::bf_result<A, B>::type(float(a) op float(b));         \
+  }
+MTL_BF_BINOP(+)
+MTL_BF_BINOP(-)
+MTL_BF_BINOP(*)
+MTL_BF_BINOP(/)
+#undef MTL_BF_BINOP
+
+#define MTL_BF_CMP(op)                                                        \
+  template <                                                                  \
+      class A,                                                                \
+      class B,                                                                \
+      std::enable_if_t<                                                       \
+          (std::is_same<A, bfloat>::value || std::is_same<B, bfloat>::value) && \
+              mtl::is_scalar<A>::value && mtl::is_scalar<B>::value,           \
+          int> = 0>                                                           \
+  inline bool operator op(A a, B b) {                                         \
+    return float(a) op float(b);                                              \
+  }
+MTL_BF_CMP(<)
+MTL_BF_CMP(>)
+MTL_BF_CMP(<=)
+MTL_BF_CMP(>=)
+MTL_BF_CMP(==)
+MTL_BF_CMP(!=)
+#undef MTL_BF_CMP
+
+inline bfloat operator-(bfloat a) {
+  bfloat r;
+  r.bits = a.bits ^ 0x8000;
+  return r;
+}
+inline bfloat operator+(bfloat a) {
+  return a;
+}
+
+// ---------------------------------------------------------------- vectors --
+
+template <class T, int N>
+struct vec;
+
+namespace mtl {
+constexpr int storage(int n) {
+  return n == 3 ? 4 : n; // a 3-vector is the size of a 4-vector, as in Metal
+}
+} // namespace mtl
+
+template <class T, int N, int... I>
+struct swz {
+  T v[mtl::storage(N)];
+  using vtype = vec<T, int(sizeof...(I))>;
+  operator vtype() const {
+    return vtype(v[I]...);
+  }
+  swz& operator=(const vtype& o) {
+    int k = 0;
+    int idx[] = {I...};
+    for (int i : idx) {
+      v[i] = o.v[k++];
+    }
+    return *this;
+  }
+  swz& operator=(const swz& o) {
+    return *this = vtype(o);
+  }
+  template <class U>
+  swz& operator+=(const U& u) { return *this = vtype(*this) + u; }
+  template <class U>
+  swz& operator-=(const U& u) { return *this = vtype(*this) - u; }
+  template <class U>
+  swz& operator*=(const U& u) { return *this = vtype(*this) * u; }
+  template <class U>
+  swz& operator/=(const U& u) { return *this = vtype(*this) / u; }
+};
+
+#define MTL_SWIZZLES_2 \
+  swz<T, 2, 0, 0> xx; \
+  swz<T, 2, 0, 1> xy; \
+  swz<T, 2, 1, 0> yx; \
+  swz<T, 2, 1, 1> yy; \
+  swz<T, 2, 0, 0> rr; \
+  swz<T, 2, 0, 1> rg; \
+  swz<T, 2, 1, 0> gr; \
+  swz<T, 2, 1, 1> gg;
+
+#define MTL_SWIZZLES_3 \
+  swz<T, 3, 0, 0> xx; \
+  swz<T, 3, 0, 1> xy; \
+  swz<T, 3, 0, 2> xz; \
+  swz<T, 3, 1, 0> yx; \
+  swz<T, 3, 1, 1> yy; \
+  swz<T, 3, 1, 2> yz; \
+  swz<T, 3, 2, 0> zx; \
+  swz<T, 3, 2, 1> zy; \
+  swz<T, 3, 2, 2> zz; \
+  swz<T, 3, 0, 1, 2> xyz; \
+  swz<T, 3, 0, 2, 1> xzy; \
+  swz<T, 3, 1, 0, 2> yxz; \
+  swz<T, 3, 1, 2, 0> yzx; \
+  swz<T, 3, 2, 0, 1> zxy; \
+  swz<T, 3, 2, 1, 0> zyx; \
+  swz<T, 3, 0, 0> rr; \
+  swz<T, 3, 0, 1> rg; \
+  swz<T, 3, 0, 2> rb; \
+  swz<T, 3, 1, 0> gr; \
+  swz<T, 3, 1, 1> gg; \
+  swz<T, 3, 1, 2> gb; \
+  swz<T, 3, 2, 0> br; \
+  swz<T, 3, 2, 1> bg; \
+  swz<T, 3, 2, 2> bb; \
+  swz<T, 3, 0, 1, 2> rgb; \
+  swz<T, 3, 0, 2, 1> rbg; \
+  swz<T, 3, 1, 0, 2> grb; \
+  swz<T, 3, 1, 2, 0> gbr; \
+  swz<T, 3, 2, 0, 1> brg; \
+  swz<T, 3, 2, 1, 0> bgr;
+
+#define MTL_SWIZZLES_4 \
+  swz<T, 4, 0, 0> xx; \
+  swz<T, 4, 0, 1> xy; \
+  swz<T, 4, 0, 2> xz; \
+  swz<T, 4, 0, 3> xw; \
+  swz<T, 4, 1, 0> yx; \
+  swz<T, 4, 1, 1> yy; \
+  swz<T, 4, 1, 2> yz; \
+  swz<T, 4, 1, 3> yw; \
+  swz<T, 4, 2, 0> zx; \
+  swz<T, 4, 2, 1> zy; \
+  swz<T, 4, 2, 2> zz; \
+  swz<T, 4, 2, 3> zw; \
+  swz<T, 4, 3, 0> wx; \
+  swz<T, 4, 3, 1> wy; \
+  swz<T, 4, 3, 2> wz; \
+  swz<T, 4, 3, 3> ww; \
+  swz<T, 4, 0, 1, 2> xyz; \
+  swz<T, 4, 0, 1, 3> xyw; \
+  swz<T, 4, 0, 2, 1> xzy; \
+  swz<T, 4, 0, 2, 3> xzw; \
+  swz<T, 4, 0, 3, 1> xwy; \
+  swz<T, 4, 0, 3, 2> xwz; \
+  swz<T, 4, 1, 0, 2> yxz; \
+  swz<T, 4, 1, 0, 3> yxw; \
+  swz<T, 4, 1, 2, 0> yzx; \
+  swz<T, 4, 1, 2, 3> yzw; \
+  swz<T, 4, 1, 3, 0> ywx; \
+  swz<T, 4, 1, 3, 2> ywz; \
+  swz<T, 4, 2, 0, 1> zxy; \
+  swz<T, 4, 2, 0, 3> zxw; \
+  swz<T, 4, 2, 1, 0> zyx; \
+  swz<T, 4, 2, 1, 3> zyw; \
+  swz<T, 4, 2, 3, 0> zwx; \
+  swz<T, 4, 2, 3, 1> zwy; \
+  swz<T, 4, 3, 0, 1> wxy; \
+  swz<T, 4, 3, 0, 2> wxz; \
+  swz<T, 4, 3, 1, 0> wyx; \
+  swz<T, 4, 3, 1, 2> wyz; \
+  swz<T, 4, 3, 2, 0> wzx; \
+  swz<T, 4, 3, 2, 1> wzy; \
+  swz<T, 4, 0, 1, 2, 3> xyzw; \
+  swz<T, 4, 0, 1, 3, 2> xywz; \
+  swz<T, 4, 0, 2, 1, 3> xzyw; \
+  swz<T, 4, 0, 2, 3, 1> xzwy; \
+  swz<T, 4, 0, 3, 1, 2> xwyz; \
+  swz<T, 4, 0, 3, 2, 1> xwzy; \
+  swz<T, 4, 1, 0, 2, 3> yxzw; \
+  swz<T, 4, 1, 0, 3, 2> yxwz; \
+  swz<T, 4, 1, 2, 0, 3> yzxw; \
+  swz<T, 4, 1, 2, 3, 0> yzwx; \
+  swz<T, 4, 1, 3, 0, 2> ywxz; \
+  swz<T, 4, 1, 3, 2, 0> ywzx; \
+  swz<T, 4, 2, 0, 1, 3> zxyw; \
+  swz<T, 4, 2, 0, 3, 1> zxwy; \
+  swz<T, 4, 2, 1, 0, 3> zyxw; \
+  swz<T, 4, 2, 1, 3, 0> zywx; \
+  swz<T, 4, 2, 3, 0, 1> zwxy; \
+  swz<T, 4, 2, 3, 1, 0> zwyx; \
+  swz<T, 4, 3, 0, 1, 2> wxyz; \
+  swz<T, 4, 3, 0, 2, 1> wxzy; \
+  swz<T, 4, 3, 1, 0, 2> wyxz; \
+  swz<T, 4, 3, 1, 2, 0> wyzx; \
+  swz<T, 4, 3, 2, 0, 1> wzxy; \
+  swz<T, 4, 3, 2, 1, 0> wzyx; \
+  swz<T, 4, 0, 0> rr; \
+  swz<T, 4, 0, 1> rg; \
+  swz<T, 4, 0, 2> rb; \
+  swz<T, 4, 0, 3> ra; \
+  swz<T, 4, 1, 0> gr; \
+  swz<T, 4, 1, 1> gg; \
+  swz<T, 4, 1, 2> gb; \
+  swz<T, 4, 1, 3> ga; \
+  swz<T, 4, 2, 0> br; \
+  swz<T, 4, 2, 1> bg; \
+  swz<T, 4, 2, 2> bb; \
+  swz<T, 4, 2, 3> ba; \
+  swz<T, 4, 3, 0> ar; \
+  swz<T, 4, 3, 1> ag; \
+  swz<T, 4, 3, 2> ab; \
+  swz<T, 4, 3, 3> aa; \
+  swz<T, 4, 0, 1, 2> rgb; \
+  swz<T, 4, 0, 1, 3> rga; \
+  swz<T, 4, 0, 2, 1> rbg; \
+  swz<T, 4, 0, 2, 3> rba; \
+  swz<T, 4, 0, 3, 1> rag; \
+  swz<T, 4, 0, 3, 2> rab; \
+  swz<T, 4, 1, 0, 2> grb; \
+  swz<T, 4, 1, 0, 3> gra; \
+  swz<T, 4, 1, 2, 0> gbr; \
+  swz<T, 4, 1, 2, 3> gba; \
+  swz<T, 4, 1, 3, 0> gar; \
+  swz<T, 4, 1, 3, 2> gab; \
+  swz<T, 4, 2, 0, 1> brg; \
+  swz<T, 4, 2, 0, 3> bra; \
+  swz<T, 4, 2, 1, 0> bgr; \
+  swz<T, 4, 2, 1, 3> bga; \
+  swz<T, 4, 2, 3, 0> bar; \
+  swz<T, 4, 2, 3, 1> bag; \
+  swz<T, 4, 3, 0, 1> arg; \
+  swz<T, 4, 3, 0, 2> arb; \
+  swz<T, 4, 3, 1, 0> agr; \
+  swz<T, 4, 3, 1, 2> agb; \
+  swz<T, 4, 3, 2, 0> abr; \
+  swz<T, 4, 3, 2, 1> abg; \
+  swz<T, 4, 0, 1, 2, 3> rgba; \
+  swz<T, 4, 0, 1, 3, 2> rgab; \
+  swz<T, 4, 0, 2, 1, 3> rbga; \
+  swz<T, 4, 0, 2, 3, 1> rbag; \
+  swz<T, 4, 0, 3, 1, 2> ragb; \
+  swz<T, 4, 0, 3, 2, 1> rabg; \
+  swz<T, 4, 1, 0, 2, 3> grba; \
+  swz<T, 4, 1, 0, 3, 2> grab; \
+  swz<T, 4, 1, 2, 0, 3> gbra; \
+  swz<T, 4, 1, 2, 3, 0> gbar; \
+  swz<T, 4, 1, 3, 0, 2> garb; \
+  swz<T, 4, 1, 3, 2, 0> gabr; \
+  swz<T, 4, 2, 0, 1, 3> brga; \
+  swz<T, 4, 2, 0, 3, 1> brag; \
+  swz<T, 4, 2, 1, 0, 3> bgra; \
+  swz<T, 4, 2, 1, 3, 0> bgar; \
+  swz<T, 4, 2, 3, 0, 1> barg; \
+  swz<T, 4, 2, 3, 1, 0> bagr; \
+  swz<T, 4, 3, 0, 1, 2> argb; \
+  swz<T, 4, 3, 0, 2, 1> arbg; \
+  swz<T, 4, 3, 1, 0, 2> agrb; \
+  swz<T, 4, 3, 1, 2, 0> agbr; \
+  swz<T, 4, 3, 2, 0, 1> abrg; \
+  swz<T, 4, 3, 2, 1, 0> abgr;
+
+// Swizzles assign component-wise, so the union needs explicit copies.
+#define MTL_VEC_DATA_COPY(N)                         \
+  vec_data() {}                                      \
+  vec_data(const vec_data& o) {                      \
+    std::memcpy(v, o.v, sizeof(v));                  \
+  }                                                  \
+  vec_data& operator=(const vec_data& o) {           \
+    std::memcpy(v, o.v, sizeof(v));                  \
+    return *this;                                    \
+  }
+
+template <class T, int N>
+struct vec_data;
+template <class T>
+struct vec_data<T, 2> {
+  MTL_VEC_DATA_COPY(2)
+  union {
+    T v[2];
+    struct { T x, y; };
+    struct { T r, g; };
+    MTL_SWIZZLES_2
+  };
+};
+template <class T>
+struct vec_data<T, 3> {
+  MTL_VEC_DATA_COPY(3)
+  union {
+    T v[4];
+    struct { T x, y, z; };
+    struct { T r, g, b; };
+    MTL_SWIZZLES_3
+  };
+};
+template <class T>
+struct vec_data<T, 4> {
+  MTL_VEC_DATA_COPY(4)
+  union {
+    T v[4];
+    struct { T x, y, z, w; };
+    struct { T r, g, b, a; };
+    MTL_SWIZZLES_4
+  };
+};
+
+namespace mtl {
+
+template <class X>
+struct vtraits {
+  static constexpr int n = 0;
+  using elem = X;
+};
+template <class T, int N>
+struct vtraits<vec<T, N>> {
+  static constexpr int n = N;
+  using elem = T;
+};
+template <class T, int N, int... I>
+struct vtraits<swz<T, N, I...>> {
+  static constexpr int n = int(sizeof...(I));
+  using elem = T;
+};
+
+template <class X>
+constexpr int ncomp() {
+  return vtraits<X>::n == 0 ? 1 : vtraits<X>::n;
+}
+
+} // namespace mtl
+
+template <class T, int N>
+struct vec : vec_data<T, N> {
+  vec() = default;
+  vec(const vec&) = default;
+  vec& operator=(const vec&) = default;
+
+  // A scalar broadcasts to every component.
+  template <class U, std::enable_if_t<mtl::is_scalar<U>::value, int> = 0>
+  vec(U s) {
+    for (int i = 0; i < N; i++) {
+      this->v[i] = T(s);
+    }
+  }
+  // Components (scalars and vectors) concatenated: float4(a.xy, 0, 1).
+  template <
+      class A0,
+      class A1,
+      class... A,
+      std::enable_if_t<
+          mtl::ncomp<A0>() + mtl::ncomp<A1>() + (0 + ... + mtl::ncomp<A>()) == N,
+          int> = 0>
+  vec(const A0& a0, const A1& a1, const A&... a) {
+    int k = 0;
+    fill(k, a0);
+    fill(k, a1);
+    (fill(k, a), ...);
+  }
+  // Between element types conversions are explicit, as in Metal.
+  template <class U, std::enable_if_t<!std::is_same<U, T>::value, int> = 0>
+  explicit vec(const vec<U, N>& o) {
+    for (int i = 0; i < N; i++) {
+      this->v[i] = T(o.v[i]);
+    }
+  }
+  template <int M, int... I, std::enable_if_t<sizeof...(I) == N, int> = 0>
+  vec(const swz<T, M, I...>& s) : vec(vec<T, N>(s.v[I]...)) {}
+
+  T& operator[](int i) {
+    return this->v[i];
+  }
+  const T& operator[](int i) const {
+    return this->v[i];
+  }
+
+  template <class U>
+  vec& operator+=(const U& u) { return *this = vec(*this + u); }
+  template <class U>
+  vec& operator-=(const U& u) { return *this = vec(*this - u); }
+  template <class U>
+  vec& operator*=(const U& u) { return *this = vec(*this * u); }
+  template <class U>
+  vec& operator/=(const U& u) { return *this = vec(*this / u); }
+
+ private:
+  template <class X>
+  void fill(int& k, const X& x) {
+    if constexpr (mtl::vtraits<X>::n == 0) {
+      this->v[k++] = T(x);
+    } else {
+      constexpr int M = mtl::vtraits<X>::n;
+      vec<typename mtl::vtraits<X>::elem, M> t = x;
+      for (int i = 0; i < M; i++) {
+        this->v[k++] = T(t.v[i]);
+      }
+    }
+  }
+};
+
+namespace mtl {
+
+template <class X>
+inline auto as_vec(const X& x) {
+  if constexpr (vtraits<X>::n == 0) {
+    return x;
+  } else {
+    return vec<typename vtraits<X>::elem, vtraits<X>::n>(x);
+  }
+}
+
+template <class X>
+inline auto at(const X& x, int i) {
+  if constexpr (vtraits<X>::n == 0) {
+    return x;
+  } else {
+    return x.v[i];
+  }
+}
+
+template <class A, class B>
+struct vec_op {
+  static constexpr bool ok =
+      (vtraits<A>::n > 0 || vtraits<B>::n > 0) &&
+      (vtraits<A>::n > 0 || is_scalar<A>::value) &&
+      (vtraits<B>::n > 0 || is_scalar<B>::value);
+  static constexpr int n = vtraits<A>::n > 0 ? vtraits<A>::n : vtraits<B>::n;
+  // The vector's element type wins over a scalar, as in Metal.
+  using elem = std::conditional_t<
+      (vtraits<A>::n > 0),
+      typename vtraits<A>::elem,
+      typename vtraits<B>::elem>;
+};
+
+} // namespace mtl
+
+#define MTL_VEC_BINOP(op)                                                     \
+  template <class A, class B, std::enable_if_t<mtl::vec_op<A, B>::ok, int> = 0> \
+  inline auto operator op(const A& a, const B& b) {                           \
+    using E = typename mtl::vec_op<A, B>::elem;                               \
+    constexpr int N = mtl::vec_op<A, B>::n;                                   \
+    auto va = mtl::as_vec(a);                                                 \
+    auto vb = mtl::as_vec(b);                                                 \
+    vec<E, N> r;                                                              \
+    for (int i = 0; i < N; i++) {                                             \
+      r.v[i] = E(mtl::at(va, i) op mtl::at(vb, i));                           \
+    }                                                                         \
+    return r;                                                                 \
+  }
+MTL_VEC_BINOP(+)
+MTL_VEC_BINOP(-)
+MTL_VEC_BINOP(*)
+MTL_VEC_BINOP(/)
+MTL_VEC_BINOP(%)
+MTL_VEC_BINOP(&)
+MTL_VEC_BINOP(|)
+MTL_VEC_BINOP(^)
+MTL_VEC_BINOP(<<)
+MTL_VEC_BINOP(>>)
+#undef MTL_VEC_BINOP
+
+#define MTL_VEC_CMP(op)                                                       \
+  template <class A, class B, std::enable_if_t<mtl::vec_op<A, B>::ok, int> = 0> \
+  inline auto operator op(const A& a, const B& b) {                           \
+    constexpr int N = mtl::vec_op<A, B>::n;                                   \
+    auto va = mtl::as_vec(a);                                                 \
+    auto vb = mtl::as_vec(b);                                                 \
+    vec<bool, N> r;                                                           \
+    for (int i = 0; i < N; i++) {                                             \
+      r.v[i] = mtl::at(va, i) op mtl::at(vb, i);                              \
+    }                                                                         \
+    return r;                                                                 \
+  }
+MTL_VEC_CMP(<)
+MTL_VEC_CMP(>)
+MTL_VEC_CMP(<=)
+MTL_VEC_CMP(>=)
+MTL_VEC_CMP(==)
+MTL_VEC_CMP(!=)
+MTL_VEC_CMP(&&)
+MTL_VEC_CMP(||)
+#undef MTL_VEC_CMP
+
+template <class T, int N>
+inline vec<T, N> operator-(const vec<T, N>& a) {
+  vec<T, N> r;
+  for (int i = 0; i < N; i++) {
+    r.v[i] = T(-a.v[i]);
+  }
+  return r;
+}
+template <class T, int N>
+inline vec<bool, N> operator!(const vec<T, N>& a) {
+  vec<bool, N> r;
+  for (int i = 0; i < N; i++) {
+    r.v[i] = !a.v[i];
+  }
+  return r;
+}
+
+#define MTL_VEC_TYPES(T, name) \
+  typedef vec<T, 2> name##2;   \
+  typedef vec<T, 3> name##3;   \
+  typedef vec<T, 4> name##4;
+MTL_VEC_TYPES(float, float)
+MTL_VEC_TYPES(half, half)
+MTL_VEC_TYPES(bfloat, bfloat)
+MTL_VEC_TYPES(int, int)
+MTL_VEC_TYPES(uint, uint)
+MTL_VEC_TYPES(short, short)
+MTL_VEC_TYPES(ushort, ushort)
+MTL_VEC_TYPES(char, char)
+MTL_VEC_TYPES(uchar, uchar)
+MTL_VEC_TYPES(bool, bool)
+MTL_VEC_TYPES(long, long)
+MTL_VEC_TYPES(ulong, ulong)
+#undef MTL_VEC_TYPES
+
+namespace metal {
+using ::vec;
+using ::half;
+using ::bfloat;
+typedef ::float2 float2;
+typedef ::float3 float3;
+typedef ::float4 float4;
+typedef ::half2 half2;
+typedef ::half3 half3;
+typedef ::half4 half4;
+typedef ::uint2 uint2;
+typedef ::uint3 uint3;
+typedef ::int2 int2;
+typedef ::int3 int3;
+typedef ::int4 int4;
+} // namespace metal
+
+// ------------------------------------------------------------------- math --
+
+namespace metal {
+
+template <class T>
+using if_float = std::enable_if_t<mtl::is_float_scalar<T>::value, int>;
+template <class T>
+using if_scalar = std::enable_if_t<mtl::is_scalar<T>::value, int>;
+
+#define MTL_UNARY(name, expr)                                  \
+  template <class T, if_float<T> = 0>                          \
+  inline T name(T t) {                                         \
+    float x = float(t);                                        \
+    return T(expr);                                            \
+  }                                                            \
+  template <class T, int N>                                    \
+  inline vec<T, N> name(const vec<T, N>& a) {                  \
+    vec<T, N> r;                                               \
+    for (int i = 0; i < N; i++) {                              \
+      r.v[i] = name(a.v[i]);                                   \
+    }                                                          \
+    return r;                                                  \
+  }                                                            \
+  template <class T, int M, int... I>                          \
+  inline auto name(const swz<T, M, I...>& a) {                 \
+    return name(vec<T, int(sizeof...(I))>(a));                 \
+  }
+
+MTL_UNARY(exp, __builtin_expf(x))
+MTL_UNARY(exp2, __builtin_exp2f(x))
+MTL_UNARY(exp10, __builtin_powf(10.0f, x))
+MTL_UNARY(log, __builtin_logf(x))
+MTL_UNARY(log2, __builtin_log2f(x))
+MTL_UNARY(log10, __builtin_log10f(x))
+MTL_UNARY(sqrt, __builtin_sqrtf(x))
+MTL_UNARY(rsqrt, 1.0f / __builtin_sqrtf(x))
+MTL_UNARY(sin, __builtin_sinf(x))
+MTL_UNARY(cos, __builtin_cosf(x))
+MTL_UNARY(tan, __builtin_tanf(x))
+MTL_UNARY(asin, __builtin_asinf(x))
+MTL_UNARY(acos, __builtin_acosf(x))
+MTL_UNARY(atan, __builtin_atanf(x))
+MTL_UNARY(sinh, __builtin_sinhf(x))
+MTL_UNARY(cosh, __builtin_coshf(x))
+MTL_UNARY(tanh, __builtin_tanhf(x))
+MTL_UNARY(asinh, __builtin_asinhf(x))
+MTL_UNARY(acosh, __builtin_acoshf(x))
+MTL_UNARY(atanh, __builtin_atanhf(x))
+MTL_UNARY(floor, __builtin_floorf(x))
+MTL_UNARY(ceil, __builtin_ceilf(x))
+MTL_UNARY(round, __builtin_roundf(x))
+MTL_UNARY(rint, __builtin_rintf(x))
+MTL_UNARY(trunc, __builtin_truncf(x))
+MTL_UNARY(fract, x - __builtin_floorf(x))
+MTL_UNARY(fabs, __builtin_fabsf(x))
+MTL_UNARY(saturate, x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x))
+MTL_UNARY(sign, x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (x == x ? x : 0.0f)))
+MTL_UNARY(erf, __builtin_erff(x))
+MTL_UNARY(expm1, __builtin_expm1f(x))
+MTL_UNARY(log1p, __builtin_log1pf(x))
+#undef MTL_UNARY
+
+template <class T, if_scalar<T> = 0>
+inline T abs(T t) {
+  if constexpr (mtl::is_float_scalar<T>::value) {
+    return T(__builtin_fabsf(float(t)));
+  } else {
+    return t < 0 ? T(-t) : t;
+  }
+}
+template <class T, int N>
+inline vec<T, N> abs(const vec<T, N>& a) {
+  vec<T, N> r;
+  for (int i = 0; i < N; i++) {
+    r.v[i] = abs(a.v[i]);
+  }
+  return r;
+}
+
+#define MTL_PRED(name, expr)                  \
+  template <class T, if_float<T> = 0>         \
+  inline bool name(T t) {                     \
+    float x = float(t);                       \
+    return expr;                              \
+  }                                           \
+  template <class T, int N>                   \
+  inline vec<bool, N> name(const vec<T, N>& a) { \
+    vec<bool, N> r;                           \
+    for (int i = 0; i < N; i++) {             \
+      r.v[i] = name(a.v[i]);                  \
+    }                                         \
+    return r;                                 \
+  }
+MTL_PRED(isnan, x != x)
+MTL_PRED(isinf, __builtin_isinf(x))
+MTL_PRED(isfinite, __builtin_isfinite(x))
+MTL_PRED(signbit, __builtin_signbit(x))
+#undef MTL_PRED
+
+// Two-argument functions: same-type scalars, vectors, and vector with scalar.
+#define MTL_BINARY(name, fexpr, iexpr)                                \
+  template <class T, if_scalar<T> = 0>                                \
+  inline T name(T a, T b) {                                           \
+    if constexpr (mtl::is_float_scalar<T>::value) {                   \
+      float x = float(a), y = float(b);                               \
+      return T(fexpr);                                                \
+    } else {                                                          \
+      return iexpr;                                                   \
+    }                                                                 \
+  }                                                                   \
+  template <class T, class U, if_scalar<T> = 0, if_scalar<U> = 0>     \
+  inline T name(T a, U b) {                                           \
+    return name(a, T(b));                                             \
+  }                                                                   \
+  template <class T, int N>                                           \
+  inline vec<T, N> name(const vec<T, N>& a, const vec<T, N>& b) {     \
+    vec<T, N> r;                                                      \
+    for (int i = 0; i < N; i++) {                                     \
+      r.v[i] = name(a.v[i], b.v[i]);                                  \
+    }                                                                 \
+    return r;                                                         \
+  }                                                                   \
+  template <class T, int N, class U, if_scalar<U> = 0>                \
+  inline vec<T, N> name(const vec<T, N>& a, U b) {                    \
+    return name(a, vec<T, N>(T(b)));                                  \
+  }
+
+MTL_BINARY(max, (x > y || y != y) ? x : y, a > b ? a : b)
+MTL_BINARY(min, (x < y || y != y) ? x : y, a < b ? a : b)
+MTL_BINARY(fmax, (x > y || y != y) ? x : y, a > b ? a : b)
+MTL_BINARY(fmin, (x < y || y != y) ? x : y, a < b ? a : b)
+MTL_BINARY(pow, __builtin_powf(x, y), a)
+MTL_BINARY(powr, __builtin_powf(x, y), a)
+MTL_BINARY(atan2, __builtin_atan2f(x, y), a)
+MTL_BINARY(fmod, __builtin_fmodf(x, y), a % b)
+MTL_BINARY(copysign, __builtin_copysignf(x, y), a)
+MTL_BINARY(step, y < x ? 0.0f : 1.0f, b < a ? 0 : 1)
+MTL_BINARY(divide, x / y, a / b)
+#undef MTL_BINARY
+
+template <class T, if_scalar<T> = 0>
+inline T fma(T a, T b, T c) {
+  return T(__builtin_fmaf(float(a), float(b), float(c)));
+}
+template <class T, int N>
+inline vec<T, N> fma(const vec<T, N>& a, const vec<T, N>& b, const vec<T, N>& c) {
+  vec<T, N> r;
+  for (int i = 0; i < N; i++) {
+    r.v[i] = fma(a.v[i], b.v[i], c.v[i]);
+  }
+  return r;
+}
+
+template <class T, class L, class H>
+inline T clamp(T x, L lo, H hi) {
+  return min(max(x, lo), hi);
+}
+
+template <class T, class U, if_scalar<T> = 0>
+inline T mix(T a, T b, U t) {
+  return T(float(a) + (float(b) - float(a)) * float(t));
+}
+template <class T, int N, class U>
+inline vec<T, N> mix(const vec<T, N>& a, const vec<T, N>& b, const U& t) {
+  auto vt = vec<T, N>(t);
+  vec<T, N> r;
+  for (int i = 0; i < N; i++) {
+    r.v[i] = mix(a.v[i], b.v[i], vt.v[i]);
+  }
+  return r;
+}
+
+template <class T, if_scalar<T> = 0>
+inline T select(T a, T b, bool c) {
+  return c ? b : a;
+}
+template <class T, int N>
+inline vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b, const vec<bool, N>& c) {
+  vec<T, N> r;
+  for (int i = 0; i < N; i++) {
+    r.v[i] = c.v[i] ? b.v[i] : a.v[i];
+  }
+  return r;
+}
+template <class T, int N>
+inline vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b, bool c) {
+  return c ? b : a;
+}
+
+template <class T, class U, class V>
+inline T max3(T a, U b, V c) {
+  return max(max(a, b), c);
+}
+template <class T, class U, class V>
+inline T min3(T a, U b, V c) {
+  return min(min(a, b), c);
+}
+
+template <class T, int N>
+inline T dot(const vec<T, N>& a, const vec<T, N>& b) {
+  float s = 0.0f;
+  for (int i = 0; i < N; i++) {
+    s += float(a.v[i]) * float(b.v[i]);
+  }
+  return T(s);
+}
+template <class T, int N>
+inline T length(const vec<T, N>& a) {
+  return T(__builtin_sqrtf(float(dot(a, a))));
+}
+template <class T, int N>
+inline vec<T, N> normalize(const vec<T, N>& a) {
+  return a * T(1.0f / __builtin_sqrtf(float(dot(a, a))));
+}
+template <int N>
+inline bool all(const vec<bool, N>& a) {
+  for (int i = 0; i < N; i++) {
+    if (!a.v[i]) return false;
+  }
+  return true;
+}
+template <int N>
+inline bool any(const vec<bool, N>& a) {
+  for (int i = 0; i < N; i++) {
+    if (a.v[i]) return true;
+  }
+  return false;
+}
+inline bool all(bool a) { return a; }
+inline bool any(bool a) { return a; }
+
+template <class T, std::enable_if_t<std::is_integral<T>::value, int> = 0>
+inline T popcount(T x) {
+  return T(__builtin_popcountll((unsigned long long)(std::make_unsigned_t<T>)x));
+}
+template <class T, std::enable_if_t<std::is_integral<T>::value, int> = 0>
+inline T clz(T x) {
+  constexpr int bits = 8 * sizeof(T);
+  auto u = (unsigned long long)(std::make_unsigned_t<T>)x;
+  return u == 0 ? T(bits) : T(__builtin_clzll(u) - (64 - bits));
+}
+template <class T, std::enable_if_t<std::is_integral<T>::value, int> = 0>
+inline T ctz(T x) {
+  auto u = (unsigned long long)(std::make_unsigned_t<T>)x;
+  return u == 0 ? T(8 * sizeof(T)) : T(__builtin_ctzll(u));
+}
+
+// fast:: and precise:: differ on a GPU only in accuracy; on the CPU both are
+// the float math above.
+#define MTL_MATH_NAMES(X)                                                     \
+  X(exp) X(exp2) X(exp10) X(log) X(log2) X(log10) X(sqrt) X(rsqrt) X(sin)    \
+  X(cos) X(tan) X(asin) X(acos) X(atan) X(sinh) X(cosh) X(tanh) X(asinh)     \
+  X(acosh) X(atanh) X(floor) X(ceil) X(round) X(rint) X(trunc) X(fract)      \
+  X(fabs) X(abs) X(saturate) X(sign) X(isnan) X(isinf) X(isfinite) X(max)    \
+  X(min) X(fmax) X(fmin) X(pow) X(powr) X(atan2) X(fmod) X(copysign) X(step) \
+  X(divide) X(fma) X(clamp) X(mix) X(max3) X(min3) X(dot) X(length)          \
+  X(normalize)
+#define MTL_USING(name) using metal::name;
+namespace fast {
+MTL_MATH_NAMES(MTL_USING)
+}
+namespace precise {
+MTL_MATH_NAMES(MTL_USING)
+}
+#undef MTL_USING
+
+// ------------------------------------------------------ numeric_limits --
+
+template <class T>
+struct numeric_limits;
+
+template <>
+struct numeric_limits<float> {
+  static constexpr bool is_signed = true;
+  static float max() { return mtl::bits_to_float(0x7f7fffffu); }
+  static float min() { return mtl::bits_to_float(0x00800000u); }
+  static float lowest() { return -max(); }
+  static float epsilon() { return mtl::bits_to_float(0x34000000u); }
+  static float infinity() { return __builtin_inff(); }
+  static float quiet_NaN() { return __builtin_nanf(""); }
+  static float denorm_min() { return mtl::bits_to_float(1u); }
+};
+template <>
+struct numeric_limits<half> {
+  static constexpr bool is_signed = true;
+  static half max() { return half(65504.0f); }
+  static half min() { return half(6.103515625e-05f); }
+  static half lowest() { return half(-65504.0f); }
+  static half epsilon() { return half(0.0009765625f); }
+  static half infinity() { return half(__builtin_inff()); }
+  static half quiet_NaN() { return half(__builtin_nanf("")); }
+};
+template <>
+struct numeric_limits<bfloat> {
+  static constexpr bool is_signed = true;
+  static bfloat from_bits(uint16_t b) {
+    bfloat r;
+    r.bits = b;
+    return r;
+  }
+  static bfloat max() { return from_bits(0x7f7f); }
+  static bfloat min() { return from_bits(0x0080); }
+  static bfloat lowest() { return from_bits(0xff7f); }
+  static bfloat epsilon() { return from_bits(0x3c00); }
+  static bfloat infinity() { return from_bits(0x7f80); }
+  static bfloat quiet_NaN() { return from_bits(0x7fc0); }
+};
+template <class T>
+struct int_limits {
+  static constexpr bool is_signed = static_cast<T>(-1) < static_cast<T>(0);
+  static constexpr T max() {
+    return is_signed ? static_cast<T>((1ull << (8 * sizeof(T) - 1)) - 1ull)
+                     : static_cast<T>(~0ull);
+  }
+  static constexpr T min() {
+    return is_signed ? static_cast<T>(-static_cast<long long>(max()) - 1ll)
+                     : static_cast<T>(0);
+  }
+  static constexpr T lowest() { return min(); }
+};
+#define MTL_INT_LIMITS(T) \
+  template <>             \
+  struct numeric_limits<T> : int_limits<T> {};
+MTL_INT_LIMITS(char)
+MTL_INT_LIMITS(signed char)
+MTL_INT_LIMITS(unsigned char)
+MTL_INT_LIMITS(short)
+MTL_INT_LIMITS(unsigned short)
+MTL_INT_LIMITS(int)
+MTL_INT_LIMITS(unsigned int)
+MTL_INT_LIMITS(long)
+MTL_INT_LIMITS(unsigned long)
+MTL_INT_LIMITS(long long)
+MTL_INT_LIMITS(unsigned long long)
+#undef MTL_INT_LIMITS
+
+// ---------------------------------------------------------------- as_type --
+
+template <class T, class U>
+inline T as_type(const U& u) {
+  static_assert(sizeof(T) == sizeof(U), "as_type needs types of the same size");
+  T t;
+  std::memcpy(&t, &u, sizeof(T));
+  return t;
+}
+
+// ---------------------------------------------------------------- atomics --
+// Threads never run at the same time, so plain reads and writes are atomic.
+
+enum memory_order { memory_order_relaxed, memory_order_seq_cst };
+
+template <class T>
+struct atomic {
+  T value;
+};
+typedef atomic<int> atomic_int;
+typedef atomic<uint> atomic_uint;
+typedef atomic<float> atomic_float;
+typedef atomic<bool> atomic_bool;
+
+template <class T, class U>
+inline void atomic_store_explicit(volatile atomic<T>* a, U v, memory_order) {
+  const_cast<atomic<T>*>(a)->value = T(v);
+}
+template <class T>
+inline T atomic_load_explicit(const volatile atomic<T>* a, memory_order) {
+  return const_cast<const atomic<T>*>(a)->value;
+}
+template <class T, class U>
+inline T atomic_exchange_explicit(volatile atomic<T>* a, U v, memory_order) {
+  auto* p = const_cast<atomic<T>*>(a);
+  T old = p->value;
+  p->value = T(v);
+  return old;
+}
+#define MTL_ATOMIC_RMW(name, expr)                                      \
+  template <class T, class U>                                           \
+  inline T atomic_fetch_##name##_explicit(                              \
+      volatile atomic<T>* a, U u, memory_order) {                       \
+    auto* p = const_cast<atomic<T>*>(a);                                \
+    T old = p->value;                                                   \
+    T v = T(u);                                                         \
+    p->value = T(expr);                                                 \
+    return old;                                                         \
+  }
+MTL_ATOMIC_RMW(add, old + v)
+MTL_ATOMIC_RMW(sub, old - v)
+MTL_ATOMIC_RMW(max, old > v ? old : v)
+MTL_ATOMIC_RMW(min, old < v ? old : v)
+MTL_ATOMIC_RMW(and, old & v)
+MTL_ATOMIC_RMW(or, old | v)
+MTL_ATOMIC_RMW(xor, old ^ v)
+#undef MTL_ATOMIC_RMW
+template <class T, class U>
+inline bool atomic_compare_exchange_weak_explicit(
+    volatile atomic<T>* a, T* expected, U desired, memory_order, memory_order) {
+  auto* p = const_cast<atomic<T>*>(a);
+  if (p->value == *expected) {
+    p->value = T(desired);
+    return true;
+  }
+  *expected = p->value;
+  return false;
+}
+
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+inline mem_flags operator|(mem_flags a, mem_flags b) {
+  return mem_flags(int(a) | int(b));
+}
+
+} // namespace metal
+
+using namespace metal;
+
+// ---------------------------------------------------------------- runtime --
+
+namespace mtl {
+
+struct Attrs {
+  uint3 thread_position_in_grid;
+  uint3 threadgroup_position_in_grid;
+  uint3 thread_position_in_threadgroup;
+  uint3 threads_per_threadgroup;
+  uint3 threadgroups_per_grid;
+  uint3 threads_per_grid;
+  uint3 dispatch_threads_per_threadgroup;
+  uint3 grid_origin;
+  uint3 grid_size;
+  uint thread_index_in_threadgroup;
+  uint simdgroup_index_in_threadgroup;
+  uint thread_index_in_simdgroup;
+  uint threads_per_simdgroup;
+  uint simdgroups_per_threadgroup;
+  uint thread_execution_width;
+  uint quadgroup_index_in_threadgroup;
+  uint thread_index_in_quadgroup;
+};
+
+enum Status { READY, WAITING, DONE };
+enum Wait { W_NONE, W_BARRIER, W_SIMD };
+
+struct Fiber {
+  ucontext_t ctx;
+  Attrs a;
+  int status;
+  int wait;
+  int line;      // source line of the barrier or collective it waits at
+  const char* op; // name of that barrier or collective
+};
+
+struct Slot {
+  alignas(16) unsigned char b[64];
+};
+
+struct Simd {
+  Slot slots[2][32];
+  uint32_t active[2];
+  unsigned gen;
+};
+
+struct TgVar {
+  const void* key;
+  void* ptr;
+};
+
+struct Runtime {
+  void** bufs;
+  int n;             // threads in the current threadgroup
+  int cur;           // the running thread
+  Fiber* fibers;
+  int* order;
+  Simd* simd;
+  char* stacks;
+  size_t stack_size;
+  ucontext_t sched;
+  TgVar tg_vars[64];
+  int n_tg_vars;
+  unsigned char* tg_mem;
+  size_t tg_used;
+  size_t tg_cap;
+  int error;         // 0 ok, 1 divergence, 2 other
+  char* msg;
+  int msg_len;
+};
+
+static Runtime* rt = nullptr;
+
+inline Fiber& self() {
+  return rt->fibers[rt->cur];
+}
+
+inline void fail(int code, const char* text) {
+  if (rt->error == 0) {
+    rt->error = code;
+    std::strncpy(rt->msg, text, rt->msg_len - 1);
+    rt->msg[rt->msg_len - 1] = 0;
+  }
+}
+
+// Park the running thread and return to the scheduler.
+inline void park(int wait, const char* op, int line) {
+  Fiber& f = self();
+  f.status = WAITING;
+  f.wait = wait;
+  f.op = op;
+  f.line = line;
+  swapcontext(&f.ctx, &rt->sched);
+  if (rt->error) {
+    // The scheduler never resumes a thread after an error; this is a guard.
+    swapcontext(&f.ctx, &rt->sched);
+  }
+}
+
+// Contribute `size` bytes to a SIMD-group exchange; returns the 32 slots of
+// that exchange once every live lane of the group has contributed, and the
+// mask of lanes that took part.
+inline const Slot* simd_exchange(
+    const void* data, size_t size, const char* op, int line, uint32_t* active) {
+  Fiber& f = self();
+  Simd& s = rt->simd[f.a.simdgroup_index_in_threadgroup];
+  int parity = s.gen & 1;
+  std::memcpy(s.slots[parity][f.a.thread_index_in_simdgroup].b, data, size);
+  park(W_SIMD, op, line);
+  *active = s.active[parity];
+  return s.slots[parity];
+}
+
+// Threadgroup memory: one block per declaration per threadgroup, filled with
+// 0xff bytes (NaN in every float type, -1 in integers) so that a read before
+// the first write shows in the results.
+template <class T>
+inline T& tg_var(const void* key) {
+  for (int i = 0; i < rt->n_tg_vars; i++) {
+    if (rt->tg_vars[i].key == key) {
+      return *reinterpret_cast<T*>(rt->tg_vars[i].ptr);
+    }
+  }
+  size_t at = (rt->tg_used + 63) & ~size_t(63);
+  if (at + sizeof(T) > rt->tg_cap || rt->n_tg_vars == 64) {
+    fail(2, "threadgroup memory exceeds the emulator's limit");
+    park(W_NONE, "error", 0);
+  }
+  void* p = rt->tg_mem + at;
+  std::memset(p, 0xff, sizeof(T));
+  rt->tg_used = at + sizeof(T);
+  rt->tg_vars[rt->n_tg_vars++] = TgVar{key, p};
+  return *reinterpret_cast<T*>(p);
+}
+
+} // namespace mtl
+
+#define MTL_TG_KEY ([] { static char key; return &key; }())
+
+namespace metal {
+
+inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, int line = __builtin_LINE()) {
+  mtl::park(mtl::W_BARRIER, "threadgroup_barrier", line);
+}
+inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, int line = __builtin_LINE()) {
+  uint32_t active;
+  char none = 0;
+  mtl::simd_exchange(&none, 1, "simdgroup_barrier", line, &active);
+}
+
+// ------------------------------------------------------- simd collectives --
+
+template <class T>
+inline T simd_lane_value(const mtl::Slot* slots, int lane) {
+  T t;
+  std::memcpy(&t, slots[lane].b, sizeof(T));
+  return t;
+}
+
+#define MTL_SIMD_BEGIN(opname)                                              \
+  static_assert(sizeof(T) <= 64, "simd value too large");                   \
+  uint32_t active;                                                          \
+  const mtl::Slot* slots = mtl::simd_exchange(&x, sizeof(T), opname, line, &active); \
+  int me = int(mtl::self().a.thread_index_in_simdgroup);                    \
+  (void)me;
+
+template <class T>
+inline T simd_reduce_(const mtl::Slot* slots, uint32_t active, int kind, int upto) {
+  bool first = true;
+  T acc{};
+  for (int l = 0; l < upto; l++) {
+    if (!(active >> l & 1u)) continue;
+    T v = simd_lane_value<T>(slots, l);
+    if (first) {
+      acc = v;
+      first = false;
+    } else if (kind == 0) {
+      acc = T(acc + v);
+    } else if (kind == 1) {
+      acc = T(acc * v);
+    } else if (kind == 2) {
+      acc = max(acc, v);
+    } else if (kind == 3) {
+      acc = min(acc, v);
+    } else if (kind == 4) {
+      acc = T(acc & v);
+    } else if (kind == 5) {
+      acc = T(acc | v);
+    } else {
+      acc = T(acc ^ v);
+    }
+  }
+  return acc;
+}
+
+#define MTL_SIMD_REDUCE(name, kind)                                      \
+  template <class T>                                                     \
+  inline T name(T x, int line = __builtin_LINE()) {                      \
+    MTL_SIMD_BEGIN(#name)                                                \
+    return simd_reduce_<T>(slots, active, kind, 32);                     \
+  }
+MTL_SIMD_REDUCE(simd_sum, 0)
+MTL_SIMD_REDUCE(simd_product, 1)
+MTL_SIMD_REDUCE(simd_max, 2)
+MTL_SIMD_REDUCE(simd_min, 3)
+MTL_SIMD_REDUCE(simd_and, 4)
+MTL_SIMD_REDUCE(simd_or, 5)
+MTL_SIMD_REDUCE(simd_xor, 6)
+#undef MTL_SIMD_REDUCE
+
+template <class T>
+inline T simd_prefix_inclusive_sum(T x, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_prefix_inclusive_sum")
+  return simd_reduce_<T>(slots, active, 0, me + 1);
+}
+template <class T>
+inline T simd_prefix_exclusive_sum(T x, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_prefix_exclusive_sum")
+  if ((active & ((1u << me) - 1u)) == 0) return T(0);
+  return simd_reduce_<T>(slots, active, 0, me);
+}
+template <class T>
+inline T simd_prefix_inclusive_product(T x, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_prefix_inclusive_product")
+  return simd_reduce_<T>(slots, active, 1, me + 1);
+}
+template <class T>
+inline T simd_prefix_exclusive_product(T x, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_prefix_exclusive_product")
+  if ((active & ((1u << me) - 1u)) == 0) return T(1);
+  return simd_reduce_<T>(slots, active, 1, me);
+}
+
+// A lane reading from an inactive or out-of-range lane gets its own value.
+template <class T>
+inline T simd_take_(const mtl::Slot* slots, uint32_t active, int src, const T& own) {
+  if (src < 0 || src > 31 || !(active >> src & 1u)) return own;
+  return simd_lane_value<T>(slots, src);
+}
+
+template <class T, class I>
+inline T simd_shuffle(T x, I lane, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_shuffle")
+  return simd_take_(slots, active, int(lane), x);
+}
+template <class T, class I>
+inline T simd_broadcast(T x, I lane, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_broadcast")
+  return simd_take_(slots, active, int(lane), x);
+}
+template <class T>
+inline T simd_broadcast_first(T x, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_broadcast_first")
+  return simd_take_(slots, active, active ? __builtin_ctz(active) : me, x);
+}
+template <class T, class I>
+inline T simd_shuffle_xor(T x, I mask, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_shuffle_xor")
+  return simd_take_(slots, active, me ^ int(mask), x);
+}
+template <class T, class I>
+inline T simd_shuffle_down(T x, I delta, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_shuffle_down")
+  return simd_take_(slots, active, me + int(delta), x);
+}
+template <class T, class I>
+inline T simd_shuffle_up(T x, I delta, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_shuffle_up")
+  return simd_take_(slots, active, me - int(delta), x);
+}
+template <class T, class I>
+inline T simd_shuffle_rotate_down(T x, I delta, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_shuffle_rotate_down")
+  return simd_take_(slots, active, (me + int(delta)) & 31, x);
+}
+template <class T, class I>
+inline T simd_shuffle_rotate_up(T x, I delta, int line = __builtin_LINE()) {
+  MTL_SIMD_BEGIN("simd_shuffle_rotate_up")
+  return simd_take_(slots, active, (me - int(delta)) & 31, x);
+}
+inline bool simd_all(bool x, int line = __builtin_LINE()) {
+  using T = bool;
+  MTL_SIMD_BEGIN("simd_all")
+  for (int l = 0; l < 32; l++) {
+    if ((active >> l & 1u) && !simd_lane_value<bool>(slots, l)) return false;
+  }
+  return true;
+}
+inline bool simd_any(bool x, int line = __builtin_LINE()) {
+  using T = bool;
+  MTL_SIMD_BEGIN("simd_any")
+  for (int l = 0; l < 32; l++) {
+    if ((active >> l & 1u) && simd_lane_value<bool>(slots, l)) return true;
+  }
+  return false;
+}
+#undef MTL_SIMD_BEGIN
+
+// ------------------------------------------------------- simdgroup_matrix --
+// Lane l of the SIMD group holds row (qid & 4) + (l / 2) % 4, columns
+// c and c + 1 with c = (qid & 2) * 2 + (l % 2) * 2, where qid = l / 4: the
+// layout that Apple GPUs use and MLX's steel kernels index with.
+
+inline void simdgroup_coord(int lane, int& row, int& col) {
+  int qid = lane / 4;
+  row = (qid & 4) + (lane / 2) % 4;
+  col = (qid & 2) * 2 + (lane % 2) * 2;
+}
+
+template <class T, int R, int C>
+struct simdgroup_matrix {
+  static_assert(R == 8 && C == 8, "the emulator supports 8x8 simdgroup matrices");
+  vec<T, 2> e;
+
+  simdgroup_matrix() = default;
+  // Metal's scalar constructor makes a diagonal matrix.
+  explicit simdgroup_matrix(T d) {
+    int row, col;
+    simdgroup_coord(int(mtl::self().a.thread_index_in_simdgroup), row, col);
+    e.v[0] = row == col ? d : T(0);
+    e.v[1] = row == col + 1 ? d : T(0);
+  }
+  vec<T, 2>& thread_elements() {
+    return e;
+  }
+  const vec<T, 2>& thread_elements() const {
+    return e;
+  }
+};
+
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <class T>
+inline simdgroup_matrix<T, 8, 8> make_filled_simdgroup_matrix(T v) {
+  simdgroup_matrix<T, 8, 8> m;
+  m.e.v[0] = v;
+  m.e.v[1] = v;
+  return m;
+}
+template <class T, int R, int C>
+inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) {
+  return make_filled_simdgroup_matrix<T>(v);
+}
+
+template <class T, class U>
+inline void simdgroup_load(
+    simdgroup_matrix<T, 8, 8>& m,
+    const U* src,
+    size_t elements_per_row = 8,
+    ulong2 origin = ulong2(0, 0),
+    bool transpose = false) {
+  int row, col;
+  simdgroup_coord(int(mtl::self().a.thread_index_in_simdgroup), row, col);
+  for (int j = 0; j < 2; j++) {
+    size_t r = transpose ? size_t(col + j) : size_t(row);
+    size_t c = transpose ? size_t(row) : size_t(col + j);
+    m.e.v[j] = T(src[(origin.y + r) * elements_per_row + origin.x + c]);
+  }
+}
+
+template <class T, class U>
+inline void simdgroup_store(
+    const simdgroup_matrix<T, 8, 8>& m,
+    U* dst,
+    size_t elements_per_row = 8,
+    ulong2 origin = ulong2(0, 0),
+    bool transpose = false) {
+  int row, col;
+  simdgroup_coord(int(mtl::self().a.thread_index_in_simdgroup), row, col);
+  for (int j = 0; j < 2; j++) {
+    size_t r = transpose ? size_t(col + j) : size_t(row);
+    size_t c = transpose ? size_t(row) : size_t(col + j);
+    dst[(origin.y + r) * elements_per_row + origin.x + c] = U(m.e.v[j]);
+  }
+}
+
+template <class TD, class TA, class TB, class TC>
+inline void simdgroup_multiply_accumulate(
+    simdgroup_matrix<TD, 8, 8>& d,
+    const simdgroup_matrix<TA, 8, 8>& a,
+    const simdgroup_matrix<TB, 8, 8>& b,
+    const simdgroup_matrix<TC, 8, 8>& c,
+    int line = __builtin_LINE()) {
+  float x[6] = {
+      float(a.e.v[0]), float(a.e.v[1]), float(b.e.v[0]),
+      float(b.e.v[1]), float(c.e.v[0]), float(c.e.v[1])};
+  uint32_t active;
+  const mtl::Slot* slots =
+      mtl::simd_exchange(x, sizeof(x), "simdgroup_multiply_accumulate", line, &active);
+  if (active != 0xffffffffu) {
+    mtl::fail(2, "simdgroup_multiply_accumulate needs all 32 lanes of the SIMD group");
+    mtl::park(mtl::W_NONE, "error", line);
+  }
+  float A[8][8], B[8][8];
+  for (int l = 0; l < 32; l++) {
+    const float* p = reinterpret_cast<const float*>(slots[l].b);
+    int r, cc;
+    simdgroup_coord(l, r, cc);
+    A[r][cc] = p[0];
+    A[r][cc + 1] = p[1];
+    B[r][cc] = p[2];
+    B[r][cc + 1] = p[3];
+  }
+  int row, col;
+  simdgroup_coord(int(mtl::self().a.thread_index_in_simdgroup), row, col);
+  for (int j = 0; j < 2; j++) {
+    float acc = x[4 + j];
+    for (int k = 0; k < 8; k++) {
+      acc += A[row][k] * B[k][col + j];
+    }
+    d.e.v[j] = TD(acc);
+  }
+}
+
+template <class TD, class TA, class TB>
+inline void simdgroup_multiply(
+    simdgroup_matrix<TD, 8, 8>& d,
+    const simdgroup_matrix<TA, 8, 8>& a,
+    const simdgroup_matrix<TB, 8, 8>& b,
+    int line = __builtin_LINE()) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD>(TD(0)), line);
+}
+
+} // namespace metal
+
+// ---------------------------------------------- MLX's prelude (utils.h) --
+// The names MLX puts before every custom kernel that kernels commonly use.
+
+template <class StrideT, class IdxT = StrideT>
+inline IdxT elem_to_loc(
+    IdxT elem, const int* shape, const StrideT* strides, int ndim) {
+  IdxT loc = 0;
+  for (int i = ndim - 1; i >= 0 && elem > 0; --i) {
+    loc += (elem % shape[i]) * IdxT(strides[i]);
+    elem /= shape[i];
+  }
+  return loc;
+}
+
+// --------------------------------------------------------------- launcher --
+
+namespace mtl {
+
+// Buffer arguments as the kernel signature declares them: pointers, or
+// references to a single value (MLX's `const constant int& x_ndim`).
+template <class P>
+struct Binder {
+  static P get(void* p) { return *static_cast<std::remove_reference_t<P>*>(p); }
+};
+template <class T>
+struct Binder<T*> {
+  static T* get(void* p) { return static_cast<T*>(p); }
+};
+template <class T>
+struct Binder<T&> {
+  static T& get(void* p) { return *static_cast<T*>(p); }
+};
+template <class P>
+inline P bind(void* p) {
+  return Binder<P>::get(p);
+}
+
+} // namespace mtl
+
+static void mtl_kernel_entry(void** bufs, const mtl::Attrs& a);
+
+namespace mtl {
+
+inline void fiber_main() {
+  Fiber& f = self();
+  mtl_kernel_entry(rt->bufs, f.a);
+  f.status = DONE;
+  f.wait = W_NONE;
+  // returning follows uc_link back to the scheduler
+}
+
+inline uint64_t next_random(uint64_t& s) {
+  s ^= s << 13;
+  s ^= s >> 7;
+  s ^= s << 17;
+  return s;
+}
+
+inline void shuffle(int* a, int n, uint64_t& s) {
+  for (int i = n - 1; i > 0; i--) {
+    int j = int(next_random(s) % uint64_t(i + 1));
+    int t = a[i];
+    a[i] = a[j];
+    a[j] = t;
+  }
+}
+
+// Appends "a, b, c-d" style lists of thread indices for messages.
+inline void append(char* out, int cap, const char* text) {
+  size_t n = std::strlen(out);
+  std::strncat(out, text, cap - 1 - n);
+}
+
+inline void append_threads(char* out, int cap, const Fiber* fs, const int* ids, int n) {
+  char buf[96];
+  for (int i = 0; i < n && i < 24; i++) {
+    const uint3& p = fs[ids[i]].a.thread_position_in_threadgroup;
+    __builtin_snprintf(buf, sizeof(buf), "%s(%u,%u,%u)", i ? ", " : "", p.x, p.y, p.z);
+    append(out, cap, buf);
+  }
+  if (n > 24) {
+    __builtin_snprintf(buf, sizeof(buf), " and %d more", n - 24);
+    append(out, cap, buf);
+  }
+}
+
+// After every pass over the runnable threads: release the SIMD groups whose
+// live lanes all wait at a collective, and the threadgroup once all its
+// threads wait at a barrier. Returns false on divergence or deadlock.
+inline bool resolve(bool& released) {
+  Runtime& r = *rt;
+  released = false;
+  int n_sg = (r.n + 31) / 32;
+  for (int s = 0; s < n_sg; s++) {
+    int live = 0, at_simd = 0;
+    const Fiber* first = nullptr;
+    bool same = true;
+    uint32_t mask = 0;
+    for (int l = 0; l < 32 && s * 32 + l < r.n; l++) {
+      const Fiber& f = r.fibers[s * 32 + l];
+      if (f.status == DONE) continue;
+      live++;
+      if (f.status == WAITING && f.wait == W_SIMD) {
+        at_simd++;
+        mask |= 1u << l;
+        if (!first) {
+          first = &f;
+        } else if (f.line != first->line || std::strcmp(f.op, first->op) != 0) {
+          same = false;
+        }
+      }
+    }
+    if (live == 0 || at_simd != live) continue;
+    if (!same) {
+      char buf[160];
+      __builtin_snprintf(
+          buf, sizeof(buf),
+          "SIMD group %d of threadgroup (%u,%u,%u): its lanes wait at different collectives (",
+          s, first->a.threadgroup_position_in_grid.x,
+          first->a.threadgroup_position_in_grid.y, first->a.threadgroup_position_in_grid.z);
+      fail(1, buf);
+      for (int l = 0; l < 32 && s * 32 + l < r.n; l++) {
+        const Fiber& f = r.fibers[s * 32 + l];
+        if (f.status != WAITING) continue;
+        __builtin_snprintf(buf, sizeof(buf), "%slane %d: %s at line %d", l ? ", " : "", l, f.op, f.line);
+        append(r.msg, r.msg_len, buf);
+      }
+      append(r.msg, r.msg_len, ")");
+      return false;
+    }
+    Simd& sg = r.simd[s];
+    sg.active[sg.gen & 1] = mask;
+    sg.gen++;
+    for (int l = 0; l < 32 && s * 32 + l < r.n; l++) {
+      Fiber& f = r.fibers[s * 32 + l];
+      if (f.status == WAITING) {
+        f.status = READY;
+        f.wait = W_NONE;
+      }
+    }
+    released = true;
+  }
+  if (released) return true;
+
+  int live = 0, at_barrier = 0, done = 0;
+  for (int i = 0; i < r.n; i++) {
+    const Fiber& f = r.fibers[i];
+    if (f.status == DONE) {
+      done++;
+    } else {
+      live++;
+      if (f.status == WAITING && f.wait == W_BARRIER) at_barrier++;
+    }
+  }
+  if (live == 0) return true;
+  if (at_barrier == live && done == 0) {
+    for (int i = 0; i < r.n; i++) {
+      r.fibers[i].status = READY;
+      r.fibers[i].wait = W_NONE;
+    }
+    released = true;
+    return true;
+  }
+  // Nothing can move: a barrier or collective that not every thread reaches.
+  int* ids = new int[r.n];
+  const Attrs& g = r.fibers[0].a;
+  char buf[256];
+  __builtin_snprintf(
+      buf, sizeof(buf), "threadgroup (%u,%u,%u) diverges: ",
+      g.threadgroup_position_in_grid.x, g.threadgroup_position_in_grid.y,
+      g.threadgroup_position_in_grid.z);
+  fail(1, buf);
+  int k = 0;
+  int line = -1;
+  const char* op = "";
+  for (int i = 0; i < r.n; i++) {
+    if (r.fibers[i].status == WAITING && r.fibers[i].wait == W_BARRIER) {
+      ids[k++] = i;
+      line = r.fibers[i].line;
+      op = r.fibers[i].op;
+    }
+  }
+  if (k) {
+    __builtin_snprintf(buf, sizeof(buf), "threads waiting at %s (line %d): ", op, line);
+    append(r.msg, r.msg_len, buf);
+    append_threads(r.msg, r.msg_len, r.fibers, ids, k);
+    append(r.msg, r.msg_len, "; ");
+  }
+  k = 0;
+  for (int i = 0; i < r.n; i++) {
+    if (r.fibers[i].status == WAITING && r.fibers[i].wait == W_SIMD) {
+      ids[k++] = i;
+      line = r.fibers[i].line;
+      op = r.fibers[i].op;
+    }
+  }
+  if (k) {
+    __builtin_snprintf(buf, sizeof(buf), "threads waiting at %s (line %d): ", op, line);
+    append(r.msg, r.msg_len, buf);
+    append_threads(r.msg, r.msg_len, r.fibers, ids, k);
+    append(r.msg, r.msg_len, "; ");
+  }
+  k = 0;
+  for (int i = 0; i < r.n; i++) {
+    if (r.fibers[i].status == DONE) ids[k++] = i;
+  }
+  if (k) {
+    append(r.msg, r.msg_len, "threads that returned without reaching it: ");
+    append_threads(r.msg, r.msg_len, r.fibers, ids, k);
+  }
+  delete[] ids;
+  return false;
+}
+
+} // namespace mtl
+
+// schedule: 0 forward, 1 reverse, 2 shuffled by seed.
+extern "C" int mtl_run(
+    void** bufs,
+    const uint32_t* grid,
+    const uint32_t* group,
+    int schedule,
+    uint64_t seed,
+    size_t stack_size,
+    char* msg,
+    int msg_len) {
+  using namespace mtl;
+  Runtime r{};
+  rt = &r;
+  r.bufs = bufs;
+  r.msg = msg;
+  r.msg_len = msg_len;
+  msg[0] = 0;
+  uint3 g(grid[0], grid[1], grid[2]);
+  // Metal clips the threadgroup to the grid (MLX passes min(group, grid)).
+  uint3 tg(
+      group[0] < grid[0] ? group[0] : grid[0],
+      group[1] < grid[1] ? group[1] : grid[1],
+      group[2] < grid[2] ? group[2] : grid[2]);
+  if (tg.x * tg.y * tg.z == 0) return 0;
+  uint3 ngroups(
+      (g.x + tg.x - 1) / tg.x, (g.y + tg.y - 1) / tg.y, (g.z + tg.z - 1) / tg.z);
+  int max_threads = int(tg.x * tg.y * tg.z);
+  r.stack_size = stack_size;
+  size_t stack_bytes = stack_size * size_t(max_threads);
+  r.stacks = (char*)mmap(
+      nullptr, stack_bytes, PROT_READ | PROT_WRITE,
+      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (r.stacks == MAP_FAILED) {
+    fail(2, "could not map fiber stacks");
+    return 2;
+  }
+  r.fibers = new Fiber[max_threads];
+  r.order = new int[max_threads];
+  r.simd = new Simd[(max_threads + 31) / 32];
+  r.tg_cap = 1 << 20;
+  r.tg_mem = new unsigned char[r.tg_cap];
+
+  uint64_t n_groups = uint64_t(ngroups.x) * ngroups.y * ngroups.z;
+  uint64_t rng = seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
+  if (rng == 0) rng = 1;
+  // Group order follows the schedule too, so races between threadgroups on
+  // device memory show as well.
+  uint64_t* gorder = new uint64_t[n_groups];
+  for (uint64_t i = 0; i < n_groups; i++) {
+    gorder[i] = schedule == 1 ? n_groups - 1 - i : i;
+  }
+  if (schedule == 2) {
+    for (uint64_t i = n_groups - 1; i > 0; i--) {
+      uint64_t j = next_random(rng) % (i + 1);
+      uint64_t t = gorder[i];
+      gorder[i] = gorder[j];
+      gorder[j] = t;
+    }
+  }
+
+  for (uint64_t gi = 0; gi < n_groups && !r.error; gi++) {
+    uint64_t lin = gorder[gi];
+    uint3 gp(
+        uint(lin % ngroups.x), uint((lin / ngroups.x) % ngroups.y),
+        uint(lin / (uint64_t(ngroups.x) * ngroups.y)));
+    // Threadgroups at the grid's far edge are smaller (non-uniform groups).
+    uint3 size(
+        gp.x * tg.x + tg.x <= g.x ? tg.x : g.x - gp.x * tg.x,
+        gp.y * tg.y + tg.y <= g.y ? tg.y : g.y - gp.y * tg.y,
+        gp.z * tg.z + tg.z <= g.z ? tg.z : g.z - gp.z * tg.z);
+    int n = int(size.x * size.y * size.z);
+    r.n = n;
+    r.n_tg_vars = 0;
+    r.tg_used = 0;
+    for (int s = 0; s < (n + 31) / 32; s++) {
+      r.simd[s].gen = 0;
+    }
+    for (int i = 0; i < n; i++) {
+      Fiber& f = r.fibers[i];
+      Attrs& a = f.a;
+      uint3 lp(i % size.x, (i / size.x) % size.y, i / (size.x * size.y));
+      a.thread_position_in_threadgroup = lp;
+      a.threadgroup_position_in_grid = gp;
+      a.thread_position_in_grid = uint3(gp.x * tg.x + lp.x, gp.y * tg.y + lp.y, gp.z * tg.z + lp.z);
+      a.threads_per_threadgroup = size;
+      a.dispatch_threads_per_threadgroup = tg;
+      a.threadgroups_per_grid = ngroups;
+      a.threads_per_grid = g;
+      a.grid_size = g;
+      a.grid_origin = uint3(0, 0, 0);
+      a.thread_index_in_threadgroup = uint(i);
+      a.simdgroup_index_in_threadgroup = uint(i / 32);
+      a.thread_index_in_simdgroup = uint(i % 32);
+      a.threads_per_simdgroup = 32;
+      a.simdgroups_per_threadgroup = uint((n + 31) / 32);
+      a.thread_execution_width = 32;
+      a.quadgroup_index_in_threadgroup = uint(i / 4);
+      a.thread_index_in_quadgroup = uint(i % 4);
+      f.status = READY;
+      f.wait = W_NONE;
+      f.line = 0;
+      f.op = "";
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = r.stacks + size_t(i) * stack_size;
+      f.ctx.uc_stack.ss_size = stack_size;
+      f.ctx.uc_link = &r.sched;
+      makecontext(&f.ctx, fiber_main, 0);
+      r.order[i] = schedule == 1 ? n - 1 - i : i;
+    }
+    while (!r.error) {
+      if (schedule == 2) shuffle(r.order, n, rng);
+      for (int k = 0; k < n && !r.error; k++) {
+        int i = r.order[k];
+        if (r.fibers[i].status != READY) continue;
+        r.cur = i;
+        swapcontext(&r.sched, &r.fibers[i].ctx);
+      }
+      if (r.error) break;
+      bool released;
+      if (!resolve(released)) break;
+      if (!released) break; // every thread is done
+    }
+  }
+
+  delete[] gorder;
+  delete[] r.tg_mem;
+  delete[] r.simd;
+  delete[] r.order;
+  delete[] r.fibers;
+  munmap(r.stacks, stack_bytes);
+  rt = nullptr;
+  return r.error;
+}
+
+// Metal has no double; neither do kernels compiled against this header.
+struct double_is_not_supported_in_metal;
+#define double double_is_not_supported_in_metal
+
+#define device
+#define constant
+#define thread
+#define threadgroup
