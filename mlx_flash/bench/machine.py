@@ -1,0 +1,96 @@
+"""What machine a benchmark ran on: chip, OS, MLX version, backend, memory.
+
+Every report carries this, so that no number is read without its hardware.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from typing import Optional
+
+import mlx.core as mx
+
+
+def backend() -> str:
+    """MLX's backend for the default device: ``"metal"``, ``"cuda"`` or ``"cpu"``."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _cpu_model() -> str:
+    system = platform.system()
+    if system == "Darwin":
+        try:
+            return subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    if system == "Linux":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.lower().startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _device_info() -> dict:
+    try:
+        return dict(mx.device_info())
+    except Exception:  # older MLX or no device info on this backend
+        return {}
+
+
+def physical_memory() -> Optional[int]:
+    """Bytes of RAM (or the GPU's recommended working set on Metal), or None."""
+    info = _device_info()
+    for key in ("max_recommended_working_set_size", "memory_size"):
+        if backend() != "cpu" and info.get(key):
+            return int(info[key])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def describe() -> dict:
+    """A JSON-ready description of this machine and software."""
+    from .. import __version__
+
+    info = _device_info()
+    where = backend()
+    chip = _cpu_model()
+    if where != "cpu" and info.get("device_name"):
+        # On Apple silicon the GPU name is the chip ("Apple M2 Max").
+        chip = str(info["device_name"])
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        load = None
+    return {
+        "chip": chip,
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "memory_bytes": physical_memory(),
+        "os": platform.platform(),
+        "os_name": platform.system().lower(),
+        "python": sys.version.split()[0],
+        "mlx_version": mx.__version__,
+        "mlx_flash_version": __version__,
+        "backend": where,
+        "load_average": load,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
