@@ -1208,8 +1208,8 @@ inline T simd_lane_value(const mtl::Slot* slots, int lane) {
   int me = int(mtl::self().a.thread_index_in_simdgroup);                    \
   (void)me;
 
-template <class T>
-inline T simd_reduce_(const mtl::Slot* slots, uint32_t active, int kind, int upto) {
+template <int kind, class T>
+inline T simd_reduce_(const mtl::Slot* slots, uint32_t active, int upto) {
   bool first = true;
   T acc{};
   for (int l = 0; l < upto; l++) {
@@ -1218,19 +1218,19 @@ inline T simd_reduce_(const mtl::Slot* slots, uint32_t active, int kind, int upt
     if (first) {
       acc = v;
       first = false;
-    } else if (kind == 0) {
+    } else if constexpr (kind == 0) {
       acc = T(acc + v);
-    } else if (kind == 1) {
+    } else if constexpr (kind == 1) {
       acc = T(acc * v);
-    } else if (kind == 2) {
+    } else if constexpr (kind == 2) {
       acc = max(acc, v);
-    } else if (kind == 3) {
+    } else if constexpr (kind == 3) {
       acc = min(acc, v);
-    } else if (kind == 4) {
+    } else if constexpr (kind == 4) {
       acc = T(acc & v);
-    } else if (kind == 5) {
+    } else if constexpr (kind == 5) {
       acc = T(acc | v);
-    } else {
+    } else if constexpr (kind == 6) {
       acc = T(acc ^ v);
     }
   }
@@ -1241,7 +1241,7 @@ inline T simd_reduce_(const mtl::Slot* slots, uint32_t active, int kind, int upt
   template <class T>                                                     \
   inline T name(T x, int line = __builtin_LINE()) {                      \
     MTL_SIMD_BEGIN(#name)                                                \
-    return simd_reduce_<T>(slots, active, kind, 32);                     \
+    return simd_reduce_<kind, T>(slots, active, 32);                     \
   }
 MTL_SIMD_REDUCE(simd_sum, 0)
 MTL_SIMD_REDUCE(simd_product, 1)
@@ -1255,24 +1255,24 @@ MTL_SIMD_REDUCE(simd_xor, 6)
 template <class T>
 inline T simd_prefix_inclusive_sum(T x, int line = __builtin_LINE()) {
   MTL_SIMD_BEGIN("simd_prefix_inclusive_sum")
-  return simd_reduce_<T>(slots, active, 0, me + 1);
+  return simd_reduce_<0, T>(slots, active, me + 1);
 }
 template <class T>
 inline T simd_prefix_exclusive_sum(T x, int line = __builtin_LINE()) {
   MTL_SIMD_BEGIN("simd_prefix_exclusive_sum")
   if ((active & ((1u << me) - 1u)) == 0) return T(0);
-  return simd_reduce_<T>(slots, active, 0, me);
+  return simd_reduce_<0, T>(slots, active, me);
 }
 template <class T>
 inline T simd_prefix_inclusive_product(T x, int line = __builtin_LINE()) {
   MTL_SIMD_BEGIN("simd_prefix_inclusive_product")
-  return simd_reduce_<T>(slots, active, 1, me + 1);
+  return simd_reduce_<1, T>(slots, active, me + 1);
 }
 template <class T>
 inline T simd_prefix_exclusive_product(T x, int line = __builtin_LINE()) {
   MTL_SIMD_BEGIN("simd_prefix_exclusive_product")
   if ((active & ((1u << me) - 1u)) == 0) return T(1);
-  return simd_reduce_<T>(slots, active, 1, me);
+  return simd_reduce_<1, T>(slots, active, me);
 }
 
 // A lane reading from an inactive or out-of-range lane gets its own value.
