@@ -373,3 +373,16 @@ def test_axis_flags_override_the_preset():
     chosen = cli.settings(args)
     assert chosen["seq"] == [32, 64] and chosen["mode"] == "decode"
     assert {(c.heads, c.kv_heads, c.q_len) for c in cli.configs(chosen)} == {(8, 2, 1)}
+
+
+def test_without_matplotlib_there_are_no_plots(quick_run, monkeypatch, tmp_path):
+    import sys
+
+    from mlx_flash.bench import report
+
+    _, _, results = quick_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    paths = report.write_all(dict(results, settings=dict(results["settings"])), str(tmp_path))
+    assert not any(p.endswith(".png") for p in paths.values())
+    assert sorted(os.listdir(tmp_path)) == ["report.md", "results.csv", "results.json"]
+    assert "## Plots" not in (tmp_path / "report.md").read_text()

@@ -239,8 +239,9 @@ def markdown(results: dict, plots: List[str] = ()) -> str:
 
 
 def plot(results: dict, out_dir: str) -> List[str]:
-    """Speed-up vs manual and peak memory against L, one line per variant and
-    configuration; returns the PNG paths, none when matplotlib is missing."""
+    """Speed-up over manual and peak memory against L, a panel per mode and a
+    line per variant and shape; returns the PNG paths, none without matplotlib.
+    Variants that reused another's measurement get no line of their own."""
     try:
         import matplotlib
 
@@ -248,38 +249,44 @@ def plot(results: dict, out_dir: str) -> List[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    cells = [c for c in results["cells"] if c["status"] == "ok"]
+    cells = [c for c in results["cells"] if c["status"] == "ok" and not c.get("shared_with")]
+    # Name only the axes that vary, so labels stay short.
+    axes = [a for a in ("batch", "heads", "kv_heads", "head_dim", "mask", "dtype") if len({c[a] for c in cells}) > 1]
+    short = {"batch": "B", "heads": "H", "kv_heads": "KV", "head_dim": "D", "mask": "", "dtype": ""}
+    modes = sorted({c["mode"] for c in cells})
     paths = []
     for name, field, ylabel, log in (
         ("speedup.png", "speedup_vs_manual", "speed-up over manual (x)", False),
         ("memory.png", "peak_memory_bytes", "peak memory (MiB)", True),
     ):
-        lines: Dict[tuple, List[tuple]] = {}
-        for c in cells:
-            if c.get(field) is None or (field == "speedup_vs_manual" and c["variant"] == "manual"):
-                continue
-            label = (c["variant"], c["mode"], c["batch"], c["head_dim"], c["dtype"])
-            value = c[field] / 2**20 if field == "peak_memory_bytes" else c[field]
-            lines.setdefault(label, []).append((c["seq"], value))
-        if not lines:
+        chosen = [c for c in cells if c.get(field) is not None and not (field == "speedup_vs_manual" and c["variant"] == "manual")]
+        if not chosen:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (variant, mode, batch, dim, dtype), points in sorted(lines.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    label=f"{variant} {mode} B={batch} D={dim}")
-        ax.set_xscale("log", base=2)
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("sequence length L")
-        ax.set_ylabel(ylabel)
+        fig, panels = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+        for panel, mode in zip(panels[0], modes):
+            lines: Dict[tuple, List[tuple]] = {}
+            for c in chosen:
+                if c["mode"] == mode:
+                    label = " ".join([ran_as(c)] + [f"{short[a]}={c[a]}" if short[a] else str(c[a]) for a in axes])
+                    value = c[field] / 2**20 if field == "peak_memory_bytes" else c[field]
+                    lines.setdefault(label, []).append((c["seq"], value))
+            for label, points in sorted(lines.items()):
+                points.sort()
+                panel.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            panel.set_xscale("log", base=2)
+            if log:
+                panel.set_yscale("log")
+            panel.set_xlabel("KV cache length L" if mode == "decode" else "sequence length L")
+            panel.set_ylabel(ylabel)
+            panel.set_title(mode)
+            panel.grid(True, alpha=0.3)
+            panel.legend(fontsize=6)
         m = results["machine"]
-        ax.set_title(f"{m['chip']} · MLX {m['mlx_version']} ({m['backend']})", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        fig.suptitle(f"{m['chip']} · MLX {m['mlx_version']} ({m['backend']}) · {', '.join(results['settings']['dtypes'])}",
+                     fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
