@@ -172,7 +172,10 @@ SHUFFLES = kernel(
 )
 
 
-def test_simd_shuffles_and_prefix():
+@pytest.mark.parametrize("switch", ["registers", "ucontext"])
+def test_simd_shuffles_and_prefix(switch, monkeypatch):
+    if switch == "ucontext":
+        monkeypatch.setenv("MLX_FLASH_EMULATOR_UCONTEXT", "1")
     n = 64
     x = mx.array(np.random.default_rng(0).integers(-8, 8, n).astype(np.float32))
     outs = emulator.run_checked(

@@ -153,13 +153,21 @@ def _compile_error(source: str, message: str) -> CompileError:
     return CompileError("\n".join(text))
 
 
+def flags() -> List[str]:
+    """Compiler flags; MLX_FLASH_EMULATOR_UCONTEXT=1 switches fibers with
+    ucontext instead of the x86-64 register switch (slower, portable)."""
+    extra = ["-DMTL_USE_UCONTEXT"] if os.environ.get("MLX_FLASH_EMULATOR_UCONTEXT") == "1" else []
+    return FLAGS + extra
+
+
 def load(source: str) -> Kernel:
     """The compiled kernel for MLX-generated ``source`` (cached)."""
     name, _, params = parse_signature(source)
     cpp = translate(source)
     cxx = compiler()
+    opts = flags()
     key = hashlib.sha256(
-        "\0".join([cpp, HEADER.read_text(), cxx, " ".join(FLAGS)]).encode()
+        "\0".join([cpp, HEADER.read_text(), cxx, " ".join(opts)]).encode()
     ).hexdigest()[:32]
     with _lock:
         if key in _loaded:
@@ -171,7 +179,7 @@ def load(source: str) -> Kernel:
                 src.write_text(cpp)
                 out = Path(tmp) / "kernel.so"
                 proc = subprocess.run(
-                    [cxx, *FLAGS, str(src), "-o", str(out), "-lm"],
+                    [cxx, *opts, str(src), "-o", str(out), "-lm"],
                     capture_output=True,
                     text=True,
                 )
