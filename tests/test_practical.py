@@ -1,0 +1,313 @@
+"""The practical Metal kernels, forward and backward.
+
+Every test runs on every backend that can run Metal kernels here: the CPU
+emulator always, real Metal too where ``mx.metal.is_available()``. Kernel
+results are compared with autodiff through ``mlx_flash.reference`` computed in
+float32. On the emulator every kernel launch runs under two thread schedules
+(threads forward and reversed), whose results must be bit-identical: a
+difference is a race, reported as ``RaceError``; a barrier or SIMD collective
+that not every thread reaches is a ``DivergenceError``.
+"""
+
+import contextlib
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import mlx_flash
+from mlx_flash import emulator, fused, kernels, practical, reference
+
+BACKENDS = ["emulator"] + (["metal"] if mx.metal.is_available() else [])
+SCHEDULES = ("forward", "reverse")
+
+# max |actual - expected| <= ATOL + RTOL * max |expected|, per dtype: float32
+# kernels only reorder float32 sums; float16 / bfloat16 add the rounding of
+# the inputs' products and of the stored results (eps 1e-3 and 8e-3).
+TOLERANCES = {
+    mx.float32: (1e-5, 1e-4),
+    mx.float16: (2e-3, 1e-2),
+    mx.bfloat16: (1e-2, 3e-2),
+}
+
+
+def _backend_context(backend, schedule=SCHEDULES):
+    """Where Metal kernels run inside the block. On the emulator every launch
+    runs once per schedule and raises ``RaceError`` if the results differ."""
+    if backend == "metal":
+        return contextlib.nullcontext()
+    return emulator.metal(schedule=schedule)
+
+
+def assert_close(actual, expected, dtype, what=""):
+    assert actual.shape == expected.shape, what
+    atol, rtol = TOLERANCES[dtype]
+    actual = actual.astype(mx.float32)
+    expected = expected.astype(mx.float32)
+    # NaN where the oracle has NaN (an all -inf additive row), nowhere else.
+    assert mx.array_equal(mx.isnan(actual), mx.isnan(expected)).item(), what
+    keep = ~mx.isnan(expected)
+    err = mx.max(mx.abs(mx.where(keep, actual - expected, 0))).item()
+    scale = mx.max(mx.abs(mx.where(keep, expected, 0))).item()
+    assert err <= atol + rtol * scale, f"{what}: max error {err:.3g} for magnitude {scale:.3g}"
+
+
+def _inputs(B, n_q, n_kv, q_len, k_len, dim, value_dim, dtype, seed):
+    keys = mx.random.split(mx.random.key(seed), 4)
+    q = mx.random.normal((B, n_q, q_len, dim), key=keys[0]).astype(dtype)
+    k = mx.random.normal((B, n_kv, k_len, dim), key=keys[1]).astype(dtype)
+    v = mx.random.normal((B, n_kv, k_len, value_dim), key=keys[2]).astype(dtype)
+    dout = mx.random.normal((B, n_q, q_len, value_dim), key=keys[3]).astype(dtype)
+    return q, k, v, dout
+
+
+def _mask(kind, B, n_q, q_len, k_len, dtype, seed):
+    """A normalised (rank-4) mask of ``kind``; broadcast masks keep size-1 axes."""
+    key = mx.random.key(seed + 100)
+    if kind in ("none", "causal"):
+        return None if kind == "none" else "causal"
+    if kind == "bool":
+        # One pattern shared by batch and heads (axes of size 1).
+        return mx.random.bernoulli(0.7, (1, 1, q_len, k_len), key=key)
+    if kind == "bool_empty_row":
+        # Per-head pattern in which query row 2 of head 0 keeps nothing.
+        keep = mx.random.bernoulli(0.6, (1, n_q, q_len, k_len), key=key)
+        row = (mx.arange(n_q)[:, None, None] == 0) & (mx.arange(q_len)[None, :, None] == 2)
+        return keep & ~row[None]
+    if kind == "additive":
+        # Broadcast over queries, and -inf on the first 32 keys (a whole key
+        # tile) for even query rows, which still see finite keys further on.
+        bias = mx.random.normal((1, n_q, 1, k_len), key=key)
+        bias = mx.broadcast_to(bias, (1, n_q, q_len, k_len))
+        first_tile = (mx.arange(k_len)[None, :] < 32) & (mx.arange(q_len)[:, None] % 2 == 0)
+        return mx.where(first_tile, -mx.inf, bias).astype(dtype)
+    raise ValueError(kind)
+
+
+def _oracle(q, k, v, dout, scale, mask):
+    """Reference output and (dq, dk, dv), all in float32."""
+    f32 = [x.astype(mx.float32) for x in (q, k, v, dout)]
+    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
+        mask = mask.astype(mx.float32)
+
+    def fn(q, k, v):
+        return reference.attention(q, k, v, scale, mask)
+
+    (out,), grads = mx.vjp(fn, f32[:3], [f32[3]])
+    return out, grads
+
+
+def _run_kernels(q, k, v, dout, scale, mask):
+    """Output, lse and (dq, dk, dv) from the three practical launchers."""
+    spec = fused.mask_spec(mask)
+    out, lse = practical.forward(q, k, v, scale, spec)
+    delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
+    dk, dv = practical.dkdv(q, k, v, scale, spec, dout, lse, delta)
+    dq = practical.dq(q, k, v, scale, spec, dout, lse, delta)
+    mx.eval(out, lse, dq, dk, dv)
+    return out, lse, (dq, dk, dv)
+
+
+# Each axis covered deliberately rather than the full product:
+# (B, Hq, Hkv, Lq, Lk, D, Dv, dtype, mask).
+KERNEL_CASES = [
+    (1, 2, 2, 17, 17, 64, 64, mx.float32, "none"),
+    (1, 2, 2, 23, 40, 32, 32, mx.float32, "causal"),
+    (1, 4, 1, 19, 33, 64, 64, mx.float16, "bool"),
+    (1, 4, 1, 9, 40, 64, 64, mx.bfloat16, "additive"),
+    (1, 2, 2, 13, 21, 128, 128, mx.float32, "bool_empty_row"),
+    (1, 4, 1, 37, 37, 80, 80, mx.float16, "causal"),
+    (2, 4, 1, 11, 7, 32, 48, mx.bfloat16, "none"),
+    (1, 2, 2, 5, 29, 80, 80, mx.bfloat16, "bool_empty_row"),
+]
+
+
+def _case_id(case):
+    B, hq, hkv, lq, lk, d, dv, dtype, mask = case
+    return f"{mask}-{str(dtype).split('.')[-1]}-D{d}-Dv{dv}-G{hq // hkv}-Lq{lq}-Lk{lk}-B{B}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=_case_id)
+def test_kernels_match_reference(backend, case):
+    B, n_q, n_kv, q_len, k_len, dim, value_dim, dtype, mask_kind = case
+    q, k, v, dout = _inputs(B, n_q, n_kv, q_len, k_len, dim, value_dim, dtype, seed=q_len)
+    mask = _mask(mask_kind, B, n_q, q_len, k_len, dtype, seed=q_len)
+    scale = dim**-0.5
+    expected_out, expected_grads = _oracle(q, k, v, dout, scale, mask)
+
+    with _backend_context(backend):
+        out, lse, grads = _run_kernels(q, k, v, dout, scale, mask)
+
+    assert out.dtype == dtype and lse.dtype == mx.float32
+    assert_close(out, expected_out, dtype, "output")
+    for grad, expected, label in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        assert grad.dtype == dtype
+        assert_close(grad, expected, dtype, label)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_do_not_depend_on_the_schedule(backend):
+    # No atomics and a fixed reduction order: a shuffled thread order (or a
+    # second run on the GPU) reproduces every bit, NaN rows included.
+    q, k, v, dout = _inputs(1, 4, 2, 14, 26, 32, 32, mx.float16, seed=11)
+    mask = _mask("bool_empty_row", 1, 4, 14, 26, mx.float16, seed=11)
+    with _backend_context(backend, schedule="forward"):
+        out, lse, grads = _run_kernels(q, k, v, dout, 0.3, mask)
+    with _backend_context(backend, schedule=20261122):
+        out2, lse2, grads2 = _run_kernels(q, k, v, dout, 0.3, mask)
+    for a, b in zip((out, lse, *grads), (out2, lse2, *grads2)):
+        assert mx.array_equal(a, b, equal_nan=True).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_sum_exp(backend):
+    q, k, v, dout = _inputs(1, 2, 1, 10, 35, 32, 32, mx.float32, seed=3)
+    scale = 0.2
+    scores = (q * scale) @ mx.swapaxes(mx.repeat(k, 2, axis=1), -1, -2)
+    expected = mx.logsumexp(scores, axis=-1)
+    with _backend_context(backend):
+        _, lse = practical.forward(q, k, v, scale, fused.mask_spec(None))
+    assert_close(lse, expected, mx.float32, "lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_inf_additive_row_is_nan(backend):
+    # MLX gives NaN for a row whose additive mask is -inf everywhere; the
+    # other rows must not be touched by it.
+    q, k, v, _ = _inputs(1, 1, 1, 4, 6, 32, 32, mx.float32, seed=4)
+    mask = mx.zeros((1, 1, 4, 6))
+    mask[:, :, 1, :] = -mx.inf
+    expected = reference.attention(q, k, v, 0.3, mask)
+    with _backend_context(backend):
+        out, _ = practical.forward(q, k, v, 0.3, fused.mask_spec(mask))
+    assert mx.all(mx.isnan(out[0, 0, 1])).item()
+    assert_close(out, expected, mx.float32, "output")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    # Transposed views, as models produce them: read through their strides.
+    dtype = mx.float16
+    q, k, v, dout = _inputs(1, 3, 3, 12, 12, 32, 32, dtype, seed=5)
+    q_t, k_t, v_t = (mx.swapaxes(mx.swapaxes(x, 1, 2) + 0, 1, 2) for x in (q, k, v))
+    expected_out, expected_grads = _oracle(q, k, v, dout, 0.25, "causal")
+    with _backend_context(backend):
+        out, _, grads = _run_kernels(q_t, k_t, v_t, dout, 0.25, "causal")
+    assert_close(out, expected_out, dtype, "output")
+    for grad, expected, label in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        assert_close(grad, expected, dtype, label)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explain_reports_practical(backend):
+    q, k, v, _ = _inputs(1, 4, 2, 16, 16, 64, 64, mx.float16, seed=6)
+    with _backend_context(backend):
+        plan = mlx_flash.explain(q, k, v, mask="causal", variant="practical")
+        assert plan.implementation == "practical"
+        assert plan.backend == backend
+        big = mx.zeros((1, 1, 16, 512), dtype=mx.float16)
+        plan = mlx_flash.explain(big, big, big, variant="practical")
+        assert plan.implementation == "blockwise"
+        assert "head dim 512 > 256" in plan.reason
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_end_to_end(backend):
+    # The public op under mx.grad: dispatch, custom function, vjp, kernels.
+    dtype = mx.float32
+    q, k, v, dout = _inputs(1, 4, 2, 21, 13, 32, 32, dtype, seed=7)
+    scale = 32**-0.5
+
+    def loss(q, k, v):
+        out = mlx_flash.scaled_dot_product_attention(
+            q, k, v, scale=scale, mask="causal", variant="practical"
+        )
+        return mx.sum(out * dout)
+
+    with _backend_context(backend):
+        grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        mx.eval(grads)
+    # Lq > Lk under causal: the first 8 queries see no key (uniform weights).
+    _, expected = _oracle(q, k, v, dout, scale, "causal")
+    for grad, want, label in zip(grads, expected, ("dq", "dk", "dv")):
+        assert_close(grad, want, dtype, label)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_and_grad_and_checkpoint(backend):
+    dtype = mx.float16
+    q, k, v, dout = _inputs(1, 2, 2, 9, 9, 32, 32, dtype, seed=8)
+    proj = nn.Linear(32, 32)
+    proj.set_dtype(dtype)
+
+    def attend(x, k, v):
+        return mlx_flash.scaled_dot_product_attention(x, k, v, scale=0.2, variant="practical")
+
+    def loss(model, q, k, v):
+        out = mx.checkpoint(attend)(model(q), k, v)
+        return mx.sum(out.astype(mx.float32) * dout.astype(mx.float32))
+
+    with _backend_context(backend):
+        value, grads = nn.value_and_grad(proj, loss)(proj, q, k, v)
+        mx.eval(value, grads)
+
+    def ref_loss(model, q, k, v):
+        out = reference.attention(model(q), k, v, 0.2, None)
+        return mx.sum(out.astype(mx.float32) * dout.astype(mx.float32))
+
+    ref_value, ref_grads = nn.value_and_grad(proj, ref_loss)(proj, q, k, v)
+    assert_close(value, ref_value, dtype, "loss")
+    assert_close(grads["weight"], ref_grads["weight"], dtype, "weight grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_and_ops_are_cached(backend):
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 32, 32, mx.float32, seed=9)
+    with _backend_context(backend):
+        practical.attention(q, k, v, 0.5, None)
+        built = kernels.build.cache_info().currsize
+        ops = fused._custom_op.cache_info().currsize
+        out = practical.attention(q, k, v, 0.5, None)
+        again = practical.attention(q, k, v, 0.5, None)
+        mx.eval(out, again)
+        assert kernels.build.cache_info().currsize == built
+        assert fused._custom_op.cache_info().currsize == ops
+        assert mx.array_equal(out, again).item()
+
+
+def test_tile_sizes_fit_threadgroup_memory():
+    for dim in (32, 64, 80, 96, 128, 256):
+        for value_dim in (dim, 64):
+            sizes = practical.tile_sizes(dim, value_dim)
+            padded = 32 * (math.ceil(dim / 32) + math.ceil(value_dim / 32))
+            assert sizes["tile"] * padded * 4 <= practical.TILE_BYTES <= 32 * 1024
+            assert 1 <= sizes["tile"] <= 32
+
+
+def test_unsupported_reason():
+    small = mx.zeros((1, 1, 4, 64))
+    assert practical.unsupported_reason(small, small, small, None) is None
+    wide = mx.zeros((1, 1, 4, 320))
+    assert practical.unsupported_reason(wide, wide, small, None) == "head dim 320 > 256"
+    assert "value head dim" in practical.unsupported_reason(small, small, wide, None)
+    empty = mx.zeros((1, 1, 0, 64))
+    assert practical.unsupported_reason(small, empty, empty, None) == "no keys"
+
+
+if mx.metal.is_available():
+
+    def test_compile_on_metal():
+        q, k, v, dout = _inputs(1, 2, 1, 24, 24, 64, 64, mx.float16, seed=10)
+
+        def loss(q, k, v):
+            out = mlx_flash.scaled_dot_product_attention(
+                q, k, v, scale=0.125, mask="causal", variant="practical"
+            )
+            return mx.sum(out.astype(mx.float32) * dout.astype(mx.float32))
+
+        grads = mx.compile(mx.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        _, expected = _oracle(q, k, v, dout, 0.125, "causal")
+        for grad, want in zip(grads, expected):
+            assert_close(grad, want, mx.float16, "compiled")
