@@ -1,0 +1,144 @@
+// Helpers shared by the demo kernels (demo_forward.metal, demo_backward_*.metal).
+//
+// The demo kernels do every product on 8x8 simdgroup_matrix tiles: half or
+// bfloat operands, float accumulators. Softmax and masking work on the
+// accumulator elements each lane holds (thread_elements()), so they need the
+// element-to-lane layout of an 8x8 simdgroup_matrix, written down once here.
+//
+// Scores live in log2 units: s2 = (scale * q.k + additive mask) * log2(e),
+// so every exponential is one exp2.
+
+// Mask kinds (the MASK template constant).
+#define DEMO_MASK_NONE 0
+#define DEMO_MASK_CAUSAL 1
+#define DEMO_MASK_BOOL 2
+#define DEMO_MASK_ADDITIVE 3
+
+// Extra elements per threadgroup-memory row. A tile row of D halves is a
+// multiple of 128 bytes, so the eight rows an 8x8 load touches would all start
+// in the same memory bank; 8 more elements (16 bytes) spread them out.
+#define DEMO_PAD 8
+
+// Score given to masked-out entries (boolean False, causal): the lowest
+// finite float. A row whose mask keeps nothing then has all scores equal and
+// gets uniform weights, as MLX gives it; anywhere else exp2 of it is 0.
+constant constexpr float DEMO_FLOOR = -3.40282346638528859812e+38f;
+constant constexpr float DEMO_LOG2E = 1.44269504088896340736f;
+
+// Position of this lane's two elements in an 8x8 simdgroup_matrix: they sit
+// in one row, in two adjacent columns. Returns (column of the first, row).
+//
+// Lane bits b4..b0 map to row 4*b4 + 2*b2 + b1 and column 4*b3 + 2*b0, so
+// every lane holds elements of a single row in every fragment, and the four
+// lanes that share a row differ only in bits 0 and 3.
+inline short2 demo_frag_coord(ushort lane) {
+  const short quad = lane / 4;
+  const short row = (quad & 4) + (lane / 2) % 4;
+  const short col = (quad & 2) * 2 + (lane % 2) * 2;
+  return short2(col, row);
+}
+
+// Max and sum over the four lanes holding one row (see demo_frag_coord).
+inline float demo_row_max(float x) {
+  x = max(x, simd_shuffle_xor(x, ushort(1)));
+  return max(x, simd_shuffle_xor(x, ushort(8)));
+}
+
+inline float demo_row_sum(float x) {
+  x += simd_shuffle_xor(x, ushort(1));
+  return x + simd_shuffle_xor(x, ushort(8));
+}
+
+// Stride of a broadcast axis: a size-1 axis is read at index 0 whatever the
+// stride of the underlying array says.
+inline int64_t demo_axis_stride(int size, int64_t stride) {
+  return size == 1 ? 0 : stride;
+}
+
+// Copy ROWS rows of a (rows, D) matrix with the given strides, starting at
+// row `first`, into a threadgroup tile with row stride LD; rows at or past
+// `limit` are zero so tails add nothing to the products. NT threads share
+// the copy. `Ptr` is a device or constant pointer: MLX picks the address
+// space of an input by its size.
+template <typename T, int ROWS, int D, int LD, int NT, typename Ptr>
+inline void demo_stage(
+    threadgroup T* dst,
+    Ptr src,
+    int64_t row_stride,
+    int64_t col_stride,
+    int first,
+    int limit,
+    uint tid) {
+  for (int i = tid; i < ROWS * D; i += NT) {
+    const int r = i / D;
+    const int c = i - r * D;
+    dst[r * LD + c] =
+        (first + r < limit) ? T(src[(first + r) * row_stride + c * col_stride]) : T(0);
+  }
+}
+
+// Score s2 (already in log2 units) of query i and key j with the mask
+// applied. `mrow` is the mask offset of row i, `msj` the key stride.
+// Keys past the end get -inf: they take no weight even in a row whose mask
+// keeps nothing.
+template <int MASK, typename MaskPtr>
+inline float demo_mask_score(
+    float s2,
+    int i,
+    int j,
+    int k_len,
+    int causal_offset,
+    MaskPtr mask,
+    int64_t mrow,
+    int64_t msj) {
+  if (j >= k_len) {
+    return -INFINITY;
+  }
+  if (MASK == DEMO_MASK_CAUSAL) {
+    return (j > i + causal_offset) ? DEMO_FLOOR : s2;
+  }
+  if (MASK == DEMO_MASK_BOOL) {
+    return bool(mask[mrow + j * msj]) ? s2 : DEMO_FLOOR;
+  }
+  if (MASK == DEMO_MASK_ADDITIVE) {
+    // An additive -inf stays -inf (a row of them is NaN, as in MLX); huge
+    // finite values (a bfloat16 lowest times log2(e) overflows) stop at the
+    // floor so they act like a boolean False.
+    const float a = float(mask[mrow + j * msj]);
+    if (isinf(a)) {
+      return s2 + a;
+    }
+    return max(s2 + max(a * DEMO_LOG2E, DEMO_FLOOR), DEMO_FLOOR);
+  }
+  return s2;
+}
+
+// True where the boolean or causal mask drops (i, j): such entries get no
+// gradient, even in a row whose mask keeps nothing.
+template <int MASK, typename MaskPtr>
+inline bool demo_mask_drops(
+    int i,
+    int j,
+    int causal_offset,
+    MaskPtr mask,
+    int64_t mrow,
+    int64_t msj) {
+  if (MASK == DEMO_MASK_CAUSAL) {
+    return j > i + causal_offset;
+  }
+  if (MASK == DEMO_MASK_BOOL) {
+    return !bool(mask[mrow + j * msj]);
+  }
+  return false;
+}
+
+// Softmax weight of an entry with score s2 in a row whose log-sum-exp
+// (log2 units) is lse2. A row whose scores all sit at the floor stores
+// lse2 == DEMO_FLOOR (its count is lost to rounding): its weights are
+// uniform over the k_len keys, 1 / k_len.
+inline float demo_weight(float s2, float lse2, float inv_k_len) {
+  if (lse2 == DEMO_FLOOR) {
+    return s2 == DEMO_FLOOR ? inv_k_len : 0.0f;
+  }
+  return fast::exp2(s2 - lse2);
+}

@@ -1,0 +1,202 @@
+"""The ``demo`` variant: flash attention on ``simdgroup_matrix`` tiles.
+
+Same contract and custom-op wrapping as ``practical`` (see
+``mlx_flash.fused``); a different engine inside. Every product (``S = Q K^T``
+and ``O += P V`` forward; ``dV += P^T dO``, ``dP = dO V^T``, ``dQ += dS K``,
+``dK += dS^T Q`` backward) is an 8x8 ``simdgroup_multiply_accumulate`` with
+half or bfloat16 operands and float32 accumulators that stay in registers.
+The kernels are ``metal/demo_forward.metal``, ``metal/demo_backward_dq.metal``
+and ``metal/demo_backward_dkv.metal`` with ``metal/demo_common.h``.
+
+The demo kernels take the shapes that matter for fine-tuning: head dims 64,
+80, 96 and 128 with ``Dv == D``, float16 and bfloat16, every mask kind, GQA,
+any length. ``unsupported_reason`` says why anything else goes to
+``practical``; ``mlx_flash.explain`` reports it.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from . import fused, kernels
+
+#: Head dims the demo kernels are built for (``D == Dv``).
+HEAD_DIMS = (64, 80, 96, 128)
+
+#: Input dtypes the demo kernels run. float32 goes to ``practical``: float32
+#: operands double the threadgroup memory of every tile and halve what fits.
+DTYPES = (mx.float16, mx.bfloat16)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes of the three demo kernels for one head dim.
+
+    Every tile size is a multiple of 8 (one ``simdgroup_matrix``). A SIMD
+    group owns 8 rows (queries, or keys in the dK/dV kernel) of its
+    threadgroup's tile, so the threadgroup has ``rows / 8`` SIMD groups.
+
+    * ``forward = (BQ, BK)``: BQ query rows per threadgroup, BK keys per
+      staged K/V tile.
+    * ``dq = (BQ, BK)``: the same for the dQ kernel.
+    * ``dkv = (BQ, BK)``: BK keys per threadgroup, BQ queries per staged
+      q/dout tile.
+
+    Budgets, for ``LD = D + 8`` elements per staged row (2 bytes each):
+
+    * threadgroup memory, at most 32 KB: forward ``max(BQ, 2 BK) * LD * 2``;
+      dq and dkv ``2 * max(BQ, BK) * LD * 2`` (dkv adds ``8 * BQ``). Less
+      memory per threadgroup leaves room for more threadgroups per core.
+    * registers, in 32-bit words per lane (an 8x8 fragment is 2 elements per
+      lane: 1 word in half, 2 in float): forward ``3 D/8 + 3 BK/8``;
+      dq ``4 D/8 + 5 BK/8``; dkv ``6 D/8 + 6 BQ/8``. Fewer live registers
+      keep more SIMD groups resident to hide memory latency, so the largest
+      head dim gets the shorter inner tile.
+    * 4 SIMD groups (128 threads) per threadgroup: each staged tile is read
+      by 4 SIMD groups, and the grid still has ``L / 32`` threadgroups per
+      head to fill the GPU at fine-tuning lengths.
+
+    These are starting points chosen by those budgets, not by measurement on
+    a Mac; ``python -m mlx_flash.bench`` with edited ``TILES`` retunes them.
+    """
+
+    forward: Tuple[int, int]
+    dq: Tuple[int, int]
+    dkv: Tuple[int, int]
+
+
+# Budgets per kernel (threadgroup memory; registers per lane), from the
+# formulas above:
+#   D    forward         dq              dkv
+#   64    9 KB;  36      9 KB;  52       9 KB;  72
+#   80   11 KB;  42     11 KB;  60      11 KB;  84
+#   96   13 KB;  48     13 KB;  68      13 KB;  96
+#   128  17 KB;  60     17 KB;  74      17 KB; 108
+# At D = 128 the backward kernels take a 16-wide inner tile (dq BK, dkv BQ):
+# 32 would cost 84 and 120 registers per lane.
+TILES = {
+    64: Tiles(forward=(32, 32), dq=(32, 32), dkv=(32, 32)),
+    80: Tiles(forward=(32, 32), dq=(32, 32), dkv=(32, 32)),
+    96: Tiles(forward=(32, 32), dq=(32, 32), dkv=(32, 32)),
+    128: Tiles(forward=(32, 32), dq=(32, 16), dkv=(16, 32)),
+}
+
+
+def unsupported_reason(q, k, v, mask) -> Optional[str]:
+    """Why the demo kernels cannot run these (normalised) inputs, or None."""
+    if q.dtype not in DTYPES:
+        return f"{_dtype_name(q.dtype)} inputs: demo runs float16 and bfloat16"
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    if value_dim != head_dim:
+        return f"value head dim {value_dim} differs from head dim {head_dim}"
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} is not one of {', '.join(map(str, HEAD_DIMS))}"
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return "empty sequence"
+    return None
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def _kernel(name: str, inputs: Tuple[str, ...], outputs: Tuple[str, ...]):
+    return kernels.build(name, inputs, outputs, f"{name}.metal", "demo_common.h")
+
+
+def _common_inputs(q, k, v, scale, mask: fused.MaskSpec):
+    params = mx.array([q.shape[2], k.shape[2], q.shape[1], k.shape[1]], dtype=mx.int32)
+    fparams = mx.array([scale], dtype=mx.float32)
+    return [q, k, v, mask.array, params, fparams]
+
+
+def _template(q, rows: int, cols: int, mask: fused.MaskSpec):
+    return [("T", q.dtype), ("D", q.shape[-1]), ("BQ", rows), ("BK", cols), ("MASK", mask.kind)]
+
+
+def _grid(n_rows: int, tile_rows: int, heads: int, batch: int):
+    """Grid and threadgroup for one threadgroup of ``tile_rows / 8`` SIMD
+    groups per (tile of ``n_rows``, head, batch); the grid counts threads."""
+    threads = (tile_rows // 8) * 32
+    tiles = -(-n_rows // tile_rows)
+    return (tiles * threads, heads, batch), (threads, 1, 1)
+
+
+def forward(q, k, v, scale: float, mask: fused.MaskSpec):
+    """``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, lse ``(B, Hq, Lq)``
+    float32 in log2 units (read only by the demo backward kernels)."""
+    B, n_q_heads, q_len, head_dim = q.shape
+    bq, bk = TILES[head_dim].forward
+    grid, threadgroup = _grid(q_len, bq, n_q_heads, B)
+    kernel = _kernel("demo_forward", ("q", "k", "v", "mask", "params", "fparams"), ("out", "lse"))
+    out, lse = kernels.launch(
+        kernel,
+        inputs=_common_inputs(q, k, v, scale, mask),
+        template=_template(q, bq, bk, mask),
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[q.shape, (B, n_q_heads, q_len)],
+        output_dtypes=[q.dtype, mx.float32],
+    )
+    return out, lse
+
+
+_BACKWARD_INPUTS = ("q", "k", "v", "mask", "params", "fparams", "dout", "lse", "delta")
+
+
+def dkdv(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
+    """``(dk, dv)``, each ``(B, Hkv, Lk, D)`` in q's dtype."""
+    B, n_kv_heads, k_len, head_dim = k.shape
+    bq, bk = TILES[head_dim].dkv
+    grid, threadgroup = _grid(k_len, bk, n_kv_heads, B)
+    kernel = _kernel("demo_backward_dkv", _BACKWARD_INPUTS, ("dk", "dv"))
+    dk, dv = kernels.launch(
+        kernel,
+        inputs=_common_inputs(q, k, v, scale, mask) + [dout, lse, delta],
+        template=_template(q, bq, bk, mask),
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[k.shape, v.shape],
+        output_dtypes=[q.dtype, q.dtype],
+    )
+    return dk, dv
+
+
+def dq(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
+    """``dq``, ``(B, Hq, Lq, D)`` in q's dtype."""
+    B, n_q_heads, q_len, head_dim = q.shape
+    bq, bk = TILES[head_dim].dq
+    grid, threadgroup = _grid(q_len, bq, n_q_heads, B)
+    kernel = _kernel("demo_backward_dq", _BACKWARD_INPUTS, ("dq",))
+    (grad_q,) = kernels.launch(
+        kernel,
+        inputs=_common_inputs(q, k, v, scale, mask) + [dout, lse, delta],
+        template=_template(q, bq, bk, mask),
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[q.shape],
+        output_dtypes=[q.dtype],
+    )
+    return grad_q
+
+
+LAUNCHERS = fused.Launchers(forward=forward, dkdv=dkdv, dq=dq)
+
+
+def attention(q, k, v, scale: float, mask) -> mx.array:
+    """``softmax(scale * q @ k^T + mask) @ v`` on the demo kernels, with the
+    fused backward under ``mx.grad``.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; ``k``: ``(B, Hkv, Lk, D)``; ``v``:
+            ``(B, Hkv, Lk, D)``, one dtype, float16 or bfloat16, ``D`` one of
+            ``HEAD_DIMS``.
+        scale: multiplies ``q @ k^T``.
+        mask: ``None``, ``"causal"`` (``Lq <= Lk``, bottom-right) or a rank-4
+            boolean / additive array broadcastable to ``(B, Hq, Lq, Lk)``.
+
+    Returns:
+        ``(B, Hq, Lq, D)`` in q's dtype.
+    """
+    return fused.attention(LAUNCHERS, q, k, v, scale, mask)
