@@ -1,0 +1,69 @@
+"""A plain-text progress bar on stderr: iteration, loss, it/s.
+
+On a terminal the bar redraws in place; otherwise (a log file, CI) it prints
+one line per report interval, so logs stay readable.
+"""
+
+import sys
+import time
+from typing import Optional, TextIO
+
+
+class Progress:
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        every: int = 10,
+        stream: Optional[TextIO] = None,
+        enabled: bool = True,
+        width: int = 24,
+        first: int = 1,
+    ):
+        self.total = total
+        self.label = label
+        self.every = max(1, every)
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.width = width
+        self.interactive = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.first = first
+        self.start = time.perf_counter()
+        self.open_line = False
+
+    def line(self, iteration: int, loss: float, it_per_s: float, val_loss: Optional[float] = None) -> str:
+        filled = int(self.width * iteration / max(self.total, 1))
+        bar = "#" * filled + "." * (self.width - filled)
+        text = f"[{self.label}] {iteration:>{len(str(self.total))}}/{self.total} |{bar}| loss {loss:.3f}"
+        if val_loss is not None:
+            text += f" | val {val_loss:.3f}"
+        return text + f" | {it_per_s:.2f} it/s"
+
+    def update(self, iteration: int, loss: float, val_loss: Optional[float] = None) -> None:
+        """Show progress after ``iteration``; it/s counts from ``first``."""
+        if not self.enabled:
+            return
+        done = iteration - self.first + 1
+        it_per_s = done / max(time.perf_counter() - self.start, 1e-9)
+        text = self.line(iteration, loss, it_per_s, val_loss)
+        if self.interactive:
+            self.stream.write("\r\033[K" + text)
+            self.open_line = True
+        elif iteration % self.every == 0 or iteration == self.total or val_loss is not None:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.open_line:
+            self.stream.write("\n")
+            self.open_line = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False

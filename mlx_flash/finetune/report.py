@@ -1,0 +1,116 @@
+"""The comparison of attention variants: Markdown and JSON tables, a PNG plot.
+
+Speedups are against ``manual`` (MLX's unfused attention, what mlx-lm's
+training step runs without mlx-flash): median iteration time of ``manual``
+divided by the variant's, so above 1 is faster. Memory is the variant's peak
+over ``manual``'s, so below 1 is smaller. Without a ``manual`` row both are
+left empty rather than guessed.
+"""
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import files
+
+COMPARE_MD = "compare.md"
+COMPARE_JSON = "compare.json"
+COMPARE_PNG = "compare.png"
+
+
+def rows(summaries: List[dict]) -> List[dict]:
+    """One row per variant, with speedup and memory ratio against manual."""
+    baseline = next((s for s in summaries if s["variant"] == "manual"), None)
+    table = []
+    for s in summaries:
+        speedup = memory_ratio = None
+        if baseline and baseline.get("median_iteration_s") and s.get("median_iteration_s"):
+            speedup = baseline["median_iteration_s"] / s["median_iteration_s"]
+        if baseline and baseline.get("peak_memory_bytes") and s.get("peak_memory_bytes"):
+            memory_ratio = s["peak_memory_bytes"] / baseline["peak_memory_bytes"]
+        table.append(
+            {
+                "variant": s["variant"],
+                "implementation": s["implementation"],
+                "backend": s["backend"],
+                "iterations": s["iterations"],
+                "median_iteration_s": s["median_iteration_s"],
+                "p95_iteration_s": s["p95_iteration_s"],
+                "tokens_per_s": s["tokens_per_s"],
+                "peak_memory_bytes": s["peak_memory_bytes"],
+                "final_train_loss": s["final_train_loss"],
+                "final_val_loss": s["final_val_loss"],
+                "speedup_vs_manual": speedup,
+                "memory_vs_manual": memory_ratio,
+            }
+        )
+    return table
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def markdown(recipe_name: str, table: List[dict], environment: Dict[str, str]) -> str:
+    lines = [
+        f"# {recipe_name}: attention variants compared",
+        "",
+        f"Hardware: {environment['machine']}, device {environment['device']}, "
+        f"Metal {'available' if environment['metal'] else 'not available'}; "
+        f"MLX {environment['mlx']}, mlx-lm {environment['mlx_lm']}. "
+        "Median and p95 leave out each run's first (warm-up) iteration.",
+        "",
+        "| variant | ran as | iters | median it (ms) | p95 it (ms) | tokens/s | peak mem (MB) "
+        "| final train loss | final val loss | speedup vs manual | memory vs manual |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['variant']} | {r['implementation']} ({r['backend']}) | {r['iterations']} "
+            f"| {_fmt(r['median_iteration_s'], '.1f', 1e3)} | {_fmt(r['p95_iteration_s'], '.1f', 1e3)} "
+            f"| {_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['peak_memory_bytes'], '.1f', 1e-6)} "
+            f"| {_fmt(r['final_train_loss'], '.3f')} | {_fmt(r['final_val_loss'], '.3f')} "
+            f"| {_fmt(r['speedup_vs_manual'], '.2f')}x | {_fmt(r['memory_vs_manual'], '.2f')}x |"
+        )
+    return "\n".join(lines).replace("| -x |", "| - |") + "\n"
+
+
+def plot(path: Path, metrics: Dict[str, List[dict]]) -> Optional[Path]:
+    """Loss and iteration time per variant, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import io
+
+    fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant, records in metrics.items():
+        its = [r["iteration"] for r in records]
+        ax_loss.plot(its, [r["loss"] for r in records], label=variant)
+        ax_time.plot(its, [r["wall_s"] * 1e3 for r in records], label=variant)
+    ax_loss.set(xlabel="iteration", ylabel="train loss", title="Loss")
+    ax_time.set(xlabel="iteration", ylabel="ms", title="Iteration time")
+    ax_time.set_yscale("log")
+    for ax in (ax_loss, ax_time):
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    files.write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write(out_dir: Path, recipe_name: str, summaries: List[dict], metrics: Dict[str, List[dict]], draw: bool = True):
+    """Write compare.md, compare.json and (if possible) compare.png; return their paths."""
+    out_dir = Path(out_dir)
+    table = rows(summaries)
+    environment = {k: summaries[0][k] for k in ("machine", "device", "metal", "mlx", "mlx_lm")}
+    files.write_text(out_dir / COMPARE_MD, markdown(recipe_name, table, environment))
+    files.write_json(out_dir / COMPARE_JSON, {"recipe": recipe_name, **environment, "rows": table})
+    written = [out_dir / COMPARE_MD, out_dir / COMPARE_JSON]
+    if draw and plot(out_dir / COMPARE_PNG, metrics) is not None:
+        written.append(out_dir / COMPARE_PNG)
+    return written
