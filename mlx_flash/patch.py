@@ -240,7 +240,9 @@ def patch(variant: str = "auto") -> None:
         variant: one of ``mlx_flash.VARIANTS``, passed to every attention call.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"[patch] unknown variant '{variant}'. Choose one of {', '.join(VARIANTS)}.")
+        raise ValueError(
+            f"[patch] unknown variant '{variant}'. Choose one of {', '.join(VARIANTS)}."
+        )
     from mlx_lm.models import base
 
     with _lock:

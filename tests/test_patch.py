@@ -390,7 +390,7 @@ def test_module_calling_mx_fast_directly_goes_through_the_proxy(calls):
     assert calls[0]["mask"].shape == (3, 1, 1, 3)
 
 
-# -- later imports and mlx_flash.auto, in fresh interpreters ---------------------
+# -- later imports, in a fresh interpreter, and mlx_flash.auto --------------------
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -440,30 +440,41 @@ def test_model_module_imported_after_patch_is_patched():
     assert result.stdout.strip() == "ok"
 
 
-AUTO_PROBE = """
-    import mlx_flash.auto, mlx_flash
-    state = mlx_flash.patch_state()
-    print(state.active, state.variant)
-"""
+def import_auto(monkeypatch, **env):
+    """Run ``import mlx_flash.auto`` afresh under ``env``."""
+    for name in ("MLX_FLASH_VARIANT", "MLX_FLASH_DISABLE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delitem(sys.modules, "mlx_flash.auto", raising=False)
+    importlib.import_module("mlx_flash.auto")
 
 
 @pytest.mark.parametrize(
     "env, expected",
     [
-        ({}, "True auto"),
-        ({"MLX_FLASH_VARIANT": "manual"}, "True manual"),
-        ({"MLX_FLASH_DISABLE": "1"}, "False None"),
+        ({}, (True, "auto")),
+        ({"MLX_FLASH_VARIANT": "manual"}, (True, "manual")),
+        ({"MLX_FLASH_DISABLE": "0"}, (True, "auto")),
+        ({"MLX_FLASH_DISABLE": "1"}, (False, None)),
+        ({"MLX_FLASH_DISABLE": "1", "MLX_FLASH_VARIANT": "manual"}, (False, None)),
     ],
 )
-def test_import_auto_patches_on_import(env, expected):
-    clean = {"MLX_FLASH_VARIANT": "", "MLX_FLASH_DISABLE": "", **env}
-    result = run_python(AUTO_PROBE, **clean)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == expected
+def test_import_auto_patches_on_import(monkeypatch, env, expected):
+    import_auto(monkeypatch, **env)
+    state = mlx_flash.patch_state()
+    assert (state.active, state.variant) == expected
+    assert (llama.scaled_dot_product_attention is ORIGINAL_SDPA) != expected[0]
 
 
-def test_import_auto_rejects_unknown_variant():
-    result = run_python(AUTO_PROBE, MLX_FLASH_VARIANT="flash", MLX_FLASH_DISABLE="")
-    assert result.returncode != 0
-    assert "MLX_FLASH_VARIANT='flash' is not a variant" in result.stderr
-    assert "auto, manual" in result.stderr
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MLX_FLASH_VARIANT": "flash"}, "'flash' is not a variant. Choose one of auto, manual"),
+        ({"MLX_FLASH_DISABLE": "maybe"}, "MLX_FLASH_DISABLE='maybe' is not understood"),
+    ],
+)
+def test_import_auto_rejects_bad_environment(monkeypatch, env, message):
+    with pytest.raises(ValueError, match=message):
+        import_auto(monkeypatch, **env)
+    assert not mlx_flash.is_patched()
