@@ -76,12 +76,11 @@ def _mask(kind, B, n_q, q_len, k_len, dtype, seed):
         row = (mx.arange(n_q)[:, None, None] == 0) & (mx.arange(q_len)[None, :, None] == 2)
         return keep & ~row[None]
     if kind == "additive":
-        # Broadcast over queries, and -inf on the first 32 keys (a whole key
-        # tile) for even query rows, which still see finite keys further on.
+        # Broadcast over batch and queries (size-1 axes). Head 0 has -inf on
+        # its first 32 keys, a whole key tile, and finite keys after it.
         bias = mx.random.normal((1, n_q, 1, k_len), key=key)
-        bias = mx.broadcast_to(bias, (1, n_q, q_len, k_len))
-        first_tile = (mx.arange(k_len)[None, :] < 32) & (mx.arange(q_len)[:, None] % 2 == 0)
-        return mx.where(first_tile, -mx.inf, bias).astype(dtype)
+        first_tile = (mx.arange(n_q)[:, None] == 0) & (mx.arange(k_len)[None, :] < 32)
+        return mx.where(first_tile[None, :, None, :], -mx.inf, bias).astype(dtype)
     raise ValueError(kind)
 
 
@@ -120,6 +119,8 @@ KERNEL_CASES = [
     (1, 4, 1, 37, 37, 80, 80, mx.float16, "causal"),
     (2, 4, 1, 11, 7, 32, 48, mx.bfloat16, "none"),
     (1, 2, 2, 5, 29, 80, 80, mx.bfloat16, "bool_empty_row"),
+    (1, 4, 2, 12, 15, 96, 64, mx.float32, "additive"),
+    (1, 2, 2, 9, 20, 256, 256, mx.float16, "causal"),
 ]
 
 
@@ -188,13 +189,16 @@ def test_all_inf_additive_row_is_nan(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs(backend):
-    # Transposed views, as models produce them: read through their strides.
+    # Transposed views, as models produce them, and a mask broadcast with
+    # zero strides: all read in place through their strides.
     dtype = mx.float16
     q, k, v, dout = _inputs(1, 3, 3, 12, 12, 32, 32, dtype, seed=5)
     q_t, k_t, v_t = (mx.swapaxes(mx.swapaxes(x, 1, 2) + 0, 1, 2) for x in (q, k, v))
-    expected_out, expected_grads = _oracle(q, k, v, dout, 0.25, "causal")
+    keep = mx.random.bernoulli(0.6, (1, 1, 1, 12), key=mx.random.key(5))
+    mask = mx.broadcast_to(keep, (1, 3, 12, 12))
+    expected_out, expected_grads = _oracle(q, k, v, dout, 0.25, mask)
     with _backend_context(backend):
-        out, _, grads = _run_kernels(q_t, k_t, v_t, dout, 0.25, "causal")
+        out, _, grads = _run_kernels(q_t, k_t, v_t, dout, 0.25, mask)
     assert_close(out, expected_out, dtype, "output")
     for grad, expected, label in zip(grads, expected_grads, ("dq", "dk", "dv")):
         assert_close(grad, expected, dtype, label)
@@ -227,10 +231,14 @@ def test_grad_end_to_end(backend):
         return mx.sum(out * dout)
 
     with _backend_context(backend):
+        out = mlx_flash.scaled_dot_product_attention(
+            q, k, v, scale=scale, mask="causal", variant="practical"
+        )
         grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
-        mx.eval(grads)
+        mx.eval(out, grads)
     # Lq > Lk under causal: the first 8 queries see no key (uniform weights).
-    _, expected = _oracle(q, k, v, dout, scale, "causal")
+    expected_out, expected = _oracle(q, k, v, dout, scale, "causal")
+    assert_close(out, expected_out, dtype, "output")
     for grad, want, label in zip(grads, expected, ("dq", "dk", "dv")):
         assert_close(grad, want, dtype, label)
 
