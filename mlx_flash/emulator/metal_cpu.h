@@ -1814,13 +1814,22 @@ extern "C" int mtl_run(
       (g.x + tg.x - 1) / tg.x, (g.y + tg.y - 1) / tg.y, (g.z + tg.z - 1) / tg.z);
   int max_threads = int(tg.x * tg.y * tg.z);
   r.stack_size = stack_size;
-  size_t stack_bytes = stack_size * size_t(max_threads);
+  // Each stack sits above an inaccessible guard page, so a kernel that
+  // overflows its stack faults instead of overwriting its neighbour's.
+  const size_t guard = 4096;
+  stack_size = (stack_size + guard - 1) & ~(guard - 1);
+  r.stack_size = stack_size;
+  size_t slot = stack_size + guard;
+  size_t stack_bytes = slot * size_t(max_threads);
   r.stacks = (char*)mmap(
       nullptr, stack_bytes, PROT_READ | PROT_WRITE,
       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (r.stacks == MAP_FAILED) {
     fail(2, "could not map fiber stacks");
     return 2;
+  }
+  for (int i = 0; i < max_threads; i++) {
+    mprotect(r.stacks + size_t(i) * slot, guard, PROT_NONE);
   }
   r.fibers = new Fiber[max_threads];
   r.order = new int[max_threads];
@@ -1888,7 +1897,7 @@ extern "C" int mtl_run(
       f.wait = W_NONE;
       f.line = 0;
       f.op = "";
-      make_context(f.ctx, r.stacks + size_t(i) * stack_size, stack_size, fiber_main, &r.sched);
+      make_context(f.ctx, r.stacks + size_t(i) * slot + guard, stack_size, fiber_main, &r.sched);
       r.order[i] = schedule == 1 ? n - 1 - i : i;
     }
     while (!r.error) {
