@@ -8,6 +8,7 @@ oracle for every comparison.
 """
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -438,6 +439,37 @@ def test_model_module_imported_after_patch_is_patched():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_every_model_module_reaching_attention_is_patched():
+    result = run_python(
+        """
+        import importlib, json, pkgutil
+        import mlx_flash
+        import mlx_lm.models
+
+        mlx_flash.patch()
+        users = []
+        for info in pkgutil.iter_modules(mlx_lm.models.__path__):
+            name = "mlx_lm.models." + info.name
+            try:
+                module = importlib.import_module(name)
+            except BaseException:
+                continue  # needs a package that is not installed (olmo)
+            with open(module.__file__) as f:
+                if "scaled_dot_product_attention" in f.read():
+                    users.append(name)
+        patched = mlx_flash.patch_state().modules
+        mlx_flash.unpatch()
+        print(json.dumps([users, patched, mlx_flash.patch_state().modules]))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    users, patched, after_unpatch = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(users) >= 50  # llama, qwen2, mistral, gemma, phi3, ...
+    assert {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.plamo2"} <= set(users)
+    assert sorted(set(users) - set(patched)) == []
+    assert after_unpatch == []
 
 
 def import_auto(monkeypatch, **env):
