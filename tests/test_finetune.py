@@ -1,0 +1,413 @@
+"""python -m mlx_flash.finetune: recipes, training, metrics, reports, bad input.
+
+Training runs use the built-in tiny llama and the shipped data set at a few
+iterations; the real recipes are exercised with their real attention
+geometry at one layer and a byte vocabulary, built here from random weights.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_flash
+from mlx_flash.finetune import builtin, report
+from mlx_flash.finetune.__main__ import main
+from mlx_flash.finetune.config import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+RECORD_KEYS = {"iteration", "loss", "tokens", "wall_s", "tokens_per_s", "peak_memory_bytes", "learning_rate"}
+
+# Small and quick: a few iterations of the quickstart recipe.
+FAST = [
+    "--set", "iters=8",
+    "--set", "batch_size=4",
+    "--set", "max_seq_length=64",
+    "--set", "steps_per_eval=4",
+    "--set", "val_batches=2",
+    "--set", "save_every=4",
+    "--set", "learning_rate=3e-3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    """Built-in models go to a fresh cache for this module (and its subprocesses)."""
+    root = tmp_path_factory.mktemp("mlx_flash_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLX_FLASH_CACHE", str(root))
+        yield root
+
+
+def cli(*args, cwd=None, timeout=180):
+    """Run the command in a fresh interpreter, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_flash.finetune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def read_records(path: Path):
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The quickstart recipe, trained 8 iterations each with manual and practical."""
+    out = tmp_path_factory.mktemp("quickstart")
+    code = main([str(QUICKSTART), *FAST, "--set", "attention.compare=[manual, practical]", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_quickstart_loss_falls(quickstart):
+    for variant in ("manual", "practical"):
+        records = read_records(quickstart / variant / "metrics.jsonl")
+        losses = [r["loss"] for r in records]
+        assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.3
+        summary = json.loads((quickstart / variant / "summary.json").read_text())
+        assert summary["final_val_loss"] < summary["initial_val_loss"]
+
+
+def test_metrics_one_valid_record_per_iteration(quickstart):
+    records = read_records(quickstart / "manual" / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert RECORD_KEYS <= set(r)
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert isinstance(r["tokens"], int) and r["tokens"] > 0
+        assert r["wall_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"], rel=1e-6)
+        assert r["peak_memory_bytes"] > 0
+        assert r["learning_rate"] == pytest.approx(3e-3, rel=1e-6)
+        assert r["variant"] == "manual"
+    # Validation ran where steps_per_eval says, and only there.
+    assert [r["iteration"] for r in records if "val_loss" in r] == [4, 8]
+
+    summary = json.loads((quickstart / "manual" / "summary.json").read_text())
+    steady = [r["wall_s"] for r in records[1:]]
+    assert summary["iterations"] == 8 and not summary["interrupted"]
+    assert summary["median_iteration_s"] == pytest.approx(np.median(steady))
+    assert summary["p95_iteration_s"] == pytest.approx(np.percentile(steady, 95))
+    assert summary["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in records)
+    assert summary["final_val_loss"] == records[-1]["val_loss"]
+
+
+def test_summary_names_the_implementation_that_ran(quickstart):
+    # The tiny llama's geometry: 4 query heads, 2 KV heads, head dim 16.
+    q = mx.zeros((4, 4, 32, 16))
+    kv = mx.zeros((4, 2, 32, 16))
+    for variant in ("manual", "practical"):
+        summary = json.loads((quickstart / variant / "summary.json").read_text())
+        plan = mlx_flash.explain(q, kv, kv, mask="causal", variant=variant)
+        assert (summary["implementation"], summary["backend"]) == (plan.implementation, plan.backend)
+
+
+def test_compare_table_has_one_row_per_variant(quickstart):
+    table = json.loads((quickstart / "compare.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == ["manual", "practical"]
+    manual, practical = table["rows"]
+    assert manual["speedup_vs_manual"] == pytest.approx(1.0)
+    assert practical["speedup_vs_manual"] == pytest.approx(
+        manual["median_iteration_s"] / practical["median_iteration_s"]
+    )
+    markdown = (quickstart / "compare.md").read_text()
+    body = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(body) == 3  # header + one row per variant
+    assert body[1].startswith("| manual |") and body[2].startswith("| practical |")
+    has_matplotlib = __import__("importlib").util.find_spec("matplotlib") is not None
+    assert (quickstart / "compare.png").exists() == has_matplotlib
+
+
+def test_same_start_for_every_variant(quickstart):
+    # Same seed, weights and batch: the loss before the first update agrees.
+    first = [read_records(quickstart / v / "metrics.jsonl")[0] for v in ("manual", "practical")]
+    assert first[0]["tokens"] == first[1]["tokens"]
+    assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-4)
+
+
+def test_adapters_load_in_mlx_lm_and_change_output(quickstart):
+    from mlx_lm import load
+
+    adapters = quickstart / "manual" / "adapters"
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == -1
+    assert sorted(p.name for p in adapters.glob("*.safetensors")) == [
+        "0000004_adapters.safetensors",
+        "0000008_adapters.safetensors",
+        "adapters.safetensors",
+    ]
+    base, tokenizer = load(config["model"])
+    tuned, _ = load(config["model"], adapter_path=str(adapters))
+    tokens = mx.array([tokenizer.encode("Q: What is 2 plus 3? A:")])
+    before, after = base(tokens), tuned(tokens)
+    assert before.shape == after.shape
+    assert mx.max(mx.abs(before - after)).item() > 1e-2
+
+
+def test_progress_bar_on_stderr(tmp_path, capsys):
+    assert main([str(QUICKSTART), *FAST, "--set", "iters=2", "--set", "attention.compare=[]",
+                 "--set", "attention.variant=blockwise", "--out", str(tmp_path)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[blockwise] ")]
+    assert any(" 2/2 " in line and "loss " in line and "it/s" in line for line in lines)
+    # A single variant writes no comparison.
+    assert (tmp_path / "blockwise" / "adapters" / "adapters.safetensors").exists()
+    assert not (tmp_path / "compare.json").exists()
+
+
+def test_existing_adapters_need_overwrite_or_resume(quickstart, capsys):
+    before = (quickstart / "manual" / "metrics.jsonl").read_text()
+    code = main([str(QUICKSTART), *FAST, "--set", "attention.compare=[manual, practical]", "--out", str(quickstart)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds adapters" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (quickstart / "manual" / "metrics.jsonl").read_text() == before
+
+
+def test_interrupt_saves_then_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    args = [QUICKSTART, *FAST, "--set", "iters=1000", "--set", "attention.compare=[manual]", "--out", out]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_flash.finetune", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "manual" / "metrics.jsonl"
+    deadline = time.time() + 150
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted after iteration" in err
+
+    records = read_records(metrics)
+    done = len(records)
+    assert done >= 3 and [r["iteration"] for r in records] == list(range(1, done + 1))
+    assert f"interrupted after iteration {done}:" in err
+    summary = json.loads((out / "manual" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["iterations"] == done
+    weights = mx.load(str(out / "manual" / "adapters" / "adapters.safetensors"))
+    assert weights and all(k.endswith(("lora_a", "lora_b")) for k in weights)
+    assert any(mx.any(v != 0).item() for k, v in weights.items() if k.endswith("lora_b"))
+
+    # resume: true picks up after the last recorded iteration.
+    code = main([str(QUICKSTART), *FAST, "--set", f"iters={done + 2}", "--set", "attention.compare=[manual]",
+                 "--set", "resume=true", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    records = read_records(metrics)
+    assert [r["iteration"] for r in records] == list(range(1, done + 3))
+
+
+# The real recipes: they validate, and their attention geometry trains.
+
+REAL = {
+    "tinyllama-1.1b-lora": (
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        {"model_type": "llama", "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4},
+    ),
+    "qwen2.5-1.5b-lora": (
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        {"model_type": "qwen2", "hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 2},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_recipe_validates(name):
+    recipe = load_recipe(str(REPO / "recipes" / f"{name}.yaml"))
+    assert recipe.model == REAL[name][0]
+    assert recipe.iters == 100
+    assert recipe.variants == ["manual", "practical", "demo"]
+    assert Path(recipe.data) == REPO / "recipes" / "data"
+    result = cli(REPO / "recipes" / f"{name}.yaml", "--check")
+    assert result.returncode == 0, result.stderr
+    assert f"model: {REAL[name][0]}" in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_geometry_trains_one_step(name, tmp_path):
+    geometry = REAL[name][1]
+    config = dict(
+        geometry,
+        num_hidden_layers=1,
+        intermediate_size=128,
+        vocab_size=builtin.BYTE_VOCAB_SIZE,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    model = builtin.write_model(tmp_path / "model", config)
+    weights = mx.load(str(model / "model.safetensors"))
+    assert ("model.layers.0.self_attn.q_proj.bias" in weights) == (name.startswith("qwen"))
+
+    out = tmp_path / "out"
+    code = main([str(REPO / "recipes" / f"{name}.yaml"), "--set", f"model={model}", "--set", "iters=1",
+                 "--set", "num_layers=1", "--set", "batch_size=2", "--set", "max_seq_length=48",
+                 "--set", "val_batches=0", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    head_dim = geometry["hidden_size"] // geometry["num_attention_heads"]
+    first = []
+    for variant in ("manual", "practical", "demo"):
+        (record,) = read_records(out / variant / "metrics.jsonl")
+        assert math.isfinite(record["loss"])
+        first.append(record["loss"])
+        adapters = mx.load(str(out / variant / "adapters" / "adapters.safetensors"))
+        rank = 8
+        assert adapters["model.layers.0.self_attn.k_proj.lora_b"].shape == (
+            rank,
+            geometry["num_key_value_heads"] * head_dim,
+        )
+        assert adapters["model.layers.0.self_attn.q_proj.lora_a"].shape == (geometry["hidden_size"], rank)
+    assert first[1] == pytest.approx(first[0], rel=1e-4)
+    assert first[2] == pytest.approx(first[0], rel=1e-4)
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["manual", "practical", "demo"]
+
+
+# Recipes: overrides and paths.
+
+
+def test_set_overrides_are_typed_and_dotted(tmp_path):
+    recipe = load_recipe(
+        str(QUICKSTART),
+        ["lora_parameters.rank=16", "learning_rate=1e-4", "attention.compare=[manual, demo]", "grad_checkpoint=true"],
+    )
+    assert recipe.lora_parameters["rank"] == 16 and recipe.lora_parameters["scale"] == 20.0
+    assert recipe.learning_rate == 1e-4 and isinstance(recipe.learning_rate, float)
+    assert recipe.variants == ["manual", "demo"]
+    assert recipe.grad_checkpoint is True
+    assert load_recipe(str(QUICKSTART), out=str(tmp_path / "x")).output["dir"] == str(tmp_path / "x")
+
+
+def test_paths_resolve_against_the_recipe_file(tmp_path, monkeypatch):
+    data = tmp_path / "recipes" / "mydata"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text('{"text": "a"}\n')
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text("model: builtin:tiny-llama\ndata: mydata\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(str(path))
+    assert recipe.data == str(data)
+    assert recipe.output["dir"] == str(elsewhere / "runs" / "r")
+    # A --set path is a command-line path: relative to the working directory.
+    with pytest.raises(RecipeError, match="no such data folder .*elsewhere/mydata"):
+        load_recipe(str(path), ["data=mydata"])
+
+
+def test_shipped_recipes_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path(load_recipe("quickstart").recipe).name == "quickstart.yaml"
+    assert Path(load_recipe("recipes/qwen2.5-1.5b-lora.yaml").recipe).name == "qwen2.5-1.5b-lora.yaml"
+
+
+# Bad input: one line naming the key or file, exit status 2, no traceback.
+
+BAD_RECIPES = {
+    "unknown key": ("model: builtin:tiny-llama\ndata: DATA\nbatch_sise: 4\n", "unknown key 'batch_sise' (did you mean 'batch_size'?)"),
+    "unknown nested key": ("model: builtin:tiny-llama\ndata: DATA\nlora_parameters: {rnak: 4}\n", "'lora_parameters.rnak' (did you mean 'lora_parameters.rank'?)"),
+    "wrong type": ("model: builtin:tiny-llama\ndata: DATA\niters: ten\n", "iters: expected an integer, got 'ten'"),
+    "missing model": ("model: ./no-such-model\ndata: DATA\n", "model: no such model folder"),
+    "unknown variant": ("model: builtin:tiny-llama\ndata: DATA\nattention: {variant: fastest}\n", "attention.variant: unknown variant 'fastest'"),
+    "unknown compare variant": ("model: builtin:tiny-llama\ndata: DATA\nattention: {compare: [manual, dmeo]}\n", "did you mean 'demo'?"),
+    "unreadable yaml": ("model: builtin:tiny-llama\ndata: [unclosed\n", "cannot parse YAML"),
+    "missing data file": ("model: builtin:tiny-llama\ndata: EMPTY\n", "missing data file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_bad_recipe_exits_2(case, tmp_path):
+    text, message = BAD_RECIPES[case]
+    (tmp_path / "empty").mkdir()
+    text = text.replace("DATA", str(REPO / "recipes" / "data")).replace("EMPTY", str(tmp_path / "empty"))
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = cli(path, "--check")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    if case in ("unreadable yaml", "missing data file"):
+        assert str(path if case == "unreadable yaml" else tmp_path / "empty") in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no-such-recipe.yaml"], "no-such-recipe.yaml: no such recipe file"),
+        ([QUICKSTART, "--set", "iters"], "--set 'iters': expected KEY=VALUE"),
+        ([QUICKSTART, "--set", "model=/no/such/model"], "model: no such model folder /no/such/model"),
+        ([QUICKSTART, "--set", "attention.variant=turbo"], "attention.variant: unknown variant 'turbo'"),
+        ([QUICKSTART, "--set", "batch_size=true"], "batch_size: expected an integer, got True"),
+    ],
+)
+def test_bad_command_line_exits_2(args, message):
+    result = cli(*args, "--check")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+# The built-in model and the comparison table.
+
+
+def test_builtin_model_is_deterministic_and_cached(tmp_path, monkeypatch):
+    paths = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path / name))
+        paths.append(builtin.ensure("builtin:tiny-llama"))
+    first, second = (mx.load(str(p / "model.safetensors")) for p in paths)
+    assert first.keys() == second.keys()
+    assert all(mx.array_equal(first[k], second[k]).item() for k in first)
+    stamp = (paths[1] / "model.safetensors").stat().st_mtime_ns
+    assert builtin.ensure("builtin:tiny-llama") == paths[1]
+    assert (paths[1] / "model.safetensors").stat().st_mtime_ns == stamp
+
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(paths[0])
+    text = "Q: What is 7 plus 5? A: 12. ünïcode"
+    ids = tokenizer.encode(text)
+    assert len(ids) == len(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == 2
+
+
+def _summary(variant, median, peak):
+    return {
+        "variant": variant, "implementation": variant, "backend": "mlx ops", "iterations": 3,
+        "median_iteration_s": median, "p95_iteration_s": median, "tokens_per_s": 1.0,
+        "peak_memory_bytes": peak, "final_train_loss": 1.0, "final_val_loss": None,
+    }  # fmt: skip
+
+
+def test_compare_rows_speedup_against_manual():
+    rows = report.rows([_summary("manual", 0.3, 400), _summary("demo", 0.1, 100)])
+    assert rows[0]["speedup_vs_manual"] == pytest.approx(1.0)
+    assert rows[1]["speedup_vs_manual"] == pytest.approx(3.0)
+    assert rows[1]["memory_vs_manual"] == pytest.approx(0.25)
+    # No manual run: no speedup is invented.
+    rows = report.rows([_summary("practical", 0.2, 100), _summary("demo", 0.1, 100)])
+    assert [r["speedup_vs_manual"] for r in rows] == [None, None]
