@@ -66,6 +66,7 @@ demo_stage<T, BK, D, LD, NT>(
 threadgroup_barrier(mem_flags::mem_threadgroup);
 simdgroup_matrix<T, 8, 8> k_frag[DF];
 simdgroup_matrix<T, 8, 8> v_frag[DF];
+DEMO_UNROLL
 for (int d = 0; d < DF; ++d) {
   simdgroup_load(k_frag[d], smem + (sg * 8) * LD + d * 8, LD);
   simdgroup_load(v_frag[d], smem + (BK + sg * 8) * LD + d * 8, LD);
@@ -73,6 +74,7 @@ for (int d = 0; d < DF; ++d) {
 
 simdgroup_matrix<float, 8, 8> dk_acc[DF];
 simdgroup_matrix<float, 8, 8> dv_acc[DF];
+DEMO_UNROLL
 for (int d = 0; d < DF; ++d) {
   dk_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   dv_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -109,11 +111,14 @@ for (int g = 0; g < group; ++g) {
     // S^T = k q^T and dP^T = v dout^T: (8, D) x (D, BQ) each.
     simdgroup_matrix<float, 8, 8> s_t[QF];
     simdgroup_matrix<float, 8, 8> dp_t[QF];
+    DEMO_UNROLL
     for (int i = 0; i < QF; ++i) {
       s_t[i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dp_t[i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
+    DEMO_UNROLL
     for (int d = 0; d < DF; ++d) {
+      DEMO_UNROLL
       for (int i = 0; i < QF; ++i) {
         simdgroup_matrix<T, 8, 8> q_t;
         simdgroup_matrix<T, 8, 8> do_t;
@@ -128,7 +133,9 @@ for (int g = 0; g < group; ++g) {
     // and where a boolean or causal mask drops.
     simdgroup_matrix<T, 8, 8> p_t[QF];
     simdgroup_matrix<T, 8, 8> ds_t[QF];
+    DEMO_UNROLL
     for (int i = 0; i < QF; ++i) {
+      DEMO_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int qi = i * 8 + col + e;
         const int query = q_start + qi;
@@ -149,7 +156,9 @@ for (int g = 0; g < group; ++g) {
     }
 
     // dv += P^T dout and dk += dS^T q: (8, BQ) x (BQ, D) each.
+    DEMO_UNROLL
     for (int d = 0; d < DF; ++d) {
+      DEMO_UNROLL
       for (int i = 0; i < QF; ++i) {
         simdgroup_matrix<T, 8, 8> do_f;
         simdgroup_matrix<T, 8, 8> q_f;
@@ -166,6 +175,7 @@ if (key < k_len) {
   const float dk_scale = fparams[0];
   device T* dk_row = dk + (key_offset + key) * D;
   device T* dv_row = dv + (key_offset + key) * D;
+  DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
     dk_row[d * 8 + col] = T(dk_acc[d].thread_elements()[0] * dk_scale);
     dk_row[d * 8 + col + 1] = T(dk_acc[d].thread_elements()[1] * dk_scale);

@@ -67,12 +67,14 @@ demo_stage<T, BQ, D, LD, NT>(
 threadgroup_barrier(mem_flags::mem_threadgroup);
 simdgroup_matrix<T, 8, 8> q_frag[DF];
 simdgroup_matrix<T, 8, 8> do_frag[DF];
+DEMO_UNROLL
 for (int d = 0; d < DF; ++d) {
   simdgroup_load(q_frag[d], smem + (sg * 8) * LD + d * 8, LD);
   simdgroup_load(do_frag[d], smem + (BQ + sg * 8) * LD + d * 8, LD);
 }
 
 simdgroup_matrix<float, 8, 8> dq_acc[DF];
+DEMO_UNROLL
 for (int d = 0; d < DF; ++d) {
   dq_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
@@ -91,11 +93,14 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
   // S = q K^T and dP = dout V^T: (8, D) x (D, BK) each.
   simdgroup_matrix<float, 8, 8> s[KF];
   simdgroup_matrix<float, 8, 8> dp[KF];
+  DEMO_UNROLL
   for (int j = 0; j < KF; ++j) {
     s[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     dp[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   }
+  DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
+    DEMO_UNROLL
     for (int j = 0; j < KF; ++j) {
       simdgroup_matrix<T, 8, 8> k_t;
       simdgroup_matrix<T, 8, 8> v_t;
@@ -108,7 +113,9 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
 
   // dS = P * (dP - delta), zero where a boolean or causal mask drops.
   simdgroup_matrix<T, 8, 8> ds[KF];
+  DEMO_UNROLL
   for (int j = 0; j < KF; ++j) {
+    DEMO_UNROLL
     for (int e = 0; e < 2; ++e) {
       const int key = k_start + j * 8 + col + e;
       const float s2 = demo_mask_score<MASK>(
@@ -121,7 +128,9 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
   }
 
   // dq += dS K: (8, BK) x (BK, D).
+  DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
+    DEMO_UNROLL
     for (int j = 0; j < KF; ++j) {
       simdgroup_matrix<T, 8, 8> k_frag;
       simdgroup_load(k_frag, k_tile + (j * 8) * LD + d * 8, LD);
@@ -133,6 +142,7 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
 if (row < q_len) {
   const float dq_scale = fparams[0];
   device T* dq_row = dq + (row_offset + row) * D;
+  DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
     dq_row[d * 8 + col] = T(dq_acc[d].thread_elements()[0] * dq_scale);
     dq_row[d * 8 + col + 1] = T(dq_acc[d].thread_elements()[1] * dq_scale);

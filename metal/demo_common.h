@@ -19,6 +19,10 @@
 // in the same memory bank; 8 more elements (16 bytes) spread them out.
 #define DEMO_PAD 8
 
+// Loops over the fragments of a tile are unrolled so that arrays of
+// simdgroup_matrix are indexed with constants and live in registers.
+#define DEMO_UNROLL _Pragma("clang loop unroll(full)")
+
 // Score given to masked-out entries (boolean False, causal): the lowest
 // finite float. A row whose mask keeps nothing then has all scores equal and
 // gets uniform weights, as MLX gives it; anywhere else exp2 of it is 0.
@@ -73,7 +77,7 @@ inline void demo_stage(
     const int r = i / D;
     const int c = i - r * D;
     dst[r * LD + c] =
-        (first + r < limit) ? T(src[(first + r) * row_stride + c * col_stride]) : T(0);
+        (first + r < limit) ? T(src[(first + r) * row_stride + c * col_stride]) : T(0.0f);
   }
 }
 

@@ -65,11 +65,13 @@ const int64_t msj = demo_axis_stride(mask_shape[3], mask_strides[3]);
 demo_stage<T, BQ, D, LD, NT>(smem, q + q_base, q_strides[2], q_strides[3], q_start, q_len, tid);
 threadgroup_barrier(mem_flags::mem_threadgroup);
 simdgroup_matrix<T, 8, 8> q_frag[DF];
+DEMO_UNROLL
 for (int d = 0; d < DF; ++d) {
   simdgroup_load(q_frag[d], smem + (sg * 8) * LD + d * 8, LD);
 }
 
 simdgroup_matrix<float, 8, 8> o_acc[DF];
+DEMO_UNROLL
 for (int d = 0; d < DF; ++d) {
   o_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
@@ -91,10 +93,13 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
 
   // S = Q K^T for this SIMD group's 8 rows: (8, D) x (D, BK).
   simdgroup_matrix<float, 8, 8> s[KF];
+  DEMO_UNROLL
   for (int j = 0; j < KF; ++j) {
     s[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   }
+  DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
+    DEMO_UNROLL
     for (int j = 0; j < KF; ++j) {
       simdgroup_matrix<T, 8, 8> k_t;
       simdgroup_load(k_t, k_tile + (j * 8) * LD + d * 8, LD, ulong2(0, 0), true);
@@ -104,7 +109,9 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
 
   // Scale, mask, and the tile's row max.
   float tile_max = -INFINITY;
+  DEMO_UNROLL
   for (int j = 0; j < KF; ++j) {
+    DEMO_UNROLL
     for (int e = 0; e < 2; ++e) {
       const float s2 = demo_mask_score<MASK>(
           s[j].thread_elements()[e] * scale2,
@@ -128,7 +135,9 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
   // P = exp2(S - max), rounded to T for the P V product.
   simdgroup_matrix<T, 8, 8> p[KF];
   float tile_sum = 0.0f;
+  DEMO_UNROLL
   for (int j = 0; j < KF; ++j) {
+    DEMO_UNROLL
     for (int e = 0; e < 2; ++e) {
       const float w = fast::exp2(s[j].thread_elements()[e] - shift);
       tile_sum += w;
@@ -139,9 +148,11 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
   row_max = new_max;
 
   // O = O * correction + P V: (8, BK) x (BK, D).
+  DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
     o_acc[d].thread_elements()[0] *= correction;
     o_acc[d].thread_elements()[1] *= correction;
+    DEMO_UNROLL
     for (int j = 0; j < KF; ++j) {
       simdgroup_matrix<T, 8, 8> v_frag;
       simdgroup_load(v_frag, v_tile + (j * 8) * LD + d * 8, LD);
@@ -154,6 +165,7 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
 if (row < q_len) {
   const float inv_sum = 1.0f / row_sum;
   device T* out_row = out + (size_t(batch * n_q_heads + head) * q_len + row) * D;
+  DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
     out_row[d * 8 + col] = T(o_acc[d].thread_elements()[0] * inv_sum);
     out_row[d * 8 + col + 1] = T(o_acc[d].thread_elements()[1] * inv_sum);

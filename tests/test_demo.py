@@ -1,0 +1,391 @@
+"""The demo Metal kernels: simdgroup_matrix tiles, forward and backward.
+
+Every kernel test runs on each backend that can run Metal kernels here: the
+CPU emulator always, real Metal too where ``mx.metal.is_available()``. On the
+emulator every launch runs under two thread schedules and the results must be
+bit-identical (else ``RaceError``); a barrier or SIMD collective that not every
+thread reaches raises ``DivergenceError``. The oracle is autodiff through
+``mlx_flash.reference`` in float32 on the same (rounded) inputs.
+"""
+
+import contextlib
+import re
+
+import mlx.core as mx
+import pytest
+
+import mlx_flash
+from mlx_flash import demo, emulator, fused, kernels, reference
+
+BACKENDS = ["emulator"] + (["metal"] if mx.metal.is_available() else [])
+SCHEDULES = ("forward", "reverse")
+
+# max |actual - expected| <= ATOL + RTOL * max |expected|. The kernels round
+# P and dS to the input dtype before their products (as FlashAttention does)
+# and store results in it: a few units of the dtype's epsilon (float16 1e-3,
+# bfloat16 8e-3) of the largest value.
+TOLERANCES = {
+    mx.float16: (1e-3, 5e-3),
+    mx.bfloat16: (8e-3, 2e-2),
+}
+
+
+def _on(backend, schedule=SCHEDULES):
+    if backend == "metal":
+        return contextlib.nullcontext()
+    return emulator.metal(schedule=schedule)
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.shape == expected.shape, what
+    atol, rtol = TOLERANCES[dtype]
+    actual = actual.astype(mx.float32)
+    # NaN exactly where the oracle has NaN (rows whose additive mask is all
+    # -inf, and the key gradients they reach).
+    assert mx.array_equal(mx.isnan(actual), mx.isnan(expected)).item(), f"{what}: NaN pattern"
+    finite = ~mx.isnan(expected)
+    err = mx.max(mx.abs(mx.where(finite, actual - expected, 0))).item()
+    size = mx.max(mx.abs(mx.where(finite, expected, 0))).item()
+    assert err <= atol + rtol * size, f"{what}: max error {err:.3g} at magnitude {size:.3g}"
+
+
+def _inputs(B, n_q, n_kv, q_len, k_len, dim, dtype, seed):
+    keys = mx.random.split(mx.random.key(seed), 4)
+    q = mx.random.normal((B, n_q, q_len, dim), key=keys[0]).astype(dtype)
+    k = mx.random.normal((B, n_kv, k_len, dim), key=keys[1]).astype(dtype)
+    v = mx.random.normal((B, n_kv, k_len, dim), key=keys[2]).astype(dtype)
+    dout = mx.random.normal((B, n_q, q_len, dim), key=keys[3]).astype(dtype)
+    return q, k, v, dout
+
+
+def _mask(kind, n_q, q_len, k_len, dtype, seed):
+    """A normalised (rank-4) mask of ``kind``, size-1 axes kept."""
+    key = mx.random.key(seed + 1000)
+    if kind == "none":
+        return None
+    if kind == "causal":
+        return "causal"
+    if kind == "bool":
+        # One pattern broadcast over batch and heads.
+        return mx.random.bernoulli(0.7, (1, 1, q_len, k_len), key=key)
+    if kind == "bool_empty_row":
+        # Per head; query row 3 of head 1 keeps nothing (uniform weights).
+        keep = mx.random.bernoulli(0.6, (1, n_q, q_len, k_len), key=key)
+        empty = (mx.arange(n_q)[:, None, None] == 1) & (mx.arange(q_len)[None, :, None] == 3)
+        return keep & ~empty[None]
+    if kind == "additive":
+        # Broadcast over batch and queries. Head 0 has -inf on its first 32
+        # keys, a whole key tile, and finite scores after it.
+        bias = mx.random.normal((1, n_q, 1, k_len), key=key)
+        first_tile = (mx.arange(n_q)[:, None] == 0) & (mx.arange(k_len)[None, :] < 32)
+        return mx.where(first_tile[None, :, None, :], -mx.inf, bias).astype(dtype)
+    if kind == "additive_nan_row":
+        # Full shape; query row 2 is -inf everywhere: NaN, as in MLX.
+        bias = mx.random.normal((1, n_q, q_len, k_len), key=key)
+        row = mx.arange(q_len)[None, None, :, None] == 2
+        return mx.where(row, -mx.inf, bias).astype(dtype)
+    raise ValueError(kind)
+
+
+def _oracle(q, k, v, dout, scale, mask):
+    """Reference output and (dq, dk, dv), in float32."""
+    f32 = [x.astype(mx.float32) for x in (q, k, v, dout)]
+    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
+        mask = mask.astype(mx.float32)
+
+    def fn(q, k, v):
+        return reference.attention(q, k, v, scale, mask)
+
+    (out,), grads = mx.vjp(fn, f32[:3], [f32[3]])
+    return out, grads
+
+
+def _run_kernels(q, k, v, dout, scale, mask):
+    """Output, lse and (dq, dk, dv) from the three demo launchers."""
+    spec = fused.mask_spec(mask)
+    out, lse = demo.forward(q, k, v, scale, spec)
+    delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
+    dk, dv = demo.dkdv(q, k, v, scale, spec, dout, lse, delta)
+    dq = demo.dq(q, k, v, scale, spec, dout, lse, delta)
+    mx.eval(out, lse, dq, dk, dv)
+    return out, lse, (dq, dk, dv)
+
+
+# Each axis covered on purpose rather than the full product: every head dim,
+# both dtypes, every mask kind, GQA 1 and 2, odd lengths, Lq < Lk, Lq > Lk,
+# more than one query and key tile (40 > 32), B = 2.
+# (B, Hq, Hkv, Lq, Lk, D, dtype, mask)
+KERNEL_CASES = [
+    (1, 2, 2, 17, 17, 64, mx.float16, "none"),
+    (1, 2, 1, 19, 40, 80, mx.bfloat16, "causal"),
+    (1, 2, 1, 33, 21, 96, mx.float16, "bool"),
+    (1, 2, 2, 9, 40, 128, mx.bfloat16, "additive"),
+    (1, 2, 1, 40, 40, 128, mx.float16, "causal"),
+    (1, 2, 1, 37, 29, 64, mx.bfloat16, "bool_empty_row"),
+    (1, 2, 2, 13, 35, 80, mx.float16, "additive_nan_row"),
+    (2, 2, 1, 11, 7, 96, mx.bfloat16, "none"),
+]
+
+
+def _case_id(case):
+    B, n_q, n_kv, q_len, k_len, dim, dtype, mask = case
+    return f"{mask}-{str(dtype).split('.')[-1]}-D{dim}-G{n_q // n_kv}-Lq{q_len}-Lk{k_len}-B{B}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=_case_id)
+def test_kernels_match_reference(backend, case):
+    B, n_q, n_kv, q_len, k_len, dim, dtype, mask_kind = case
+    q, k, v, dout = _inputs(B, n_q, n_kv, q_len, k_len, dim, dtype, seed=q_len + dim)
+    mask = _mask(mask_kind, n_q, q_len, k_len, dtype, seed=q_len)
+    scale = dim**-0.5
+    expected_out, expected_grads = _oracle(q, k, v, dout, scale, mask)
+
+    with _on(backend):
+        out, lse, grads = _run_kernels(q, k, v, dout, scale, mask)
+
+    assert out.dtype == dtype and lse.dtype == mx.float32
+    assert_close(out, expected_out, dtype, "output")
+    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        assert grad.dtype == dtype
+        assert_close(grad, expected, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeded_schedule_reproduces_every_bit(backend):
+    # No atomics and a fixed summation order: a shuffled thread order gives
+    # the same bits as the forward one, NaN and uniform rows included.
+    q, k, v, dout = _inputs(1, 2, 1, 14, 26, 64, mx.float16, seed=11)
+    mask = _mask("bool_empty_row", 2, 14, 26, mx.float16, seed=11)
+    with _on(backend, schedule="forward"):
+        first = _run_kernels(q, k, v, dout, 0.3, mask)
+    with _on(backend, schedule=20261122):
+        second = _run_kernels(q, k, v, dout, 0.3, mask)
+    for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
+        assert mx.array_equal(a, b, equal_nan=True).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_sum_exp_is_in_log2_units(backend):
+    # The forward keeps the row log-sum-exp of the scaled scores in log2
+    # units (the backward works with exp2): lse * ln 2 is the natural one.
+    q, k, v, _ = _inputs(1, 2, 1, 10, 35, 64, mx.float16, seed=3)
+    scale = 0.2
+    f32 = [x.astype(mx.float32) for x in (q, k)]
+    scores = (f32[0] * scale) @ mx.swapaxes(mx.repeat(f32[1], 2, axis=1), -1, -2)
+    expected = mx.logsumexp(scores, axis=-1)
+    with _on(backend):
+        _, lse = demo.forward(q, k, v, scale, fused.mask_spec(None))
+    assert mx.allclose(lse * 0.6931471805599453, expected, atol=2e-3, rtol=1e-3).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_and_broadcast_mask(backend):
+    # Transposed views, as models produce them, and a key-padding mask
+    # broadcast with zero strides: read in place through their strides.
+    dtype = mx.bfloat16
+    q, k, v, dout = _inputs(1, 2, 2, 12, 18, 64, dtype, seed=5)
+    q_t, k_t, v_t = (mx.swapaxes(mx.swapaxes(x, 1, 2) + 0, 1, 2) for x in (q, k, v))
+    keep = mx.random.bernoulli(0.6, (1, 1, 1, 18), key=mx.random.key(5))
+    mask = mx.broadcast_to(keep, (1, 2, 12, 18))
+    expected_out, expected_grads = _oracle(q, k, v, dout, 0.25, mask)
+    with _on(backend):
+        out, _, grads = _run_kernels(q_t, k_t, v_t, dout, 0.25, mask)
+    assert_close(out, expected_out, dtype, "output")
+    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        assert_close(grad, expected, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_end_to_end(backend):
+    # The public op under mx.grad with variant="demo": argument checks,
+    # dispatch, the custom function and its vjp, all three kernels. Causal
+    # with Lq > Lk: the first queries see no key (uniform weights, split off
+    # by the dispatcher); the rest run on the demo kernels.
+    dtype = mx.float16
+    q, k, v, dout = _inputs(1, 4, 2, 27, 19, 128, dtype, seed=7)
+    scale = 128**-0.5
+
+    def attend(q, k, v):
+        return mlx_flash.scaled_dot_product_attention(
+            q, k, v, scale=scale, mask="causal", variant="demo"
+        )
+
+    def loss(q, k, v):
+        return mx.sum(attend(q, k, v).astype(mx.float32) * dout.astype(mx.float32))
+
+    with _on(backend):
+        plan = mlx_flash.explain(q, k, v, mask="causal", variant="demo")
+        out = attend(q, k, v)
+        grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        mx.eval(out, grads)
+    assert (plan.implementation, plan.backend) == ("demo", backend)
+    expected_out, expected = _oracle(q, k, v, dout, scale, "causal")
+    assert_close(out, expected_out, dtype, "output")
+    for grad, want, name in zip(grads, expected, ("dq", "dk", "dv")):
+        assert grad.dtype == dtype
+        assert_close(grad, want, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fragment_layout(backend):
+    # The softmax reads accumulator elements through thread_elements(), so
+    # the kernels rely on demo_frag_coord naming where each lane's two
+    # elements of an 8x8 simdgroup_matrix sit, and on demo_row_max /
+    # demo_row_sum combining exactly the lanes that share a row.
+    body = """
+    const ushort lane = thread_index_in_simdgroup;
+    threadgroup float tile[64];
+    for (int i = lane; i < 64; i += 32) {
+      tile[i] = float(i) * float(i % 7 + 1);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_matrix<float, 8, 8> m;
+    simdgroup_load(m, tile, 8);
+    const short2 at = demo_frag_coord(lane);
+    const float a = m.thread_elements()[0];
+    const float b = m.thread_elements()[1];
+    out[lane * 5 + 0] = float(at.y);
+    out[lane * 5 + 1] = float(at.x);
+    out[lane * 5 + 2] = a;
+    out[lane * 5 + 3] = demo_row_max(max(a, b));
+    out[lane * 5 + 4] = demo_row_sum(a + b);
+    """
+    kernel = mx.fast.metal_kernel(
+        name="demo_layout_probe",
+        input_names=["unused"],
+        output_names=["out"],
+        source=body,
+        header=kernels.source("demo_common.h"),
+    )
+    call = dict(
+        inputs=[mx.zeros((1,))],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(32, 5)],
+        output_dtypes=[mx.float32],
+    )
+    with _on(backend):
+        (got,) = kernels.launch(kernel, **call)
+    got = got.tolist()
+    tile = [[float(8 * r + c) * ((8 * r + c) % 7 + 1) for c in range(8)] for r in range(8)]
+    seen = set()
+    for lane, (row, col, first, row_max, row_sum) in enumerate(got):
+        row, col = int(row), int(col)
+        assert first == tile[row][col], f"lane {lane}"
+        assert row_max == max(tile[row]) and row_sum == sum(tile[row]), f"lane {lane}"
+        seen.update({(row, col), (row, col + 1)})
+    assert len(seen) == 64
+
+
+def _products(name):
+    """``(accumulator, a, b)`` of every simdgroup_multiply_accumulate in a
+    demo kernel, with the accumulator also its own ``c``."""
+    text = kernels.source(name)
+    calls = re.findall(r"simdgroup_multiply_accumulate\(([^;]*)\);", text)
+    products = []
+    for call in calls:
+        d, a, b, c = (re.sub(r"\[\w+\]", "", part).strip() for part in call.split(","))
+        assert d == c, call
+        products.append((d, a, b))
+    return products, text
+
+
+def test_products_are_simdgroup_matrix_operations():
+    # Every product of the algorithm is a simdgroup_multiply_accumulate on
+    # 8x8 fragments: forward S = Q K^T, O += P V; backward S, dP = dO V^T,
+    # dQ += dS K (dQ kernel) and S^T, dP^T, dV += P^T dO, dK += dS^T Q.
+    expected = {
+        "demo_forward.metal": {("s", "q_frag", "k_t"), ("o_acc", "p", "v_frag")},
+        "demo_backward_dq.metal": {
+            ("s", "q_frag", "k_t"),
+            ("dp", "do_frag", "v_t"),
+            ("dq_acc", "ds", "k_frag"),
+        },
+        "demo_backward_dkv.metal": {
+            ("s_t", "k_frag", "q_t"),
+            ("dp_t", "v_frag", "do_t"),
+            ("dv_acc", "p_t", "do_f"),
+            ("dk_acc", "ds_t", "q_f"),
+        },
+    }
+    for name, want in expected.items():
+        products, text = _products(name)
+        assert set(products) == want, name
+        # Operands are simdgroup matrices of the input dtype, accumulators
+        # float; no lane-wise dot products hide next to them.
+        for d, a, b in products:
+            assert re.search(rf"simdgroup_matrix<float, 8, 8> {d}\[", text), (name, d)
+            for operand in (a, b):
+                assert re.search(rf"simdgroup_matrix<T, 8, 8> {operand}[;\[]", text), (name, operand)
+        assert "simd_sum" not in text and "simd_shuffle" not in text, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explain_names_demo_fallbacks(backend):
+    def tensor(dim, dtype=mx.float16, length=16):
+        return mx.zeros((1, 2, length, dim), dtype=dtype)
+
+    with _on(backend):
+        for dim in demo.HEAD_DIMS:
+            for dtype in demo.DTYPES:
+                x = tensor(dim, dtype)
+                plan = mlx_flash.explain(x, x, x, mask="causal", variant="demo")
+                assert (plan.implementation, plan.backend) == ("demo", backend)
+        x = tensor(64)
+        assert mlx_flash.explain(x, x, x, variant="auto").implementation == "demo"
+
+        fallbacks = [
+            ((tensor(32), tensor(32), tensor(32)), "head dim 32 is not one of 64, 80, 96, 128"),
+            ((tensor(256), tensor(256), tensor(256)), "head dim 256 is not one of 64, 80, 96, 128"),
+            (
+                (tensor(64, mx.float32), tensor(64, mx.float32), tensor(64, mx.float32)),
+                "float32 inputs: demo runs float16 and bfloat16",
+            ),
+            ((tensor(128), tensor(128), tensor(64)), "value head dim 64 differs from head dim 128"),
+        ]
+        for (q, k, v), reason in fallbacks:
+            plan = mlx_flash.explain(q, k, v, variant="demo")
+            assert plan.implementation == "practical", reason
+            assert reason in plan.reason
+            assert reason in str(mlx_flash.explain(q, k, v, variant="auto"))
+
+
+def test_unsupported_reason():
+    x = mx.zeros((1, 1, 4, 80), dtype=mx.bfloat16)
+    assert demo.unsupported_reason(x, x, x, "causal") is None
+    assert demo.unsupported_reason(x, x, x, mx.zeros((1, 1, 4, 4), dtype=mx.bool_)) is None
+    empty = mx.zeros((1, 1, 0, 80), dtype=mx.bfloat16)
+    assert demo.unsupported_reason(x, empty, empty, None) == "empty sequence"
+    odd = mx.zeros((1, 1, 4, 72), dtype=mx.float16)
+    assert demo.unsupported_reason(odd, odd, odd, None) == "head dim 72 is not one of 64, 80, 96, 128"
+
+
+def test_tiles_fit_threadgroup_memory():
+    # The budgets written down in demo.Tiles, checked for every head dim.
+    for dim in demo.HEAD_DIMS:
+        tiles = demo.TILES[dim]
+        row = (dim + 8) * 2
+        forward_bq, forward_bk = tiles.forward
+        assert max(forward_bq, 2 * forward_bk) * row <= 32 * 1024
+        for bq, bk in (tiles.dq, tiles.dkv):
+            assert 2 * max(bq, bk) * row + 8 * bq <= 32 * 1024
+        for size in (*tiles.forward, *tiles.dq, *tiles.dkv):
+            assert size % 8 == 0 and size > 0
+
+
+if mx.metal.is_available():
+
+    def test_compile_on_metal():
+        q, k, v, dout = _inputs(1, 2, 1, 24, 24, 64, mx.bfloat16, seed=10)
+
+        def loss(q, k, v):
+            out = mlx_flash.scaled_dot_product_attention(
+                q, k, v, scale=0.125, mask="causal", variant="demo"
+            )
+            return mx.sum(out.astype(mx.float32) * dout.astype(mx.float32))
+
+        grads = mx.compile(mx.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        _, expected = _oracle(q, k, v, dout, 0.125, "causal")
+        for grad, want in zip(grads, expected):
+            assert_close(grad, want, mx.bfloat16, "compiled")
