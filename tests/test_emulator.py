@@ -1,5 +1,7 @@
 """The Metal emulator against NumPy on small kernels written for the purpose."""
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -392,7 +394,7 @@ SHIFT = kernel(
 )
 
 
-def _shift(barrier):
+def _shift(barrier, detect_races=True):
     x = mx.arange(128, dtype=mx.float32)
     return emulator.run_checked(
         SHIFT,
@@ -402,12 +404,26 @@ def _shift(barrier):
         threadgroup=(64, 1, 1),
         output_shapes=[(128,)],
         output_dtypes=[mx.float32],
+        detect_races=detect_races,
     )
 
 
-def test_missing_barrier_is_a_race():
+def test_missing_barrier_is_a_race_found_by_comparing_schedules():
     with pytest.raises(emulator.RaceError, match="differs between schedules"):
+        _shift(barrier=False, detect_races=False)
+    (out,) = _shift(barrier=True, detect_races=False)
+    expected = np.roll(np.arange(128).reshape(2, 64), 1, axis=1).reshape(-1)
+    np.testing.assert_array_equal(np.array(out), expected)
+
+
+def test_missing_barrier_is_a_race_found_directly_with_its_lines():
+    with pytest.raises(emulator.RaceError) as info:
         _shift(barrier=False)
+    message = str(info.value)
+    assert "threadgroup memory race on buf[" in message
+    # Both accesses are quoted from the generated source.
+    assert re.search(r"\|\s+buf\[t\] = x\[thread_position_in_grid.x\];", message)
+    assert re.search(r"\|\s+out\[.*\] = buf\[\(t \+ 63\) % 64\];", message)
     (out,) = _shift(barrier=True)
     expected = np.roll(np.arange(128).reshape(2, 64), 1, axis=1).reshape(-1)
     np.testing.assert_array_equal(np.array(out), expected)

@@ -92,15 +92,74 @@ def _rewrite_line(line: str) -> str:
     def tg(m):
         ctype, name, dims = m.group(1).strip(), m.group(2), m.group(3) or ""
         dims = re.sub(r"\s+", "", dims) if dims.strip() else ""
-        return f"auto& {name} = ::mtl::tg_var<{ctype}{dims}>(MTL_TG_KEY);"
+        return f'auto& {name} = ::mtl::tg_var<{ctype}{dims}>(MTL_TG_KEY, "{name}");'
 
     return _TG_DECL.sub(tg, line)
 
 
-def translate(source: str) -> str:
-    """C++ text for ``source``: rewritten kernel plus its entry function."""
+def _matching_bracket(text: str, at: int) -> int:
+    depth = 0
+    for i in range(at, len(text)):
+        if text[i] == "[":
+            depth += 1
+        elif text[i] == "]":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def _trace_accesses(text: str, names) -> str:
+    """``buf[i][j]`` -> ``::mtl::tg_at(buf, __LINE__, (i), (j))`` for the
+    threadgroup arrays ``names``, so the race detector sees each access.
+    Newlines inside an index stay where they are."""
+    pattern = re.compile(
+        r"(?<![\w.>])(" + "|".join(re.escape(n) for n in names) + r")\s*\["
+    )
+
+    def rewrite(s: str) -> str:
+        out, i = [], 0
+        while True:
+            m = pattern.search(s, i)
+            if m is None:
+                out.append(s[i:])
+                return "".join(out)
+            out.append(s[i : m.start()])
+            j = m.end() - 1
+            indices = []
+            while j < len(s) and s[j] == "[":
+                k = _matching_bracket(s, j)
+                if k < 0:
+                    raise ValueError("unbalanced brackets")
+                indices.append("(" + rewrite(s[j + 1 : k]) + ")")
+                j = k + 1
+                t = j
+                while t < len(s) and s[t] in " \t":
+                    t += 1
+                if t < len(s) and s[t] == "[":
+                    j = t
+            out.append(f"::mtl::tg_at({m.group(1)}, __LINE__, {', '.join(indices)})")
+            i = j
+
+    return rewrite(text)
+
+
+def translate(source: str, trace: bool = False) -> str:
+    """C++ text for ``source``: rewritten kernel plus its entry function.
+
+    ``trace`` also routes threadgroup array accesses through the race
+    detector (compiled with MTL_TRACE).
+    """
     name, template_args, params = parse_signature(source)
     body = "\n".join(_rewrite_line(l) for l in source.split("\n"))
+    defines = ""
+    if trace:
+        decls = list(_TG_DECL.finditer(source))
+        if decls:
+            names = sorted({m.group(2) for m in decls})
+            first = body.index("::mtl::tg_var<")
+            body = body[:first] + _trace_accesses(body[first:], names)
+        defines = "#define MTL_TRACE 1\n"
     args = []
     for p in params:
         if p.index is not None:
@@ -112,7 +171,7 @@ def translate(source: str) -> str:
         f"  {name}{template_args}(\n    " + ",\n    ".join(args) + ");\n}\n"
     )
     return (
-        f'#include "{HEADER}"\n#line 1 "kernel.metal"\n'
+        f'{defines}#include "{HEADER}"\n#line 1 "kernel.metal"\n'
         + body
         + '\n#line 1 "emulator_entry.cpp"\n'
         + entry
@@ -160,10 +219,11 @@ def flags() -> List[str]:
     return FLAGS + extra
 
 
-def load(source: str) -> Kernel:
-    """The compiled kernel for MLX-generated ``source`` (cached)."""
+def load(source: str, trace: bool = False) -> Kernel:
+    """The compiled kernel for MLX-generated ``source`` (cached); ``trace``
+    builds it with the threadgroup-memory race detector."""
     name, _, params = parse_signature(source)
-    cpp = translate(source)
+    cpp = translate(source, trace)
     cxx = compiler()
     opts = flags()
     key = hashlib.sha256(

@@ -1,6 +1,7 @@
 """Running a compiled kernel over a grid, and comparing schedules."""
 
 import ctypes
+import re
 import threading
 from typing import List, Optional, Sequence, Union
 
@@ -8,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import build, source
-from .errors import DivergenceError, EmulatorError, RaceError
+from .errors import CompileError, DivergenceError, EmulatorError, RaceError
 
 Schedule = Union[str, int]
 
@@ -25,6 +26,16 @@ def _as_numpy(x: mx.array) -> np.ndarray:
     """A NumPy view of ``x``'s memory with ``x``'s own strides (no copy)."""
     x = x.view(_STORAGE[x.dtype]) if x.dtype in _STORAGE else x
     return np.asarray(memoryview(x))
+
+
+def _explain(name: str, message: str, text: str) -> str:
+    """``message`` followed by the generated source lines it names."""
+    lines = text.split("\n")
+    quoted = []
+    for n in sorted({int(m) for m in re.findall(r"line (\d+)", message)}):
+        if 1 <= n <= len(lines):
+            quoted.append(f"  {n:4d} | {lines[n - 1]}")
+    return f"kernel {name}: {message}" + ("\n" + "\n".join(quoted) if quoted else "")
 
 
 def _schedule_code(schedule: Schedule):
@@ -57,6 +68,7 @@ def run(
     init_value: Optional[float] = None,
     schedule: Union[Schedule, Sequence[Schedule]] = "forward",
     verbose: bool = False,
+    detect_races: bool = False,
 ) -> List[mx.array]:
     """Run an ``mx.fast.metal_kernel`` on the CPU.
 
@@ -64,7 +76,9 @@ def run(
     list of ``mx.array``. ``schedule`` orders the threads between sync points:
     ``"forward"`` (ascending), ``"reverse"`` or an int seed (shuffled). A
     sequence of schedules runs each and raises ``RaceError`` if the results
-    differ.
+    differ. ``detect_races`` also watches every access to kernel-scope
+    threadgroup arrays and raises ``RaceError`` naming the array, element,
+    threads and source lines of two accesses that no barrier orders.
     """
     if not isinstance(schedule, (str, int, np.integer)):
         return run_checked(
@@ -91,7 +105,14 @@ def run(
     text = source.generated_source(kernel, inputs, call)
     if verbose:
         print(text)
-    compiled = build.load(text)
+    compiled = None
+    if detect_races:
+        try:
+            compiled = build.load(text, trace=True)
+        except CompileError:
+            compiled = None  # the plain build reports any real error below
+    if compiled is None:
+        compiled = build.load(text)
 
     # Outputs: init_value if given, else 0xff bytes (NaN), so that elements a
     # kernel never writes show up.
@@ -156,14 +177,9 @@ def run(
         err = compiled.library.mtl_run(
             bufs, g, tg, code, seed, STACK_SIZE, message, _MESSAGE_SIZE
         )
-    if err == 1:
-        raise DivergenceError(
-            f"kernel {compiled.name}: " + message.value.decode(errors="replace")
-        )
     if err:
-        raise EmulatorError(
-            f"kernel {compiled.name}: " + message.value.decode(errors="replace")
-        )
+        error = {1: DivergenceError, 3: RaceError}.get(err, EmulatorError)
+        raise error(_explain(compiled.name, message.value.decode(errors="replace"), text))
 
     results = []
     for o, dtype in zip(outputs, output_dtypes):
@@ -182,11 +198,14 @@ def run_checked(
     template: Optional[Sequence] = None,
     init_value: Optional[float] = None,
     schedules: Sequence[Schedule] = ("forward", "reverse"),
+    detect_races: bool = True,
 ) -> List[mx.array]:
     """``run`` under each of ``schedules``; returns the first run's outputs.
 
     Raises ``RaceError`` if any output differs bit for bit between two
-    schedules: the kernel's result depends on the order threads run in.
+    schedules (the result depends on the order threads run in), or, with
+    ``detect_races``, at the first unordered pair of threadgroup-memory
+    accesses, naming their source lines.
     """
     schedules = list(schedules)
     if len(schedules) < 2:
@@ -196,6 +215,7 @@ def run_checked(
         outs = run(
             kernel, inputs, output_shapes, output_dtypes, grid, threadgroup,
             template=template, init_value=init_value, schedule=schedule,
+            detect_races=detect_races,
         )
         if first is None:
             first = outs

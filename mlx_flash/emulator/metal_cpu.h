@@ -1186,11 +1186,35 @@ struct Simd {
   Slot slots[2][32];
   uint32_t active[2];
   unsigned gen;
+  uint32_t epoch; // simdgroup or threadgroup barriers passed
 };
 
 struct TgVar {
   const void* key;
   void* ptr;
+  size_t size;
+  size_t scalar; // size of the array's element type
+  const char* name;
+};
+
+// What the race detector knows of one element of threadgroup memory: its
+// last writer and the last two threads that touched it, each with the
+// barrier epochs it was at and the source line.
+struct Access {
+  int thread;
+  uint32_t tg_epoch;
+  uint32_t sg_epoch;
+  int line;
+};
+struct Shadow {
+  Access writer;
+  Access touch[2];
+  uint32_t saved; // segment in which its old bytes were saved
+};
+struct Touch {
+  uint32_t offset;
+  uint32_t size;
+  int line;
 };
 
 struct Runtime {
@@ -1208,10 +1232,24 @@ struct Runtime {
   unsigned char* tg_mem;
   size_t tg_used;
   size_t tg_cap;
-  int error;         // 0 ok, 1 divergence, 2 other
+  int error;         // 0 ok, 1 divergence, 2 other, 3 race
   char* msg;
   int msg_len;
+  // Race detection (builds with MTL_TRACE): barrier epochs and shadow state.
+  uint32_t tg_epoch;
+  uint32_t segment;
+  struct Shadow* shadow;
+  unsigned char* snapshot;
+  struct Touch* touched;
+  int n_touched;
+  int cap_touched;
 };
+
+#ifdef MTL_TRACE
+constexpr bool tracing = true;
+#else
+constexpr bool tracing = false;
+#endif
 
 static Runtime* rt = nullptr;
 
@@ -1227,9 +1265,109 @@ inline void fail(int code, const char* text) {
   }
 }
 
+
+// ------------------------------------------------------------ race detector --
+// A build with MTL_TRACE routes every `name[...]` access of a kernel-scope
+// threadgroup array through tg_touch. A thread's accesses between two of its
+// sync points form a segment; at the segment's end, elements whose bytes
+// changed were written by it. Two accesses of an element by different threads
+// race when one is a write and no barrier orders them: a threadgroup_barrier,
+// or a simdgroup_barrier between threads of one SIMD group.
+
+inline Access access_now(int line) {
+  const Fiber& f = rt->fibers[rt->cur];
+  return Access{rt->cur, rt->tg_epoch, rt->simd[f.a.simdgroup_index_in_threadgroup].epoch, line};
+}
+
+inline bool unordered(const Access& a, int me) {
+  if (a.thread < 0 || a.thread == me) return false;
+  if (a.tg_epoch != rt->tg_epoch) return false;
+  const Fiber& f = rt->fibers[me];
+  unsigned sg = f.a.simdgroup_index_in_threadgroup;
+  return !(rt->fibers[a.thread].a.simdgroup_index_in_threadgroup == sg &&
+           a.sg_epoch != rt->simd[sg].epoch);
+}
+
+inline void report_race(uint32_t offset, const Access& write, const Access& other, bool other_first) {
+  const TgVar* var = nullptr;
+  for (int i = 0; i < rt->n_tg_vars; i++) {
+    size_t base = (unsigned char*)rt->tg_vars[i].ptr - rt->tg_mem;
+    if (offset >= base && offset < base + rt->tg_vars[i].size) var = &rt->tg_vars[i];
+  }
+  size_t index = var ? (offset - ((unsigned char*)var->ptr - rt->tg_mem)) / var->scalar : offset;
+  const Attrs& w = rt->fibers[write.thread].a;
+  const Attrs& o = rt->fibers[other.thread].a;
+  char buf[640];
+  __builtin_snprintf(
+      buf, sizeof(buf),
+      "threadgroup memory race on %s[%zu] in threadgroup (%u,%u,%u): thread "
+      "(%u,%u,%u) writes it at line %d and thread (%u,%u,%u) %s it at line %d "
+      "with no barrier between them",
+      var ? var->name : "threadgroup memory", index,
+      w.threadgroup_position_in_grid.x, w.threadgroup_position_in_grid.y,
+      w.threadgroup_position_in_grid.z, w.thread_position_in_threadgroup.x,
+      w.thread_position_in_threadgroup.y, w.thread_position_in_threadgroup.z,
+      write.line, o.thread_position_in_threadgroup.x,
+      o.thread_position_in_threadgroup.y, o.thread_position_in_threadgroup.z,
+      other_first ? "accesses" : "accesses", other.line);
+  fail(3, buf);
+}
+
+inline void tg_touch(const void* addr, size_t size, size_t scalar, int line) {
+  Runtime& r = *rt;
+  size_t start = (const unsigned char*)addr - r.tg_mem;
+  if (start >= r.tg_cap) return;
+  int me = r.cur;
+  Access now = access_now(line);
+  for (size_t off = start; off < start + size && off < r.tg_cap; off += scalar) {
+    Shadow& sh = r.shadow[off];
+    if (unordered(sh.writer, me)) {
+      report_race(uint32_t(off), sh.writer, now, false);
+      return;
+    }
+    if (sh.saved != r.segment) {
+      sh.saved = r.segment;
+      std::memcpy(r.snapshot + off, r.tg_mem + off, scalar);
+      if (r.n_touched == r.cap_touched) {
+        int cap = r.cap_touched ? 2 * r.cap_touched : 1024;
+        Touch* t = new Touch[cap];
+        if (r.n_touched) std::memcpy(t, r.touched, sizeof(Touch) * r.n_touched);
+        delete[] r.touched;
+        r.touched = t;
+        r.cap_touched = cap;
+      }
+      r.touched[r.n_touched++] = Touch{uint32_t(off), uint32_t(scalar), line};
+    }
+    if (sh.touch[0].thread != me) sh.touch[1] = sh.touch[0];
+    sh.touch[0] = now;
+  }
+}
+
+// The running thread reached a sync point or its end: find what it wrote.
+inline void end_segment() {
+  Runtime& r = *rt;
+  int me = r.cur;
+  for (int i = 0; i < r.n_touched && !r.error; i++) {
+    const Touch& t = r.touched[i];
+    if (std::memcmp(r.tg_mem + t.offset, r.snapshot + t.offset, t.size) == 0) continue;
+    Shadow& sh = r.shadow[t.offset];
+    Access now = access_now(t.line);
+    for (int k = 0; k < 2; k++) {
+      if (unordered(sh.touch[k], me)) {
+        report_race(t.offset, now, sh.touch[k], true);
+        break;
+      }
+    }
+    if (unordered(sh.writer, me)) report_race(t.offset, now, sh.writer, true);
+    sh.writer = now;
+  }
+  r.n_touched = 0;
+}
+
 // Park the running thread and return to the scheduler.
 inline void park(int wait, const char* op, int line) {
   Fiber& f = self();
+  if (tracing) end_segment();
   f.status = WAITING;
   f.wait = wait;
   f.op = op;
@@ -1259,7 +1397,7 @@ inline const Slot* simd_exchange(
 // 0xff bytes (NaN in every float type, -1 in integers) so that a read before
 // the first write shows in the results.
 template <class T>
-inline T& tg_var(const void* key) {
+inline T& tg_var(const void* key, const char* name) {
   for (int i = 0; i < rt->n_tg_vars; i++) {
     if (rt->tg_vars[i].key == key) {
       return *reinterpret_cast<T*>(rt->tg_vars[i].ptr);
@@ -1267,14 +1405,32 @@ inline T& tg_var(const void* key) {
   }
   size_t at = (rt->tg_used + 63) & ~size_t(63);
   if (at + sizeof(T) > rt->tg_cap || rt->n_tg_vars == 64) {
-    fail(2, "threadgroup memory exceeds the emulator's limit");
+    fail(2, "threadgroup memory exceeds 64 KB (Metal allows 32 KB)");
     park(W_NONE, "error", 0);
   }
   void* p = rt->tg_mem + at;
   std::memset(p, 0xff, sizeof(T));
   rt->tg_used = at + sizeof(T);
-  rt->tg_vars[rt->n_tg_vars++] = TgVar{key, p};
+  rt->tg_vars[rt->n_tg_vars++] =
+      TgVar{key, p, sizeof(T), sizeof(std::remove_all_extents_t<T>), name};
   return *reinterpret_cast<T*>(p);
+}
+
+// `name[i][j]` of a threadgroup array, seen by the race detector.
+template <class A>
+inline A& tg_index(A& a) {
+  return a;
+}
+template <class A, class I, class... R>
+inline auto& tg_index(A& a, I i, R... rest) {
+  return tg_index(a[i], rest...);
+}
+template <class A, class... I>
+inline auto& tg_at(A& array, int line, I... idx) {
+  auto& e = tg_index(array, idx...);
+  using E = std::remove_reference_t<decltype(e)>;
+  tg_touch(&e, sizeof(E), sizeof(std::remove_all_extents_t<A>), line);
+  return e;
 }
 
 } // namespace mtl
@@ -1615,6 +1771,7 @@ namespace mtl {
 inline void fiber_main() {
   Fiber& f = self();
   mtl_kernel_entry(rt->bufs, f.a);
+  if (tracing) end_segment();
   f.status = DONE;
   f.wait = W_NONE;
   // Back to the scheduler for good; it never resumes a finished fiber.
@@ -1703,6 +1860,7 @@ inline bool resolve(bool& released) {
     Simd& sg = r.simd[s];
     sg.active[sg.gen & 1] = mask;
     sg.gen++;
+    if (std::strcmp(first->op, "simdgroup_barrier") == 0) sg.epoch++;
     for (int l = 0; l < 32 && s * 32 + l < r.n; l++) {
       Fiber& f = r.fibers[s * 32 + l];
       if (f.status == WAITING) {
@@ -1726,6 +1884,10 @@ inline bool resolve(bool& released) {
   }
   if (live == 0) return true;
   if (at_barrier == live && done == 0) {
+    r.tg_epoch++;
+    for (int s = 0; s < n_sg; s++) {
+      r.simd[s].epoch++;
+    }
     for (int i = 0; i < r.n; i++) {
       r.fibers[i].status = READY;
       r.fibers[i].wait = W_NONE;
@@ -1834,8 +1996,13 @@ extern "C" int mtl_run(
   r.fibers = new Fiber[max_threads];
   r.order = new int[max_threads];
   r.simd = new Simd[(max_threads + 31) / 32];
-  r.tg_cap = 1 << 20;
+  r.tg_cap = 1 << 16;
   r.tg_mem = new unsigned char[r.tg_cap];
+  if (tracing) {
+    r.shadow = new Shadow[r.tg_cap];
+    r.snapshot = new unsigned char[r.tg_cap];
+    std::memset(r.shadow, 0xff, sizeof(Shadow) * r.tg_cap);
+  }
 
   uint64_t n_groups = uint64_t(ngroups.x) * ngroups.y * ngroups.z;
   uint64_t rng = seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
@@ -1867,10 +2034,15 @@ extern "C" int mtl_run(
         gp.z * tg.z + tg.z <= g.z ? tg.z : g.z - gp.z * tg.z);
     int n = int(size.x * size.y * size.z);
     r.n = n;
+    if (tracing) {
+      std::memset(r.shadow, 0xff, sizeof(Shadow) * r.tg_used);
+    }
     r.n_tg_vars = 0;
     r.tg_used = 0;
+    r.tg_epoch = 0;
     for (int s = 0; s < (n + 31) / 32; s++) {
       r.simd[s].gen = 0;
+      r.simd[s].epoch = 0;
     }
     for (int i = 0; i < n; i++) {
       Fiber& f = r.fibers[i];
@@ -1906,6 +2078,8 @@ extern "C" int mtl_run(
         int i = r.order[k];
         if (r.fibers[i].status != READY) continue;
         r.cur = i;
+        r.segment++;
+        r.n_touched = 0;
         switch_context(r.sched, r.fibers[i].ctx);
       }
       if (r.error) break;
@@ -1916,6 +2090,9 @@ extern "C" int mtl_run(
   }
 
   delete[] gorder;
+  delete[] r.shadow;
+  delete[] r.snapshot;
+  delete[] r.touched;
   delete[] r.tg_mem;
   delete[] r.simd;
   delete[] r.order;
