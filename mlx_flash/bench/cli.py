@@ -131,6 +131,9 @@ def settings(args: argparse.Namespace) -> dict:
         chosen["dtype"] = ["float32" if machine.backend() == "cpu" else "float16"]
     if args.decode:
         chosen["mode"] = "decode"
+        # A decoding step takes milliseconds: more runs make its median steady.
+        chosen["warmup"] = args.warmup if args.warmup is not None else 3
+        chosen["repeats"] = args.repeats if args.repeats is not None else 20
     return chosen
 
 

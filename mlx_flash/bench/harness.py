@@ -21,6 +21,7 @@ tests use it to inject a deliberately wrong implementation).
 """
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -397,8 +398,6 @@ class Progress:
     """A one-line progress bar on stderr (a line per cell when not a terminal)."""
 
     def __init__(self, total: int, stream=None, width: int = 24):
-        import sys
-
         self.total = max(total, 1)
         self.done = 0
         self.stream = stream or sys.stderr
