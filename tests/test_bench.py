@@ -386,3 +386,13 @@ def test_without_matplotlib_there_are_no_plots(quick_run, monkeypatch, tmp_path)
     assert not any(p.endswith(".png") for p in paths.values())
     assert sorted(os.listdir(tmp_path)) == ["report.md", "results.csv", "results.json"]
     assert "## Plots" not in (tmp_path / "report.md").read_text()
+
+
+def test_render_rebuilds_the_report_from_json(quick_run, tmp_path):
+    _, out, results = quick_run
+    original = (out / "report.md").read_text()
+    copy = tmp_path / "results.json"
+    copy.write_text(json.dumps(results))
+    assert cli.main(["--render", str(copy)]) == 0
+    assert (tmp_path / "report.md").read_text() == original
+    assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()

@@ -7,6 +7,7 @@ Presets fill the axes; any axis flag given on the command line wins::
     python -m mlx_flash.bench --memory                 # fwd+bwd peak memory and time, L 512..4096
     python -m mlx_flash.bench --decode --seq 1024 4096 # one query against a KV cache of each length
     python -m mlx_flash.bench --quick --targets bench/targets.yaml --out runs/bench
+    python -m mlx_flash.bench --render runs/bench/results.json  # re-draw an earlier run
 
 Exit status 1 when a declared target FAILs or a cell fails its correctness
 check (or crashes).
@@ -14,6 +15,7 @@ check (or crashes).
 
 import argparse
 import itertools
+import json
 import os
 import shlex
 import sys
@@ -105,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-share", action="store_true",
                         help="measure variants that run the same implementation separately")
     parser.add_argument("--targets", help="YAML file of targets to check (e.g. bench/targets.yaml)")
-    parser.add_argument("--out", default="runs/bench", help="directory for report.md, results.json/.csv, plots")
+    parser.add_argument("--out", help="directory for report.md, results.json/.csv, plots (default runs/bench)")
+    parser.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="measure nothing: rewrite the report, CSV and plots of an earlier run from its JSON "
+        "(with --targets, evaluate those targets on it)",
+    )
     parser.add_argument("--title", help="title of the Markdown report")
     parser.add_argument("--note", help="conditions of the run, printed in the report")
     parser.add_argument("--seed", type=int, default=0)
@@ -156,8 +164,35 @@ def configs(chosen: dict) -> List[harness.Config]:
     return result
 
 
+def render(args: argparse.Namespace) -> int:
+    """``--render``: the reports of an earlier run, from its JSON alone."""
+    try:
+        with open(args.render) as f:
+            results = json.load(f)
+        if args.targets:
+            results["targets"] = targets.evaluate(targets.load(args.targets), results["cells"], results["machine"])
+    except (ValueError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = report.write_all(results, args.out or os.path.dirname(os.path.abspath(args.render)))
+    return _finish(results, paths)
+
+
+def _finish(results: dict, paths: dict) -> int:
+    """Print targets, failures and paths; the exit status (see module doc)."""
+    for t in results["targets"]:
+        print(f"{t['status']:>12}  {t['name']}: {t['detail']}")
+    bad = [c for c in results["cells"] if c["status"] in ("FAILED", "error")]
+    for c in bad:
+        print(f"{c['status']:>12}  {c['variant']} {c['mode']} L={c['seq']} B={c['batch']} D={c['head_dim']}: {c['detail']}")
+    print("wrote " + ", ".join(paths.values()))
+    return 1 if bad or targets.any_failed(results["targets"]) else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        return render(args)
     chosen = settings(args)
     try:
         cells_to_run = configs(chosen)
@@ -217,12 +252,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "cells": rows,
         "targets": targets.evaluate(declared, rows, about),
     }
-    paths = report.write_all(results, args.out)
-
-    for t in results["targets"]:
-        print(f"{t['status']:>12}  {t['name']}: {t['detail']}")
-    bad = [c for c in rows if c["status"] in ("FAILED", "error")]
-    for c in bad:
-        print(f"{c['status']:>12}  {c['variant']} {c['mode']} L={c['seq']} B={c['batch']} D={c['head_dim']}: {c['detail']}")
-    print("wrote " + ", ".join(paths.values()))
-    return 1 if bad or targets.any_failed(results["targets"]) else 0
+    return _finish(results, report.write_all(results, args.out or "runs/bench"))
