@@ -411,3 +411,23 @@ def test_compare_rows_speedup_against_manual():
     # No manual run: no speedup is invented.
     rows = report.rows([_summary("practical", 0.2, 100), _summary("demo", 0.1, 100)])
     assert [r["speedup_vs_manual"] for r in rows] == [None, None]
+
+
+def test_data_parallel_under_mlx_launch(quickstart, tmp_path):
+    # Two local ranks split each batch: the same tokens and (nearly) the same
+    # loss as one process, gradients averaged, one copy of the metrics.
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    out = tmp_path / "dp"
+    result = subprocess.run(
+        [str(launcher), "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "mlx_flash.finetune",
+         str(QUICKSTART), *FAST, "--set", "iters=2", "--set", "attention.compare=[manual]", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_records(out / "manual" / "metrics.jsonl")
+    single = read_records(quickstart / "manual" / "metrics.jsonl")[:2]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in single]
+    for r, s in zip(records, single):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-2)
+    assert json.loads((out / "manual" / "summary.json").read_text())["rank_count"] == 2

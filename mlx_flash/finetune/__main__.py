@@ -132,10 +132,14 @@ def main(argv=None) -> int:
         for variant, run_dir in runs:
             summary = train.run(recipe, variant, run_dir)
             if rank == 0:
+                timing = ""
+                if summary["median_iteration_s"] is not None:
+                    timing = (
+                        f"; median iteration {summary['median_iteration_s'] * 1e3:.1f} ms, "
+                        f"final loss {summary['final_train_loss']:.3f}"
+                    )
                 print(
-                    f"[{variant}] ran {summary['attention_plan']}; median iteration "
-                    f"{summary['median_iteration_s'] * 1e3:.1f} ms, final loss {summary['final_train_loss']:.3f}; "
-                    f"adapters in {summary['adapter_path']}",
+                    f"[{variant}] ran {summary['attention_plan']}{timing}; adapters in {summary['adapter_path']}",
                     file=sys.stderr,
                 )
                 summaries.append(summary)
