@@ -70,6 +70,7 @@ VECTORS = kernel(
     """
     uint i = thread_position_in_grid.x;
     float4 v = float4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
+    v = load_helper(v);
     float2 s = v.zw + v.xy * 2.0f;          // swizzles read
     float4 w = float4(s.yx, v.w, 1);        // mixed constructor
     w.xz = w.zx;                            // swizzle write
@@ -80,6 +81,8 @@ VECTORS = kernel(
     out[4 * i + 2] = dot(w, float4(1.0f)) + float(all(w == w));
     out[4 * i + 3] = float(bits == as_type<uint>(float(h[1])));
     """,
+    header="#include <metal_stdlib>\nusing namespace metal;\n"
+    "inline float4 load_helper(float4 v) { return v; }\n",
 )
 
 
@@ -517,3 +520,105 @@ def test_metal_context_sets_the_active_schedule():
         assert emulator.active_schedule() == 3
     assert not emulator.is_active()
     assert emulator.active_schedule() == "forward"
+
+
+SIMD_EXCHANGE = kernel(
+    "emu_simd_exchange",
+    ["x"],
+    ["out"],
+    """
+    // Lane 0 of each SIMD group publishes a value; the others read it.
+    threadgroup float slot[2];
+    uint sg = simdgroup_index_in_threadgroup;
+    if (thread_index_in_simdgroup == 0) {
+        slot[sg] = x[sg];
+    }
+    if (SYNC == 1) {
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+    } else if (SYNC == 2) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    out[thread_position_in_grid.x] = slot[READ_OTHER ? 1 - sg : sg];
+    """,
+)
+
+
+@pytest.mark.parametrize(
+    "sync, read_other, races",
+    [
+        (0, False, True),  # no barrier at all
+        (1, False, False),  # simdgroup_barrier orders lanes of one SIMD group
+        (1, True, True),  # ... but not two SIMD groups
+        (2, True, False),  # threadgroup_barrier orders the whole group
+    ],
+)
+def test_barrier_scopes_in_race_detection(sync, read_other, races):
+    x = mx.array([3.0, 5.0])
+    call = dict(
+        inputs=[x], template=[("SYNC", sync), ("READ_OTHER", read_other)],
+        grid=(64, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(64,)], output_dtypes=[mx.float32],
+    )
+    if races:
+        with pytest.raises(emulator.RaceError, match=r"race on slot\["):
+            emulator.run_checked(SIMD_EXCHANGE, **call)
+    else:
+        (out,) = emulator.run_checked(SIMD_EXCHANGE, **call)
+        own = np.repeat([3.0, 5.0], 32)
+        np.testing.assert_array_equal(np.array(out), own[::-1] if read_other else own)
+
+
+SCALAR_AND_HALF = kernel(
+    "emu_scalar_and_half",
+    ["x", "s"],
+    ["out"],
+    """
+    // A 0-d input arrives as a reference to one value; half vectors and the
+    // `h` literal suffix behave as in Metal.
+    uint i = thread_position_in_grid.x;
+    half2 h = half2(x[2 * i], x[2 * i + 1]) * 0.5h + half(s);
+    h = metal::max(h, half2(numeric_limits<half>::lowest()));
+    out[2 * i] = h.x;
+    out[2 * i + 1] = h.y;
+    """,
+)
+
+
+def test_scalar_input_and_half_vectors():
+    x = mx.arange(8, dtype=mx.float16)
+    (out,) = emulator.run(
+        SCALAR_AND_HALF,
+        inputs=[x, mx.array(1.25)],
+        grid=(4, 1, 1),
+        threadgroup=(4, 1, 1),
+        output_shapes=[(8,)],
+        output_dtypes=[mx.float16],
+    )
+    np.testing.assert_array_equal(
+        np.array(out), np.arange(8, dtype=np.float16) * 0.5 + np.float16(1.25)
+    )
+
+
+def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_FLASH_EMULATOR_CACHE", str(tmp_path))
+    call = dict(
+        inputs=[mx.arange(8, dtype=mx.float16), mx.array(0.5)], grid=(4, 1, 1),
+        threadgroup=(4, 1, 1), output_shapes=[(8,)], output_dtypes=[mx.float16],
+    )
+    emulator.run(SCALAR_AND_HALF, **call)
+    libraries = list(tmp_path.glob("*.so"))
+    assert len(libraries) == 1
+    stamp = libraries[0].stat().st_mtime_ns
+    emulator.run(SCALAR_AND_HALF, **call)
+    assert list(tmp_path.glob("*.so")) == libraries
+    assert libraries[0].stat().st_mtime_ns == stamp
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(emulator.CompilerNotFoundError, match="C\\+\\+17 compiler"):
+        emulator.run(
+            PARTIAL_WRITE, inputs=[], grid=(8, 1, 1), threadgroup=(8, 1, 1),
+            output_shapes=[(8,)], output_dtypes=[mx.float32],
+        )

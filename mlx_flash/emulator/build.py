@@ -212,11 +212,34 @@ def _compile_error(source: str, message: str) -> CompileError:
     return CompileError("\n".join(text))
 
 
+# Headers a kernel's own header may include; metal_cpu.h already defines
+# what they declare, so they are empty here.
+METAL_HEADERS = [
+    "metal_stdlib",
+    "metal_atomic",
+    "metal_compute",
+    "metal_math",
+    "metal_simdgroup",
+    "metal_simdgroup_matrix",
+    "simd/simd.h",
+]
+
+
+def _stub_include_dir() -> Path:
+    d = cache_dir() / "include"
+    for name in METAL_HEADERS:
+        path = d / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("#pragma once\n")
+    return d
+
+
 def flags() -> List[str]:
     """Compiler flags; MLX_FLASH_EMULATOR_UCONTEXT=1 switches fibers with
     ucontext instead of the x86-64 register switch (slower, portable)."""
     extra = ["-DMTL_USE_UCONTEXT"] if os.environ.get("MLX_FLASH_EMULATOR_UCONTEXT") == "1" else []
-    return FLAGS + extra
+    return FLAGS + extra + ["-I", str(_stub_include_dir())]
 
 
 def load(source: str, trace: bool = False) -> Kernel:
@@ -229,10 +252,10 @@ def load(source: str, trace: bool = False) -> Kernel:
     key = hashlib.sha256(
         "\0".join([cpp, HEADER.read_text(), cxx, " ".join(opts)]).encode()
     ).hexdigest()[:32]
+    path = cache_dir() / f"{name[:60]}-{key}.so"
     with _lock:
-        if key in _loaded:
-            return Kernel(name, params, _loaded[key])
-        path = cache_dir() / f"{name[:60]}-{key}.so"
+        if path in _loaded:
+            return Kernel(name, params, _loaded[path])
         if not path.exists():
             with tempfile.TemporaryDirectory() as tmp:
                 src = Path(tmp) / "kernel.cpp"
@@ -261,5 +284,5 @@ def load(source: str, trace: bool = False) -> Kernel:
             ctypes.c_char_p,
             ctypes.c_int,
         ]
-        _loaded[key] = lib
+        _loaded[path] = lib
         return Kernel(name, params, lib)

@@ -69,6 +69,14 @@ struct bfloat {
   bfloat& operator/=(U u) { return *this = bfloat(float(*this) / float(u)); }
 };
 
+// Metal's half literal suffix: 0.5h.
+constexpr half operator""h(long double x) {
+  return half(float(x));
+}
+constexpr half operator""h(unsigned long long x) {
+  return half(float(x));
+}
+
 typedef half float16_t;
 typedef bfloat bfloat16_t;
 
