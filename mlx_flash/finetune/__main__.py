@@ -109,14 +109,23 @@ def main(argv=None) -> int:
         print(f"# recipe {recipe.recipe}: valid; runs {', '.join(recipe.variants)} into {out_dir}")
         return 0
 
+    problem = None
     for variant, run_dir in runs:
         adapters = train.adapter_dir(recipe, run_dir)
-        if (adapters / train.ADAPTER_FILE).exists() or (adapters / train.ADAPTER_CONFIG).exists():
-            if recipe.resume:
-                continue
-            if not args.overwrite:
-                return _fail(f"{adapters} already holds adapters: pass --overwrite to replace them, or set resume: true")
-    rank = mx.distributed.init().rank()
+        exists = (adapters / train.ADAPTER_FILE).exists() or (adapters / train.ADAPTER_CONFIG).exists()
+        if exists and not (recipe.resume or args.overwrite):
+            problem = f"{adapters} already holds adapters: pass --overwrite to replace them, or set resume: true"
+            break
+    world = mx.distributed.init()
+    if world.size() > 1:
+        # All ranks decide together, before rank 0 writes anything: a rank
+        # that looked later would otherwise see this run's own new files.
+        failed = mx.distributed.all_sum(mx.array(int(problem is not None)), stream=mx.cpu).item()
+        if failed and problem is None:
+            problem = "another rank found existing adapters: pass --overwrite, or set resume: true"
+    if problem:
+        return _fail(problem)
+    rank = world.rank()
     if rank == 0:
         for variant, run_dir in runs:
             if args.overwrite and not recipe.resume:
