@@ -58,12 +58,32 @@ class Tiles:
       head to fill the GPU at fine-tuning lengths.
 
     These are starting points chosen by those budgets, not by measurement on
-    a Mac; ``python -m mlx_flash.bench`` with edited ``TILES`` retunes them.
+    a Mac. To retune, assign ``mlx_flash.demo.TILES[dim] = Tiles(...)`` (it
+    is read at every launch) and time it with ``python -m mlx_flash.bench``.
     """
 
     forward: Tuple[int, int]
     dq: Tuple[int, int]
     dkv: Tuple[int, int]
+
+    def __post_init__(self):
+        for name in ("forward", "dq", "dkv"):
+            sizes = getattr(self, name)
+            if len(sizes) != 2 or any(s <= 0 or s % 8 for s in sizes):
+                raise ValueError(f"{name} tile sizes must be two positive multiples of 8, got {sizes}")
+
+    def threadgroup_bytes(self, head_dim: int) -> dict:
+        """Threadgroup memory of each kernel at ``head_dim``, in bytes (at most
+        32 KB on Apple GPUs)."""
+        row = (head_dim + 8) * 2
+        forward_bq, forward_bk = self.forward
+        dq_bq, dq_bk = self.dq
+        dkv_bq, dkv_bk = self.dkv
+        return {
+            "forward": max(forward_bq, 2 * forward_bk) * row,
+            "dq": 2 * max(dq_bq, dq_bk) * row,
+            "dkv": 2 * max(dkv_bq, dkv_bk) * row + 8 * dkv_bq,
+        }
 
 
 # Budgets per kernel (threadgroup memory; registers per lane), from the

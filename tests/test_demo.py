@@ -152,6 +152,22 @@ def test_kernels_match_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_retuned_tiles(backend, monkeypatch):
+    # Tile sizes are template constants read at every launch: other shapes
+    # (2 and 1 SIMD groups per threadgroup, key tiles of 8 and 64) give the
+    # same results, causal tile skipping included.
+    monkeypatch.setitem(demo.TILES, 64, demo.Tiles(forward=(16, 64), dq=(16, 8), dkv=(8, 16)))
+    dtype = mx.float16
+    q, k, v, dout = _inputs(1, 2, 1, 29, 45, 64, dtype, seed=12)
+    expected_out, expected_grads = _oracle(q, k, v, dout, 0.125, "causal")
+    with _on(backend):
+        out, _, grads = _run_kernels(q, k, v, dout, 0.125, "causal")
+    assert_close(out, expected_out, dtype, "output")
+    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        assert_close(grad, expected, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_seeded_schedule_reproduces_every_bit(backend):
     # No atomics and a fixed summation order: a shuffled thread order gives
     # the same bits as the forward one, NaN and uniform rows included.
@@ -364,14 +380,13 @@ def test_unsupported_reason():
 def test_tiles_fit_threadgroup_memory():
     # The budgets written down in demo.Tiles, checked for every head dim.
     for dim in demo.HEAD_DIMS:
-        tiles = demo.TILES[dim]
-        row = (dim + 8) * 2
-        forward_bq, forward_bk = tiles.forward
-        assert max(forward_bq, 2 * forward_bk) * row <= 32 * 1024
-        for bq, bk in (tiles.dq, tiles.dkv):
-            assert 2 * max(bq, bk) * row + 8 * bq <= 32 * 1024
-        for size in (*tiles.forward, *tiles.dq, *tiles.dkv):
-            assert size % 8 == 0 and size > 0
+        used = demo.TILES[dim].threadgroup_bytes(dim)
+        assert set(used) == {"forward", "dq", "dkv"}
+        assert all(0 < size <= 32 * 1024 for size in used.values()), (dim, used)
+    # D = 128, forward (32, 32): max(32, 64) rows of (128 + 8) halves.
+    assert demo.TILES[128].threadgroup_bytes(128)["forward"] == 64 * 136 * 2
+    with pytest.raises(ValueError, match="multiples of 8"):
+        demo.Tiles(forward=(32, 12), dq=(32, 32), dkv=(32, 32))
 
 
 if mx.metal.is_available():
