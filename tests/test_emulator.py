@@ -622,3 +622,26 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
             PARTIAL_WRITE, inputs=[], grid=(8, 1, 1), threadgroup=(8, 1, 1),
             output_shapes=[(8,)], output_dtypes=[mx.float32],
         )
+
+
+OUT_OF_BOUNDS = kernel(
+    "emu_out_of_bounds",
+    ["x"],
+    ["out"],
+    """
+    uint i = thread_position_in_grid.x;
+    out[i] = x[i + (i == 3 ? 4000000000u : 0u)];
+    """,
+)
+
+
+def test_invalid_memory_access_is_an_error_not_a_crash():
+    call = dict(
+        inputs=[mx.arange(8, dtype=mx.float32)], grid=(8, 1, 1),
+        threadgroup=(8, 1, 1), output_shapes=[(8,)], output_dtypes=[mx.float32],
+    )
+    with pytest.raises(emulator.EmulatorError, match=r"invalid memory access .* thread \(3,0,0\)"):
+        emulator.run(OUT_OF_BOUNDS, **call)
+    # The process and the emulator carry on.
+    (out,) = emulator.run(PARTIAL_WRITE, init_value=0, **{**call, "inputs": []})
+    np.testing.assert_array_equal(np.array(out), [1, 0] * 4)

@@ -6,6 +6,12 @@
 // threadgroup runs deterministically in the order the schedule gives.
 #pragma once
 
+// The fault handler long-jumps from its own stack back to the scheduler's,
+// which fortified longjmp would refuse.
+#undef _FORTIFY_SOURCE
+
+#include <csetjmp>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -2030,6 +2036,7 @@ extern "C" int mtl_run(
     }
   }
 
+  auto run_groups = [&]() {
   for (uint64_t gi = 0; gi < n_groups && !r.error; gi++) {
     uint64_t lin = gorder[gi];
     uint3 gp(
@@ -2096,6 +2103,47 @@ extern "C" int mtl_run(
       if (!released) break; // every thread is done
     }
   }
+  };
+
+  // A kernel that reads or writes outside its buffers (or overflows its
+  // stack) ends this run with an error instead of ending the process.
+  static sigjmp_buf fault_jump;
+  static volatile void* fault_address;
+  struct sigaction on_fault {}, old_segv {}, old_bus {};
+  on_fault.sa_sigaction = [](int, siginfo_t* info, void*) {
+    fault_address = info->si_addr;
+    siglongjmp(fault_jump, 1);
+  };
+  on_fault.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&on_fault.sa_mask);
+  const size_t alt_size = 1 << 16;
+  char* alt_stack = new char[alt_size];
+  stack_t alt {}, old_alt {};
+  alt.ss_sp = alt_stack;
+  alt.ss_size = alt_size;
+  sigaltstack(&alt, &old_alt);
+  sigaction(SIGSEGV, &on_fault, &old_segv);
+  sigaction(SIGBUS, &on_fault, &old_bus);
+  if (sigsetjmp(fault_jump, 1) == 0) {
+    run_groups();
+  } else {
+    const Attrs& a = r.fibers[r.cur].a;
+    char buf[256];
+    __builtin_snprintf(
+        buf, sizeof(buf),
+        "invalid memory access at %p by thread (%u,%u,%u) of threadgroup "
+        "(%u,%u,%u): an index outside a buffer, or a stack overflow",
+        (void*)fault_address, a.thread_position_in_threadgroup.x,
+        a.thread_position_in_threadgroup.y, a.thread_position_in_threadgroup.z,
+        a.threadgroup_position_in_grid.x, a.threadgroup_position_in_grid.y,
+        a.threadgroup_position_in_grid.z);
+    r.error = 0;
+    fail(2, buf);
+  }
+  sigaction(SIGSEGV, &old_segv, nullptr);
+  sigaction(SIGBUS, &old_bus, nullptr);
+  sigaltstack(&old_alt, nullptr);
+  delete[] alt_stack;
 
   delete[] gorder;
   delete[] r.shadow;
