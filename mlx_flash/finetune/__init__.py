@@ -1,0 +1,30 @@
+"""LoRA fine-tuning recipes with mlx-flash attention: ``python -m mlx_flash.finetune recipe.yaml``.
+
+Modules, one idea each:
+
+- ``config``: recipes (YAML with mlx-lm's LoRA keys plus ``attention`` and
+  ``output``), ``--set`` overrides, validation, path resolution.
+- ``builtin``: the offline built-in model (``model: builtin:tiny-llama``).
+- ``train``: one run with one attention variant on mlx-lm's LoRA pieces,
+  timed per iteration.
+- ``report``: the comparison of variants (Markdown, JSON, PNG).
+- ``progress``: the stderr progress bar.
+- ``files``: atomic writes and the flushed metrics stream.
+
+What a run writes, under ``output.dir`` (or ``--out``), per variant::
+
+    <variant>/adapters/adapters.safetensors   mlx-lm adapter format
+    <variant>/adapters/adapter_config.json
+    <variant>/metrics.jsonl                   one record per iteration: iteration,
+                                              loss, tokens, wall_s, tokens_per_s,
+                                              peak_memory_bytes, learning_rate
+                                              (val_loss where validation ran)
+    <variant>/summary.json                    total time, median/p95 iteration,
+                                              peak memory, final losses, and the
+                                              attention implementation that ran
+    compare.md, compare.json, compare.png     with two or more variants
+"""
+
+from .config import RecipeError, load_recipe
+
+__all__ = ["RecipeError", "load_recipe"]

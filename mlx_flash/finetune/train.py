@@ -146,6 +146,19 @@ def _grad_checkpoint(layer) -> None:
         _checkpointed.add(type(layer))
 
 
+def _from_rank0(model: nn.Module, start: int, rank: int) -> int:
+    """Give every rank rank 0's trainable weights and start iteration.
+
+    Ranks on other machines may not see rank 0's run folder, so a resumed
+    run would otherwise start them from different weights or iterations.
+    """
+    weights = tree_flatten(model.trainable_parameters())
+    summed = [(k, mx.distributed.all_sum(v if rank == 0 else mx.zeros_like(v), stream=mx.cpu)) for k, v in weights]
+    model.load_weights(summed, strict=False)
+    start = mx.distributed.all_sum(mx.array(start if rank == 0 else 0), stream=mx.cpu)
+    return int(start.item())
+
+
 def compile_step() -> bool:
     """Whether to ``mx.compile`` the training step: on a GPU backend only."""
     return mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
@@ -236,6 +249,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         if metrics_path.exists():
             kept = [r for r in files.read_jsonl(metrics_path) if r["iteration"] <= recipe.iters]
     start = kept[-1]["iteration"] + 1 if kept else 1
+    if world_size > 1:
+        start = _from_rank0(model, start, rank)
 
     longest = max(train_set.itemlen(i) for i in range(len(train_set)))
     # iterate_batches pads to one more than a multiple of 32; inputs drop one.
