@@ -95,10 +95,10 @@ def scaled_dot_product_attention(
 ) -> mx.array:
     """mlx-lm's ``scaled_dot_product_attention``, run by mlx-flash.
 
-    Same signature and results as ``mlx_lm.models.base``'s: ``queries`` is
-    ``(B, Hq, Lq, D)``, ``keys`` and ``values`` are ``(B, Hkv, Lk, D)`` arrays,
-    or the quantized triples of a cache with ``bits``, which go to mlx-lm's
-    quantized path as before. ``mask`` is whatever mlx-lm passes: ``None``,
+    Same signature as ``mlx_lm.models.base``'s, same results up to float
+    rounding: ``queries`` is ``(B, Hq, Lq, D)``, ``keys`` and ``values`` are
+    ``(B, Hkv, Lk, D)`` arrays, or the quantized triples of a cache with
+    ``bits``, which go to mlx-lm's quantized path as before. ``mask`` is whatever mlx-lm passes: ``None``,
     ``"causal"`` or an array (causal, sliding-window, padding).
     """
     original = _state.original
