@@ -645,3 +645,36 @@ def test_invalid_memory_access_is_an_error_not_a_crash():
     # The process and the emulator carry on.
     (out,) = emulator.run(PARTIAL_WRITE, init_value=0, **{**call, "inputs": []})
     np.testing.assert_array_equal(np.array(out), [1, 0] * 4)
+
+
+DIVERGENT_COLLECTIVES = kernel(
+    "emu_divergent_collectives",
+    ["x"],
+    ["out"],
+    """
+    // In divergent code a collective runs over the lanes that reach it.
+    uint lane = thread_index_in_simdgroup;
+    float v = x[thread_position_in_grid.x];
+    float r;
+    if (lane < 12) {
+        r = simd_sum(v);
+    } else {
+        r = simd_max(v);
+    }
+    threadgroup_barrier(mem_flags::mem_none);
+    out[thread_position_in_grid.x] = r;
+    """,
+)
+
+
+def test_collectives_in_divergent_branches_use_the_active_lanes():
+    v = np.random.default_rng(5).integers(-50, 50, 64).astype(np.float32)
+    (out,) = emulator.run_checked(
+        DIVERGENT_COLLECTIVES, inputs=[mx.array(v)], grid=(64, 1, 1),
+        threadgroup=(64, 1, 1), output_shapes=[(64,)], output_dtypes=[mx.float32],
+    )
+    v = v.reshape(2, 32)
+    expected = np.concatenate(
+        [np.repeat(v[:, :12].sum(1, keepdims=True), 12, 1),
+         np.repeat(v[:, 12:].max(1, keepdims=True), 20, 1)], axis=1)
+    np.testing.assert_array_equal(np.array(out).reshape(2, 32), expected)

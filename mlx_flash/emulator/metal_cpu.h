@@ -1198,7 +1198,7 @@ struct Slot {
 
 struct Simd {
   Slot slots[2][32];
-  uint32_t active[2];
+  uint32_t lane_mask[2][32]; // lanes that took part, as each lane saw it
   unsigned gen;
   uint32_t epoch; // simdgroup or threadgroup barriers passed
 };
@@ -1403,7 +1403,7 @@ inline const Slot* simd_exchange(
   int parity = s.gen & 1;
   std::memcpy(s.slots[parity][f.a.thread_index_in_simdgroup].b, data, size);
   park(W_SIMD, op, line);
-  *active = s.active[parity];
+  *active = s.lane_mask[parity][f.a.thread_index_in_simdgroup];
   return s.slots[parity];
 }
 
@@ -1835,53 +1835,48 @@ inline bool resolve(bool& released) {
   released = false;
   int n_sg = (r.n + 31) / 32;
   for (int s = 0; s < n_sg; s++) {
-    int live = 0, at_simd = 0;
-    const Fiber* first = nullptr;
-    bool same = true;
-    uint32_t mask = 0;
+    // Every live lane is blocked here (the pass ran all runnable threads).
+    // Lanes waiting at a collective execute it together, over just those
+    // lanes, as the active lanes of divergent code do on the GPU; lanes at
+    // different collectives (divergent branches) form separate groups.
+    Simd& sg = r.simd[s];
+    int parity = sg.gen & 1;
+    int live = 0;
+    uint32_t pending = 0;
     for (int l = 0; l < 32 && s * 32 + l < r.n; l++) {
       const Fiber& f = r.fibers[s * 32 + l];
       if (f.status == DONE) continue;
       live++;
-      if (f.status == WAITING && f.wait == W_SIMD) {
-        at_simd++;
-        mask |= 1u << l;
-        if (!first) {
-          first = &f;
-        } else if (f.line != first->line || std::strcmp(f.op, first->op) != 0) {
-          same = false;
+      if (f.status == WAITING && f.wait == W_SIMD) pending |= 1u << l;
+    }
+    if (pending == 0) continue;
+    bool whole_barrier = false;
+    while (pending) {
+      const Fiber& first = r.fibers[s * 32 + __builtin_ctz(pending)];
+      uint32_t mask = 0;
+      for (int l = 0; l < 32; l++) {
+        if (!(pending >> l & 1u)) continue;
+        const Fiber& f = r.fibers[s * 32 + l];
+        if (f.line == first.line && std::strcmp(f.op, first.op) == 0) mask |= 1u << l;
+      }
+      for (int l = 0; l < 32; l++) {
+        if (mask >> l & 1u) sg.lane_mask[parity][l] = mask;
+      }
+      if (std::strcmp(first.op, "simdgroup_barrier") == 0 &&
+          __builtin_popcount(mask) == live) {
+        whole_barrier = true;
+      }
+      pending &= ~mask;
+      for (int l = 0; l < 32; l++) {
+        if (mask >> l & 1u) {
+          Fiber& f = r.fibers[s * 32 + l];
+          f.status = READY;
+          f.wait = W_NONE;
         }
       }
     }
-    if (live == 0 || at_simd != live) continue;
-    if (!same) {
-      char buf[160];
-      __builtin_snprintf(
-          buf, sizeof(buf),
-          "SIMD group %d of threadgroup (%u,%u,%u): its lanes wait at different collectives (",
-          s, first->a.threadgroup_position_in_grid.x,
-          first->a.threadgroup_position_in_grid.y, first->a.threadgroup_position_in_grid.z);
-      fail(1, buf);
-      for (int l = 0; l < 32 && s * 32 + l < r.n; l++) {
-        const Fiber& f = r.fibers[s * 32 + l];
-        if (f.status != WAITING) continue;
-        __builtin_snprintf(buf, sizeof(buf), "%slane %d: %s at line %d", l ? ", " : "", l, f.op, f.line);
-        append(r.msg, r.msg_len, buf);
-      }
-      append(r.msg, r.msg_len, ")");
-      return false;
-    }
-    Simd& sg = r.simd[s];
-    sg.active[sg.gen & 1] = mask;
     sg.gen++;
-    if (std::strcmp(first->op, "simdgroup_barrier") == 0) sg.epoch++;
-    for (int l = 0; l < 32 && s * 32 + l < r.n; l++) {
-      Fiber& f = r.fibers[s * 32 + l];
-      if (f.status == WAITING) {
-        f.status = READY;
-        f.wait = W_NONE;
-      }
-    }
+    if (whole_barrier) sg.epoch++;
     released = true;
   }
   if (released) return true;
