@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     import mlx.core as mx
 
-    from . import report, train
+    from . import files, report, train
     from .config import RecipeError, load_recipe
 
     try:
@@ -152,11 +152,19 @@ def main(argv=None) -> int:
                     file=sys.stderr,
                 )
                 summaries.append(summary)
-                metrics[variant] = train.files.read_jsonl(run_dir / train.METRICS_FILE)
+                metrics[variant] = files.read_jsonl(run_dir / train.METRICS_FILE)
     except RecipeError as e:
         return _fail(str(e))
     except train.Interrupted as e:
         print(f"mlx_flash.finetune: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        # Ctrl-C while a run was loading, before its loop had anything to save.
+        print(
+            f"mlx_flash.finetune: interrupted while loading the {variant} run; "
+            f"{len(summaries)} finished run(s) are under {out_dir}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
     if rank == 0 and len(runs) > 1:
