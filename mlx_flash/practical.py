@@ -17,13 +17,15 @@ Tile sizes (template constants, chosen by ``tile_sizes``):
   simdgroup owns ``R`` query rows (forward, dQ) or ``KPS`` keys (dK/dV), with
   their accumulators in registers. ``R = KPS = 4`` while a lane holds at most
   4 elements of a row, 2 beyond (``D > 128``): that keeps the per-thread
-  arrays at about 64 floats (dK/dV keeps K, V, dK, dV for its keys), which
-  Apple GPUs hold in registers without spilling and at full occupancy.
+  arrays to about 64 floats (dK/dV keeps K, V, dK and dV of its keys), small
+  enough to stay in registers with room for the compiler. More rows per
+  simdgroup would share each staged tile further but risk spilling, and the
+  fewer registers a thread needs the more simdgroups a core keeps resident.
 * The staged tile (``BK`` keys of K and V, or ``BQ`` rows of Q and dO) is
   float32, rows padded to a multiple of 32. Its row count is the largest of
   32, 16, 8 that keeps it within 16 KB: half of Metal's 32 KB per-threadgroup
-  limit, so two threadgroups fit where a core has 32 KB. Scores of a tile are
-  spread one key per lane, so tiles have at most 32 rows.
+  limit, so two threadgroups fit where a core has 32 KB. The forward spreads
+  a tile's scores one key per lane, so a tile has at most 32 rows.
 """
 
 from typing import Optional
