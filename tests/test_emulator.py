@@ -511,6 +511,8 @@ def test_schedules_are_deterministic_and_validated():
     assert np.isnan(fwd[0])
     with pytest.raises(ValueError, match="schedule"):
         emulator.run(SHIFT, schedule="sideways", **call)
+    with pytest.raises(ValueError, match="1024"):
+        emulator.run(SHIFT, **{**call, "threadgroup": (2048, 1, 1)})
 
 
 def test_metal_context_sets_the_active_schedule():

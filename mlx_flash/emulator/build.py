@@ -46,6 +46,7 @@ _KERNEL = re.compile(r"\[\[kernel\]\]\s*void\s+(\w+)\s*\((.*?)\)\s*\{", re.S)
 _PARAM = re.compile(r"^\s*(.*?)\s*\b(\w+)\s*\[\[\s*(\w+)\s*(?:\(\s*(\d+)\s*\))?\s*\]\]\s*$", re.S)
 
 _loaded = {}
+_memo = {}
 _lock = threading.Lock()
 
 
@@ -245,6 +246,21 @@ def flags() -> List[str]:
 def load(source: str, trace: bool = False) -> Kernel:
     """The compiled kernel for MLX-generated ``source`` (cached); ``trace``
     builds it with the threadgroup-memory race detector."""
+    memo_key = (
+        source,
+        trace,
+        os.environ.get("MLX_FLASH_EMULATOR_UCONTEXT"),
+        os.environ.get("MLX_FLASH_EMULATOR_CACHE"),
+        os.environ.get("CXX"),
+        os.environ.get("PATH"),
+    )
+    kernel = _memo.get(memo_key)
+    if kernel is None:
+        kernel = _memo[memo_key] = _load(source, trace)
+    return kernel
+
+
+def _load(source: str, trace: bool) -> Kernel:
     name, _, params = parse_signature(source)
     cpp = translate(source, trace)
     cxx = compiler()

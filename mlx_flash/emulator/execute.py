@@ -88,6 +88,11 @@ def run(
     code, seed = _schedule_code(schedule)
     grid = _check_dims("grid", grid)
     threadgroup = _check_dims("threadgroup", threadgroup)
+    if threadgroup[0] * threadgroup[1] * threadgroup[2] > 1024:
+        raise ValueError(
+            f"threadgroup {threadgroup} has more than 1024 threads, the most "
+            "a Metal threadgroup can have"
+        )
     if len(output_shapes) != len(output_dtypes):
         raise ValueError("output_shapes and output_dtypes differ in length")
     inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
