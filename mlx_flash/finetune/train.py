@@ -17,6 +17,7 @@ A run writes into its folder::
     summary.json                    totals, median and p95 iteration time, losses
 """
 
+import os
 import platform
 import time
 import types
@@ -204,7 +205,7 @@ def environment() -> dict:
     import mlx_lm
 
     return {
-        "machine": f"{platform.system()} {platform.machine()}",
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
         "device": str(mx.default_device()),
         "metal": mx.metal.is_available(),
         "mlx": mx.__version__,
