@@ -4,13 +4,15 @@ MLX generates the full source of an ``mx.fast.metal_kernel`` call (signature,
 template instantiation) even without Metal; the emulator compiles it with the
 system C++ compiler against ``metal_cpu.h`` and runs every thread as a fiber,
 deterministically, in the order a schedule gives. Barriers and SIMD
-collectives are rendezvous points, threadgroup memory starts poisoned, and
-results that differ between schedules are reported as races.
+collectives are rendezvous points, threadgroup memory starts poisoned (0xff
+bytes: NaN in every float type), and a race is reported when results differ
+between schedules or when two threads touch a threadgroup array element,
+one writing, with no barrier between them.
 
     outs = emulator.run(kernel, inputs=[a], output_shapes=[a.shape],
                         output_dtypes=[a.dtype], grid=(n, 1, 1),
                         threadgroup=(256, 1, 1))
-    outs = emulator.run_checked(...)  # forward and reverse, RaceError on mismatch
+    outs = emulator.run_checked(...)  # forward and reverse + race detector
 
     with emulator.metal():            # the project's Metal ops run here
         y = mlx_flash.scaled_dot_product_attention(q, k, v, scale=s, variant="practical")
@@ -36,7 +38,8 @@ def metal(schedule=("forward", "reverse")):
     """Run the project's Metal kernels through the emulator inside the block.
 
     ``schedule`` is ``"forward"``, ``"reverse"``, an int seed, or a sequence
-    of these (each run, ``RaceError`` if the results differ). Eager mode
+    of these (each run with the race detector, ``RaceError`` if the results
+    differ or threadgroup memory is accessed without a barrier). Eager mode
     only: the emulator reads its inputs, so it cannot run inside
     ``mx.compile``.
     """

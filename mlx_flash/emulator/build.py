@@ -9,8 +9,12 @@ MLX's own line numbers:
   block of per-threadgroup memory, since a fiber's locals are its own.
 
 A small entry function is appended that binds buffer pointers and thread
-attributes to the kernel's parameters as the signature declares them.
-Libraries are cached on disk by the hash of everything that goes into them.
+attributes to the kernel's parameters as the signature declares them. The
+race-detecting build (``trace=True``) also turns each ``name[i][j]`` of a
+threadgroup array into ``::mtl::tg_at(name, __LINE__, (i), (j))``, the same
+element seen by the detector. Libraries are cached on disk by the hash of
+everything that goes into them ($MLX_FLASH_EMULATOR_CACHE, else
+~/.cache/mlx_flash/emulator).
 """
 
 import ctypes
