@@ -680,3 +680,35 @@ def test_collectives_in_divergent_branches_use_the_active_lanes():
         [np.repeat(v[:, :12].sum(1, keepdims=True), 12, 1),
          np.repeat(v[:, 12:].max(1, keepdims=True), 20, 1)], axis=1)
     np.testing.assert_array_equal(np.array(out).reshape(2, 32), expected)
+
+
+TG_HISTOGRAM = kernel(
+    "emu_tg_histogram",
+    ["x"],
+    ["out"],
+    """
+    // Threadgroup atomics need no barrier between the threads that add.
+    threadgroup atomic_int bins[4];
+    uint t = thread_index_in_threadgroup;
+    if (t < 4) {
+        atomic_store_explicit(&bins[t], 0, memory_order_relaxed);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    atomic_fetch_add_explicit(&bins[x[thread_position_in_grid.x]], 1, memory_order_relaxed);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (t < 4) {
+        out[threadgroup_position_in_grid.x * 4 + t] =
+            atomic_load_explicit(&bins[t], memory_order_relaxed);
+    }
+    """,
+)
+
+
+def test_threadgroup_atomics_are_not_races():
+    x = np.random.default_rng(6).integers(0, 4, 96).astype(np.int32)
+    (out,) = emulator.run_checked(
+        TG_HISTOGRAM, inputs=[mx.array(x)], grid=(96, 1, 1),
+        threadgroup=(48, 1, 1), output_shapes=[(2, 4)], output_dtypes=[mx.int32],
+    )
+    expected = [np.bincount(x[:48], minlength=4), np.bincount(x[48:], minlength=4)]
+    np.testing.assert_array_equal(np.array(out), expected)

@@ -1439,11 +1439,20 @@ template <class A, class I, class... R>
 inline auto& tg_index(A& a, I i, R... rest) {
   return tg_index(a[i], rest...);
 }
+template <class T>
+struct is_atomic : std::false_type {};
+template <class T>
+struct is_atomic<metal::atomic<T>> : std::true_type {};
+
 template <class A, class... I>
 inline auto& tg_at(A& array, int line, I... idx) {
   auto& e = tg_index(array, idx...);
   using E = std::remove_reference_t<decltype(e)>;
-  tg_touch(&e, sizeof(E), sizeof(std::remove_all_extents_t<A>), line);
+  using S = std::remove_all_extents_t<A>;
+  // Atomics are how threads may share an element without a barrier.
+  if (!is_atomic<S>::value) {
+    tg_touch(&e, sizeof(E), sizeof(S), line);
+  }
   return e;
 }
 
