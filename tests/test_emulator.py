@@ -712,3 +712,53 @@ def test_threadgroup_atomics_are_not_races():
     )
     expected = [np.bincount(x[:48], minlength=4), np.bincount(x[48:], minlength=4)]
     np.testing.assert_array_equal(np.array(out), expected)
+
+
+BUILTINS = kernel(
+    "emu_builtins",
+    ["x"],
+    ["out"],
+    """
+    uint i = thread_position_in_grid.x;
+    float4 a = 0;
+    a += float4(x[i], -x[i], 2.0f * x[i], 0.5f);
+    float4 e = metal::exp(a) - 1.0f;
+    float4 c = clamp(a, -1.0f, 1.0f);
+    float4 s = select(c, e, a > 0.5f);
+    bfloat16_t b = bfloat16_t(a.x);
+    half h = static_cast<half>(a.z);
+    float r = metal::precise::divide(1.0f, 3.0f) + metal::fast::divide(float(b), 2.0f);
+    int k = int(float(h)) >> 1;
+    float limit = float(metal::numeric_limits<bfloat16_t>::infinity());
+    ushort bits = as_type<ushort>(half(1.0f));
+    out[8 * i + 0] = s.x;
+    out[8 * i + 1] = s.y;
+    out[8 * i + 2] = s.z;
+    out[8 * i + 3] = fma(s.w, 2.0f, 1.0f);
+    out[8 * i + 4] = r;
+    out[8 * i + 5] = float(k) + float(metal::min(k, 1u));
+    out[8 * i + 6] = isinf(limit) ? 1.0f : 0.0f;
+    out[8 * i + 7] = float(bits) + simd_sum(float2(1.0f, 2.0f)).y;
+    """,
+    header="METAL_FUNC float unused_helper(float v) { return v; }\n",
+)
+
+
+def test_metal_builtins():
+    xs = np.array([-2.0, 0.25, 0.75, 3.0], dtype=np.float32)
+    (out,) = emulator.run(
+        BUILTINS, inputs=[mx.array(xs)], grid=(4, 1, 1), threadgroup=(4, 1, 1),
+        output_shapes=[(4, 8)], output_dtypes=[mx.float32],
+    )
+    out = np.array(out)
+    a = np.stack([xs, -xs, 2 * xs, np.full(4, 0.5)], axis=1).astype(np.float64)
+    s = np.where(a > 0.5, np.exp(a) - 1, np.clip(a, -1, 1))
+    np.testing.assert_allclose(out[:, :3], s[:, :3], rtol=1e-6)
+    np.testing.assert_allclose(out[:, 3], s[:, 3] * 2 + 1, rtol=1e-6)
+    bf = np.array(mx.array(xs).astype(mx.bfloat16).astype(mx.float32))
+    np.testing.assert_allclose(out[:, 4], 1 / 3 + bf / 2, rtol=1e-6)
+    k = np.trunc(2 * xs).astype(np.int32) >> 1
+    # min(int, uint) compares as int here, as the first argument's type.
+    np.testing.assert_array_equal(out[:, 5], k + np.minimum(k, 1))
+    np.testing.assert_array_equal(out[:, 6], 1)
+    np.testing.assert_array_equal(out[:, 7], 0x3C00 + 2 * 4)

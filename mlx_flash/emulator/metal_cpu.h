@@ -642,6 +642,9 @@ typedef ::int3 int3;
 typedef ::int4 int4;
 } // namespace metal
 
+// MLX's utils.h spelling of an inlined helper.
+#define METAL_FUNC inline __attribute__((always_inline))
+
 // ------------------------------------------------------------- constants --
 
 #define INFINITY __builtin_inff()
