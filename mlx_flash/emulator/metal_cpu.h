@@ -1305,7 +1305,7 @@ inline bool unordered(const Access& a, int me) {
            a.sg_epoch != rt->simd[sg].epoch);
 }
 
-inline void report_race(uint32_t offset, const Access& write, const Access& other, bool other_first) {
+inline void report_race(uint32_t offset, const Access& write, const Access& other) {
   const TgVar* var = nullptr;
   for (int i = 0; i < rt->n_tg_vars; i++) {
     size_t base = (unsigned char*)rt->tg_vars[i].ptr - rt->tg_mem;
@@ -1318,7 +1318,7 @@ inline void report_race(uint32_t offset, const Access& write, const Access& othe
   __builtin_snprintf(
       buf, sizeof(buf),
       "threadgroup memory race on %s[%zu] in threadgroup (%u,%u,%u): thread "
-      "(%u,%u,%u) writes it at line %d and thread (%u,%u,%u) %s it at line %d "
+      "(%u,%u,%u) writes it at line %d and thread (%u,%u,%u) accesses it at line %d "
       "with no barrier between them",
       var ? var->name : "threadgroup memory", index,
       w.threadgroup_position_in_grid.x, w.threadgroup_position_in_grid.y,
@@ -1326,7 +1326,7 @@ inline void report_race(uint32_t offset, const Access& write, const Access& othe
       w.thread_position_in_threadgroup.y, w.thread_position_in_threadgroup.z,
       write.line, o.thread_position_in_threadgroup.x,
       o.thread_position_in_threadgroup.y, o.thread_position_in_threadgroup.z,
-      other_first ? "accesses" : "accesses", other.line);
+      other.line);
   fail(3, buf);
 }
 
@@ -1339,7 +1339,7 @@ inline void tg_touch(const void* addr, size_t size, size_t scalar, int line) {
   for (size_t off = start; off < start + size && off < r.tg_cap; off += scalar) {
     Shadow& sh = r.shadow[off];
     if (unordered(sh.writer, me)) {
-      report_race(uint32_t(off), sh.writer, now, false);
+      report_race(uint32_t(off), sh.writer, now);
       return;
     }
     if (sh.saved != r.segment) {
@@ -1371,11 +1371,11 @@ inline void end_segment() {
     Access now = access_now(t.line);
     for (int k = 0; k < 2; k++) {
       if (unordered(sh.touch[k], me)) {
-        report_race(t.offset, now, sh.touch[k], true);
+        report_race(t.offset, now, sh.touch[k]);
         break;
       }
     }
-    if (unordered(sh.writer, me)) report_race(t.offset, now, sh.writer, true);
+    if (unordered(sh.writer, me)) report_race(t.offset, now, sh.writer);
     sh.writer = now;
   }
   r.n_touched = 0;
