@@ -88,9 +88,15 @@ class _Tiles:
             keep = tile if keep is None else keep & tile
         return keep
 
-    def scores(self, rows, cols) -> Tuple[mx.array, Optional[mx.array]]:
-        """``(B, Hkv, G, rows, cols)`` masked scores and the tile's keep-mask."""
+    def scores(self, rows, cols, after=None) -> Tuple[mx.array, Optional[mx.array]]:
+        """``(B, Hkv, G, rows, cols)`` masked scores and the tile's keep-mask.
+
+        ``after``: an array the tile must not be computed before (see
+        ``_forward``).
+        """
         q = self.q[..., rows[0] : rows[1], :]
+        if after is not None:
+            q = mx.depends(q, after)
         k = self.k[..., cols[0] : cols[1], :]
         s = (q @ mx.swapaxes(k, -1, -2)) * self.scale
         if self.mask is not None and self.mask.dtype != mx.bool_:
@@ -104,78 +110,94 @@ class _Tiles:
 def _forward(tiles: _Tiles) -> Tuple[mx.array, mx.array]:
     """Online softmax over key blocks. Returns float32 ``(B, Hkv, G, Lq, Dv)``
     output and ``(B, Hkv, G, Lq, 1)`` log-sum-exp."""
+    # A column of ones after v makes p @ v also return the row sums of p, so
+    # each probability tile has a single consumer and is freed as soon as it
+    # is used (MLX keeps an array alive while any consumer is pending).
+    ones = mx.ones((*tiles.v.shape[:-1], 1), mx.float32)
+    v_ext = mx.concatenate([tiles.v, ones], axis=-1)
     outs, lses = [], []
     for rows in _spans(tiles.q_len, BLOCK_Q):
-        row_max = running_sum = acc = None
+        row_max = acc = None
         for cols in tiles.key_spans(rows):
-            s, _ = tiles.scores(rows, cols)
+            # Each tile waits for the accumulator of the one before. Without
+            # that, MLX is free to compute every tile of a row block before
+            # the accumulation consumes any, and they all stay alive.
+            s, _ = tiles.scores(rows, cols, after=acc)
             block_max = mx.max(s, axis=-1, keepdims=True)
             new_max = block_max if row_max is None else mx.maximum(row_max, block_max)
             # A row whose scores so far are all -inf (additive mask) has max
             # -inf; subtracting 0 instead keeps exp() at 0 rather than NaN, so
             # finite scores in a later block still count.
             safe_max = mx.where(new_max == -math.inf, 0.0, new_max)
-            p = mx.exp(s - safe_max)
-            pv = p @ tiles.v[..., cols[0] : cols[1], :]
-            if row_max is None:
-                running_sum, acc = mx.sum(p, axis=-1, keepdims=True), pv
-            else:
-                correction = mx.exp(row_max - safe_max)
-                running_sum = correction * running_sum + mx.sum(p, axis=-1, keepdims=True)
-                acc = correction * acc + pv
+            pv = mx.exp(s - safe_max) @ v_ext[..., cols[0] : cols[1], :]
+            acc = pv if row_max is None else mx.exp(row_max - safe_max) * acc + pv
             row_max = new_max
+        running_sum = acc[..., -1:]
         # A row of nothing but -inf ends with sum 0: 0 / 0 is NaN, as in MLX.
-        outs.append(acc / running_sum)
+        outs.append(acc[..., :-1] / running_sum)
         safe_max = mx.where(row_max == -math.inf, 0.0, row_max)
         lses.append(safe_max + mx.log(running_sum))
     return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
 
 
+def _score_grads(tiles: _Tiles, rows, cols, lse, d_out, delta, after=None):
+    """Recompute one tile: ``P = exp(S - lse)`` and ``dS = P * (dO V^T - delta)``."""
+    s, keep = tiles.scores(rows, cols, after)
+    p = mx.exp(s - lse[..., rows[0] : rows[1], :])
+    dp = d_out[..., rows[0] : rows[1], :] @ mx.swapaxes(tiles.v[..., cols[0] : cols[1], :], -1, -2)
+    ds = p * (dp - delta[..., rows[0] : rows[1], :])
+    if keep is not None:
+        # Dropped scores are constants: no gradient flows to q or k through them.
+        ds = mx.where(keep, ds, 0.0)
+    return p, ds * tiles.scale
+
+
 def _backward(tiles: _Tiles, out, lse, d_out):
     """FlashAttention-2 backward from the saved output and log-sum-exp.
 
-    ``delta = rowsum(dO * O)``; for each tile ``P = exp(S - lse)``,
-    ``dV += P^T dO``, ``dS = P * (dO V^T - delta)``, ``dQ += dS K``,
-    ``dK += dS^T Q``. Returns float32 ``dq (B, Hkv, G, Lq, D)`` and
-    ``dk, dv (B, Hkv, Lk, D)`` summed over each GQA group.
+    ``delta = rowsum(dO * O)``; per tile ``P = exp(S - lse)``,
+    ``dS = P * (dO V^T - delta)``, then ``dV += P^T dO``, ``dK += dS^T Q``
+    (a pass that owns key blocks and walks query blocks) and ``dQ += dS K``
+    (a pass that owns query blocks and walks key blocks). Two passes
+    recompute the tiles twice, but each tile is ordered after the previous
+    step's accumulators, so MLX frees it at once and memory stays O(L).
+
+    Returns float32 ``dq (B, Hkv, G, Lq, D)`` and ``dk (B, Hkv, Lk, D)``,
+    ``dv (B, Hkv, Lk, Dv)``, summed over each GQA group.
     """
     delta = mx.sum(d_out * out, axis=-1, keepdims=True)
     row_spans = _spans(tiles.q_len, BLOCK_Q)
-    dq = [None] * len(row_spans)
+    d = tiles.q.shape[-1]
+
     dk, dv = [], []
     for cols in _spans(tiles.k_len, BLOCK_K):
-        k = tiles.k[..., cols[0] : cols[1], :]
-        v = tiles.v[..., cols[0] : cols[1], :]
-        dk_block = dv_block = None
-        for i, rows in enumerate(row_spans):
+        dk_acc = dv_acc = None
+        for rows in row_spans:
             if cols not in tiles.key_spans(rows):
                 continue
-            s, keep = tiles.scores(rows, cols)
-            p = mx.exp(s - lse[..., rows[0] : rows[1], :])
-            d_out_rows = d_out[..., rows[0] : rows[1], :]
-            dp = d_out_rows @ mx.swapaxes(v, -1, -2)
-            ds = p * (dp - delta[..., rows[0] : rows[1], :])
-            if keep is not None:
-                # Dropped scores are constants: no gradient flows to q or k,
-                # even in a row that keeps nothing and so has p > 0 there.
-                ds = mx.where(keep, ds, 0.0)
-            ds = ds * tiles.scale
-            dq_tile = ds @ k
-            dq[i] = dq_tile if dq[i] is None else dq[i] + dq_tile
-            q = tiles.q[..., rows[0] : rows[1], :]
-            dk_tile = mx.sum(mx.swapaxes(ds, -1, -2) @ q, axis=2)
-            dv_tile = mx.sum(mx.swapaxes(p, -1, -2) @ d_out_rows, axis=2)
-            dk_block = dk_tile if dk_block is None else dk_block + dk_tile
-            dv_block = dv_tile if dv_block is None else dv_block + dv_tile
-        if dk_block is None:
-            # Causal with Lq < Lk never reaches keys past every query's view.
-            B, n_kv_heads = tiles.k.shape[0], tiles.k.shape[1]
-            width = cols[1] - cols[0]
-            dk_block = mx.zeros((B, n_kv_heads, width, tiles.k.shape[-1]))
-            dv_block = mx.zeros((B, n_kv_heads, width, tiles.v.shape[-1]))
-        dk.append(dk_block)
-        dv.append(dv_block)
-    return mx.concatenate(dq, axis=-2), mx.concatenate(dk, axis=-2), mx.concatenate(dv, axis=-2)
+            after = None if dk_acc is None else [dk_acc, dv_acc]
+            p, ds = _score_grads(tiles, rows, cols, lse, d_out, delta, after)
+            dk_tile = mx.sum(mx.swapaxes(ds, -1, -2) @ tiles.q[..., rows[0] : rows[1], :], axis=2)
+            dv_tile = mx.sum(mx.swapaxes(p, -1, -2) @ d_out[..., rows[0] : rows[1], :], axis=2)
+            dk_acc = dk_tile if dk_acc is None else dk_acc + dk_tile
+            dv_acc = dv_tile if dv_acc is None else dv_acc + dv_tile
+        if dk_acc is None:
+            # Causal with Lq < Lk: no query sees these keys.
+            B, n_kv_heads, width = tiles.k.shape[0], tiles.k.shape[1], cols[1] - cols[0]
+            dk_acc = mx.zeros((B, n_kv_heads, width, d))
+            dv_acc = mx.zeros((B, n_kv_heads, width, tiles.v.shape[-1]))
+        dk.append(dk_acc)
+        dv.append(dv_acc)
+
+    dq = []
+    for rows in row_spans:
+        acc = None
+        for cols in tiles.key_spans(rows):
+            _, ds = _score_grads(tiles, rows, cols, lse, d_out, delta, acc)
+            tile = ds @ tiles.k[..., cols[0] : cols[1], :]
+            acc = tile if acc is None else acc + tile
+        dq.append(acc)
+    return tuple(mx.concatenate(blocks, axis=-2) for blocks in (dq, dk, dv))
 
 
 @functools.lru_cache(maxsize=None)
