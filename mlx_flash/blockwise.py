@@ -84,12 +84,19 @@ class _Tiles:
             q_idx = mx.arange(rows[0] + self.offset, rows[1] + self.offset)[:, None]
             keep = q_idx >= mx.arange(cols[0], cols[1])[None]
         if self.mask is not None and self.mask.dtype == mx.bool_:
-            tile = self.mask[..., rows[0] : rows[1], cols[0] : cols[1]]
+            tile = self.mask_tile(rows, cols)
             keep = tile if keep is None else keep & tile
         return keep
 
-    def scores(self, rows, cols, after=None) -> Tuple[mx.array, Optional[mx.array]]:
-        """``(B, Hkv, G, rows, cols)`` masked scores and the tile's keep-mask.
+    def mask_tile(self, rows, cols) -> mx.array:
+        """The mask's tile; a broadcast (size-1) query or key axis stays size 1."""
+        q_len, k_len = self.mask.shape[-2:]
+        r = slice(*rows) if q_len > 1 else slice(None)
+        c = slice(*cols) if k_len > 1 else slice(None)
+        return self.mask[..., r, c]
+
+    def scores(self, rows, cols, after=None) -> mx.array:
+        """``(B, Hkv, G, rows, cols)`` masked scores of a tile.
 
         ``after``: an array the tile must not be computed before (see
         ``_forward``).
@@ -100,11 +107,11 @@ class _Tiles:
         k = self.k[..., cols[0] : cols[1], :]
         s = (q @ mx.swapaxes(k, -1, -2)) * self.scale
         if self.mask is not None and self.mask.dtype != mx.bool_:
-            s = s + self.mask[..., rows[0] : rows[1], cols[0] : cols[1]]
+            s = s + self.mask_tile(rows, cols)
         keep = self.keep(rows, cols)
         if keep is not None:
             s = mx.where(keep, s, _DROPPED)
-        return s, keep
+        return s
 
 
 def _forward(tiles: _Tiles) -> Tuple[mx.array, mx.array]:
@@ -122,7 +129,7 @@ def _forward(tiles: _Tiles) -> Tuple[mx.array, mx.array]:
             # Each tile waits for the accumulator of the one before. Without
             # that, MLX is free to compute every tile of a row block before
             # the accumulation consumes any, and they all stay alive.
-            s, _ = tiles.scores(rows, cols, after=acc)
+            s = tiles.scores(rows, cols, after=acc)
             block_max = mx.max(s, axis=-1, keepdims=True)
             new_max = block_max if row_max is None else mx.maximum(row_max, block_max)
             # A row whose scores so far are all -inf (additive mask) has max
@@ -142,13 +149,12 @@ def _forward(tiles: _Tiles) -> Tuple[mx.array, mx.array]:
 
 def _score_grads(tiles: _Tiles, rows, cols, lse, d_out, delta, after=None):
     """Recompute one tile: ``P = exp(S - lse)`` and ``dS = P * (dO V^T - delta)``."""
-    s, keep = tiles.scores(rows, cols, after)
+    # Dropped scores get p = 0 and so no gradient: every row here keeps at
+    # least one key (attention.py answers the rows that keep none).
+    s = tiles.scores(rows, cols, after)
     p = mx.exp(s - lse[..., rows[0] : rows[1], :])
     dp = d_out[..., rows[0] : rows[1], :] @ mx.swapaxes(tiles.v[..., cols[0] : cols[1], :], -1, -2)
     ds = p * (dp - delta[..., rows[0] : rows[1], :])
-    if keep is not None:
-        # Dropped scores are constants: no gradient flows to q or k through them.
-        ds = mx.where(keep, ds, 0.0)
     return p, ds * tiles.scale
 
 
