@@ -396,3 +396,15 @@ def test_render_rebuilds_the_report_from_json(quick_run, tmp_path):
     assert cli.main(["--render", str(copy)]) == 0
     assert (tmp_path / "report.md").read_text() == original
     assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
+def test_report_names_the_source_state(quick_run):
+    from mlx_flash.bench import report
+
+    _, _, results = quick_run
+    machine = dict(results["machine"], source={"commit": "abc1234", "uncommitted": ["mlx_flash/blockwise.py"]})
+    text = report.markdown(dict(results, machine=machine))
+    assert "at commit abc1234 with uncommitted changes to mlx_flash/blockwise.py" in text
+    clean = dict(results["machine"], source={"commit": "abc1234", "uncommitted": []})
+    text = report.markdown(dict(results, machine=clean))
+    assert "at commit abc1234" in text and "uncommitted" not in text

@@ -66,6 +66,24 @@ def physical_memory() -> Optional[int]:
         return None
 
 
+def source_state() -> Optional[dict]:
+    """The git commit of the mlx_flash source that is running, and which of
+    its files differ from it; None outside a git checkout (an installed wheel)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args) -> str:
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.rstrip("\n")
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "mlx_flash", "metal").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "uncommitted": sorted(line[3:] for line in changed)}
+
+
 def describe() -> dict:
     """A JSON-ready description of this machine and software."""
     from .. import __version__
@@ -90,6 +108,7 @@ def describe() -> dict:
         "python": sys.version.split()[0],
         "mlx_version": mx.__version__,
         "mlx_flash_version": __version__,
+        "source": source_state(),
         "backend": where,
         "load_average": load,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
