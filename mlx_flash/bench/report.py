@@ -55,6 +55,10 @@ def _mib(n: Optional[int]) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
 
+def _rate(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _x(ratio: Optional[float]) -> str:
     return "" if ratio is None else f"{ratio:.2f}x"
 
@@ -129,7 +133,7 @@ def _config_table(cells: List[dict]) -> List[str]:
                     memory_ratio = f"{mlx['peak_memory_bytes'] / cell['peak_memory_bytes']:.2f}x"
                 lines.append(
                     f"| {seq} | {name} | {_ms(cell['median_s'])} | {_ms(cell['p95_s'])} | {_ms(cell['min_s'])} "
-                    f"| {cell['tokens_per_s']:.4g} | {_mib(cell['peak_memory_bytes'])} "
+                    f"| {_rate(cell['tokens_per_s'])} | {_mib(cell['peak_memory_bytes'])} "
                     f"| {_x(cell['speedup_vs_manual'])} | {_x(cell['speedup_vs_mlx'])} | {memory_ratio} "
                     f"| ok ({errors:.1e}{scope}) |"
                 )
