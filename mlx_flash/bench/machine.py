@@ -78,10 +78,13 @@ def source_state() -> Optional[dict]:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        changed = git("status", "--porcelain", "--", "mlx_flash", "metal").splitlines()
+        changed = sorted(line[3:] for line in git("status", "--porcelain", "--", "mlx_flash", "metal").splitlines())
+        # Blob hashes of the changed files: a later commit whose files have
+        # these hashes is the code that ran.
+        blobs = {path: git("hash-object", path) for path in changed if os.path.isfile(os.path.join(root, path))}
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": commit, "uncommitted": sorted(line[3:] for line in changed)}
+    return {"commit": commit, "uncommitted": changed, "uncommitted_blobs": blobs}
 
 
 def describe() -> dict:
