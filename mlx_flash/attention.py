@@ -15,7 +15,8 @@ boolean mask row of all False) are answered here with MLX's uniform weights,
 so what an implementation returns for them is never used.
 """
 
-from dataclasses import dataclass
+import difflib
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import mlx.core as mx
@@ -46,9 +47,25 @@ class Plan:
     implementation: str
     backend: str
     reason: str
+    #: How mlx-lm's attention is patched (``str(mlx_flash.patch_state())``);
+    #: filled in by ``explain``.
+    patch: str = ""
 
     def __str__(self) -> str:
-        return f"{self.implementation} ({self.backend}): {self.reason}"
+        text = f"{self.implementation} ({self.backend}): {self.reason}"
+        return f"{text}\n{self.patch}" if self.patch else text
+
+
+def check_variant(variant: str, where: str = "scaled_dot_product_attention") -> str:
+    """Return ``variant`` if it is one of ``VARIANTS``, else raise a
+    ``ValueError`` that names ``where`` it came from and suggests the closest."""
+    if variant in VARIANTS:
+        return variant
+    close = difflib.get_close_matches(str(variant), VARIANTS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ValueError(
+        f"[{where}] unknown variant '{variant}'{hint}. Choose one of {', '.join(VARIANTS)}."
+    )
 
 
 def _fail(message: str):
@@ -135,11 +152,7 @@ def _fused_unsupported(implementation: str, q, k, v, mask) -> Optional[str]:
 
 def plan(q, k, v, *, mask: Mask = None, sinks=None, variant: str = "auto") -> Plan:
     """Choose the implementation for already-checked inputs (see ``explain``)."""
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"[scaled_dot_product_attention] unknown variant '{variant}'. "
-            f"Choose one of {', '.join(VARIANTS)}."
-        )
+    check_variant(variant)
     if variant == "manual":
         return Plan(variant, "manual", "mlx ops", "requested")
     if variant == "mlx":
@@ -151,6 +164,8 @@ def plan(q, k, v, *, mask: Mask = None, sinks=None, variant: str = "auto") -> Pl
             "mlx ops",
             f"{variant} does not support attention sinks: using mx.fast.scaled_dot_product_attention",
         )
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return Plan(variant, "mlx", "mlx ops", "empty sequence: nothing to tile")
     if variant == "blockwise":
         return Plan(variant, "blockwise", "mlx ops", "requested")
 
@@ -159,8 +174,8 @@ def plan(q, k, v, *, mask: Mask = None, sinks=None, variant: str = "auto") -> Pl
             variant,
             "mlx",
             "mlx ops",
-            f"{q.shape[2]} queries is a decoding step: MLX's fused inference "
-            "kernel is the fastest there and its memory is already O(L)",
+            f"{q.shape[2]} queries (at most {DECODE_MAX_QUERIES}, as in decoding): "
+            "MLX's fused kernel is the fastest there and its memory is already O(L)",
         )
 
     if kernels.backend() is None:
@@ -180,11 +195,16 @@ def explain(q, k, v, *, mask: Mask = None, sinks=None, variant: str = "auto") ->
     """Which implementation ``scaled_dot_product_attention`` would run, and why.
 
     Takes the same arguments (``scale`` is not needed) and raises the same
-    errors. ``str()`` of the result reads like
-    ``"blockwise (mlx ops): practical: Metal is not available on this machine"``.
+    errors. ``str()`` of the result reads like::
+
+        blockwise (mlx ops): Metal is not available on this machine: using blockwise
+        mlx-lm attention is not patched
     """
+    from .patch import patch_state
+
     _check_inputs(q, k, v, mask, sinks)
-    return plan(q, k, v, mask=mask, sinks=sinks, variant=variant)
+    chosen = plan(q, k, v, mask=mask, sinks=sinks, variant=variant)
+    return replace(chosen, patch=str(patch_state()))
 
 
 def _run(implementation: str, q, k, v, scale: float, mask: Mask) -> mx.array:

@@ -11,7 +11,7 @@ Environment variables, for A/B runs without editing code:
 
 import os
 
-from .attention import VARIANTS
+from .attention import check_variant
 from .patch import patch
 
 _TRUE = ("1", "true", "yes", "on")
@@ -30,12 +30,7 @@ def _disabled() -> bool:
 
 def _variant() -> str:
     variant = os.environ.get("MLX_FLASH_VARIANT", "auto").strip() or "auto"
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"[mlx_flash.auto] MLX_FLASH_VARIANT='{variant}' is not a variant. "
-            f"Choose one of {', '.join(VARIANTS)}."
-        )
-    return variant
+    return check_variant(variant, "mlx_flash.auto: MLX_FLASH_VARIANT")
 
 
 if not _disabled():

@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .attention import VARIANTS
+from .attention import check_variant
 from .attention import scaled_dot_product_attention as flash_attention
 
 #: The text that marks a module calling MLX's fused attention directly.
@@ -239,10 +239,7 @@ def patch(variant: str = "auto") -> None:
     Args:
         variant: one of ``mlx_flash.VARIANTS``, passed to every attention call.
     """
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"[patch] unknown variant '{variant}'. Choose one of {', '.join(VARIANTS)}."
-        )
+    check_variant(variant, "patch")
     from mlx_lm.models import base
 
     with _lock:

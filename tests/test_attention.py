@@ -226,6 +226,23 @@ def test_sinks_give_mlx_answer(variant):
     assert float(mx.abs(out - without).max()) > 1e-3  # the sinks really count
 
 
+@pytest.mark.parametrize("variant", EDGE_VARIANTS)
+@pytest.mark.parametrize("q_len, k_len", [(0, 8), (8, 0), (0, 0)])
+def test_empty_sequences_like_mlx(variant, q_len, k_len):
+    q, k, v = inputs(1, 2, 2, q_len, k_len, 32)
+    for mask in (None, "causal"):
+        expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask)
+        out = mlx_flash.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask, variant=variant)
+        assert out.shape == expected.shape
+        np.testing.assert_array_equal(np.isnan(np.array(out)), np.isnan(np.array(expected)))
+
+
+def test_unknown_variant_suggests_the_closest():
+    q, k, v = inputs(1, 2, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="did you mean 'practical'"):
+        mlx_flash.scaled_dot_product_attention(q, k, v, scale=1.0, variant="practicle")
+
+
 def test_mixed_dtypes_promote_like_mlx():
     q, k, v = inputs(1, 2, 2, 9, 9, 32)
     out = mlx_flash.scaled_dot_product_attention(q.astype(mx.float16), k, v, scale=0.2, variant="blockwise")
@@ -301,6 +318,14 @@ def test_explain_names_the_fallback_without_metal():
     assert decode.implementation == "mlx" and "decoding" in decode.reason
     with_sinks = mlx_flash.explain(q, k, v, sinks=mx.zeros((2,)), variant="blockwise")
     assert with_sinks.implementation == "mlx" and "sinks" in with_sinks.reason
+
+
+def test_explain_reports_the_mlx_lm_patch():
+    q, k, v = inputs(1, 2, 2, 64, 64, 64)
+    assert "not patched" in str(mlx_flash.explain(q, k, v))
+    with mlx_flash.patched(variant="blockwise"):
+        assert "patched with variant 'blockwise'" in str(mlx_flash.explain(q, k, v))
+    assert "not patched" in mlx_flash.explain(q, k, v).patch
 
 
 def test_explain_checks_its_arguments():

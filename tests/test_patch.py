@@ -502,7 +502,7 @@ def test_import_auto_patches_on_import(monkeypatch, env, expected):
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"MLX_FLASH_VARIANT": "flash"}, "'flash' is not a variant. Choose one of auto, manual"),
+        ({"MLX_FLASH_VARIANT": "flash"}, "MLX_FLASH_VARIANT\\] unknown variant 'flash'.*Choose one of auto, manual"),
         ({"MLX_FLASH_DISABLE": "maybe"}, "MLX_FLASH_DISABLE='maybe' is not understood"),
     ],
 )
