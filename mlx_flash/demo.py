@@ -24,6 +24,11 @@ from . import fused, kernels
 #: Head dims the demo kernels are built for (``D == Dv``).
 HEAD_DIMS = (64, 80, 96, 128)
 
+#: Metal's limits per threadgroup on Apple GPUs: threadgroup memory in bytes
+#: and threads.
+MAX_THREADGROUP_BYTES = 32 * 1024
+MAX_THREADS = 1024
+
 #: Input dtypes the demo kernels run. float32 goes to ``practical``: float32
 #: operands double the threadgroup memory of every tile and halve what fits.
 DTYPES = (mx.float16, mx.bfloat16)
@@ -59,7 +64,8 @@ class Tiles:
 
     These are starting points chosen by those budgets, not by measurement on
     a Mac. To retune, assign ``mlx_flash.demo.TILES[dim] = Tiles(...)`` (it
-    is read at every launch) and time it with ``python -m mlx_flash.bench``.
+    is read and checked against Metal's limits at every launch) and time it
+    with ``python -m mlx_flash.bench``.
     """
 
     forward: Tuple[int, int]
@@ -71,6 +77,21 @@ class Tiles:
             sizes = getattr(self, name)
             if len(sizes) != 2 or any(s <= 0 or s % 8 for s in sizes):
                 raise ValueError(f"{name} tile sizes must be two positive multiples of 8, got {sizes}")
+        for name, threads in self.threads().items():
+            if threads > MAX_THREADS:
+                raise ValueError(
+                    f"demo {name} tile {getattr(self, name)} needs {threads} threads per "
+                    f"threadgroup; Metal allows at most {MAX_THREADS}"
+                )
+
+    def threads(self) -> dict:
+        """Threads per threadgroup of each kernel: 32 per SIMD group, one SIMD
+        group per 8 rows it owns (queries, or keys in dkv)."""
+        return {
+            "forward": self.forward[0] // 8 * 32,
+            "dq": self.dq[0] // 8 * 32,
+            "dkv": self.dkv[1] // 8 * 32,
+        }
 
     def threadgroup_bytes(self, head_dim: int) -> dict:
         """Threadgroup memory of each kernel at ``head_dim``, in bytes (at most
@@ -84,6 +105,17 @@ class Tiles:
             "dq": 2 * max(dq_bq, dq_bk) * row,
             "dkv": 2 * max(dkv_bq, dkv_bk) * row + 8 * dkv_bq,
         }
+
+    def check(self, head_dim: int):
+        """Raise ValueError if a kernel would need more threadgroup memory at
+        ``head_dim`` than Metal allows (the pipeline would fail to build)."""
+        for name, size in self.threadgroup_bytes(head_dim).items():
+            if size > MAX_THREADGROUP_BYTES:
+                raise ValueError(
+                    f"demo {name} tile {getattr(self, name)} at head dim {head_dim} needs "
+                    f"{size} bytes of threadgroup memory; Metal allows at most "
+                    f"{MAX_THREADGROUP_BYTES}"
+                )
 
 
 # Budgets per kernel (threadgroup memory; registers per lane), from the
@@ -135,6 +167,12 @@ def _template(q, rows: int, cols: int, mask: fused.MaskSpec):
     return [("T", q.dtype), ("D", q.shape[-1]), ("BQ", rows), ("BK", cols), ("MASK", mask.kind)]
 
 
+def _tiles(head_dim: int) -> Tiles:
+    tiles = TILES[head_dim]
+    tiles.check(head_dim)
+    return tiles
+
+
 def _grid(n_rows: int, tile_rows: int, heads: int, batch: int):
     """Grid and threadgroup for one threadgroup of ``tile_rows / 8`` SIMD
     groups per (tile of ``n_rows``, head, batch); the grid counts threads."""
@@ -147,7 +185,7 @@ def forward(q, k, v, scale: float, mask: fused.MaskSpec):
     """``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, lse ``(B, Hq, Lq)``
     float32 in log2 units (read only by the demo backward kernels)."""
     B, n_q_heads, q_len, head_dim = q.shape
-    bq, bk = TILES[head_dim].forward
+    bq, bk = _tiles(head_dim).forward
     grid, threadgroup = _grid(q_len, bq, n_q_heads, B)
     kernel = _kernel("demo_forward", ("q", "k", "v", "mask", "params", "fparams"), ("out", "lse"))
     out, lse = kernels.launch(
@@ -168,7 +206,7 @@ _BACKWARD_INPUTS = ("q", "k", "v", "mask", "params", "fparams", "dout", "lse", "
 def dkdv(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
     """``(dk, dv)``, each ``(B, Hkv, Lk, D)`` in q's dtype."""
     B, n_kv_heads, k_len, head_dim = k.shape
-    bq, bk = TILES[head_dim].dkv
+    bq, bk = _tiles(head_dim).dkv
     grid, threadgroup = _grid(k_len, bk, n_kv_heads, B)
     kernel = _kernel("demo_backward_dkv", _BACKWARD_INPUTS, ("dk", "dv"))
     dk, dv = kernels.launch(
@@ -186,7 +224,7 @@ def dkdv(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
 def dq(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
     """``dq``, ``(B, Hq, Lq, D)`` in q's dtype."""
     B, n_q_heads, q_len, head_dim = q.shape
-    bq, bk = TILES[head_dim].dq
+    bq, bk = _tiles(head_dim).dq
     grid, threadgroup = _grid(q_len, bq, n_q_heads, B)
     kernel = _kernel("demo_backward_dq", _BACKWARD_INPUTS, ("dq",))
     (grad_q,) = kernels.launch(

@@ -57,12 +57,14 @@ def tile_sizes(head_dim: int, value_dim: int) -> dict:
     per_lane = max(-(-head_dim // 32), -(-value_dim // 32))
     rows = 4 if per_lane <= 4 else 2
     padded = 32 * (-(-head_dim // 32) + -(-value_dim // 32))
-    tile = 8
-    for candidate in (32, 16):
-        if candidate * padded * 4 <= TILE_BYTES:
-            tile = candidate
-            break
-    return {"rows": rows, "tile": tile}
+    for tile in (32, 16, 8):
+        if tile * padded * 4 <= TILE_BYTES:
+            return {"rows": rows, "tile": tile}
+    raise ValueError(
+        f"head dims {head_dim} and {value_dim}: even an 8-row tile needs "
+        f"{8 * padded * 4} bytes of threadgroup memory, over the {TILE_BYTES} "
+        f"practical allows (head dims up to {MAX_HEAD_DIM})"
+    )
 
 
 def unsupported_reason(q, k, v, mask) -> Optional[str]:

@@ -389,6 +389,23 @@ def test_tiles_fit_threadgroup_memory():
         demo.Tiles(forward=(32, 12), dq=(32, 32), dkv=(32, 32))
 
 
+def test_tiles_over_metal_limits_are_refused(monkeypatch):
+    # 33 SIMD groups of 32 threads: more than a threadgroup may have.
+    with pytest.raises(ValueError, match=r"dkv tile \(32, 264\) needs 1056 threads.*1024"):
+        demo.Tiles(forward=(32, 32), dq=(32, 32), dkv=(32, 264))
+    # Retuning is checked at launch, where the head dim is known: a forward K/V
+    # tile of 64 keys stages 2 * 64 rows of D + 8 halves, which fits at D = 64
+    # (18432 bytes) but not at D = 128.
+    big = demo.Tiles(forward=(32, 64), dq=(32, 16), dkv=(16, 32))
+    big.check(64)
+    monkeypatch.setitem(demo.TILES, 128, big)
+    q, k, v, _ = _inputs(1, 1, 1, 8, 8, 128, mx.float16, seed=0)
+    too_big = r"forward tile \(32, 64\) at head dim 128 needs 34816 bytes.*32768"
+    with pytest.raises(ValueError, match=too_big):
+        with _on("emulator"):
+            demo.attention(q, k, v, 0.1, None)
+
+
 if mx.metal.is_available():
 
     def test_compile_on_metal():

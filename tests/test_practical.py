@@ -296,6 +296,9 @@ def test_tile_sizes_fit_threadgroup_memory():
             padded = 32 * (math.ceil(dim / 32) + math.ceil(value_dim / 32))
             assert sizes["tile"] * padded * 4 <= practical.TILE_BYTES <= 32 * 1024
             assert 1 <= sizes["tile"] <= 32
+    # Past MAX_HEAD_DIM no tile fits: refused, never launched over Metal's limit.
+    with pytest.raises(ValueError, match="20480 bytes of threadgroup memory, over the 16384"):
+        practical.tile_sizes(320, 320)
 
 
 def test_unsupported_reason():
