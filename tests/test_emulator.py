@@ -444,6 +444,38 @@ def test_threadgroup_memory_starts_poisoned():
     assert np.array(out)[0] == 63
 
 
+TG_MEMORY = kernel(
+    "emu_tg_memory",
+    ["x"],
+    ["out"],
+    """
+    // A 16 KB block and a second one of N floats.
+    threadgroup float a[4096];
+    threadgroup float b[N];
+    uint t = thread_index_in_threadgroup;
+    a[t] = x[t];
+    b[t] = 2.0f * x[t];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[t] = a[31 - t] + b[t];
+    """,
+)
+
+
+def test_threadgroup_memory_is_capped_at_32_kb_as_on_metal():
+    x = mx.arange(32, dtype=mx.float32)
+    call = dict(
+        inputs=[x], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+        output_shapes=[(32,)], output_dtypes=[mx.float32],
+    )
+    # Exactly 32 KB fits.
+    (out,) = emulator.run(TG_MEMORY, template=[("N", 4096)], **call)
+    np.testing.assert_array_equal(np.array(out), np.arange(31, -1, -1) + 2 * np.arange(32))
+    # One 16-byte granule more does not.
+    too_much = r"32784 bytes .*exceeds 32768 bytes \(32 KB\)"
+    with pytest.raises(emulator.EmulatorError, match=too_much):
+        emulator.run(TG_MEMORY, template=[("N", 4100)], **call)
+
+
 EARLY_RETURN = kernel(
     "emu_early_return",
     ["x"],

@@ -1412,7 +1412,9 @@ inline const Slot* simd_exchange(
 
 // Threadgroup memory: one block per declaration per threadgroup, filled with
 // 0xff bytes (NaN in every float type, -1 in integers) so that a read before
-// the first write shows in the results.
+// the first write shows in the results. Blocks start at 16-byte boundaries,
+// the granularity Metal allocates threadgroup memory in, and together may not
+// pass Metal's limit of 32 KB per threadgroup.
 template <class T>
 inline T& tg_var(const void* key, const char* name) {
   for (int i = 0; i < rt->n_tg_vars; i++) {
@@ -1420,9 +1422,19 @@ inline T& tg_var(const void* key, const char* name) {
       return *reinterpret_cast<T*>(rt->tg_vars[i].ptr);
     }
   }
-  size_t at = (rt->tg_used + 63) & ~size_t(63);
-  if (at + sizeof(T) > rt->tg_cap || rt->n_tg_vars == 64) {
-    fail(2, "threadgroup memory exceeds 64 KB (Metal allows 32 KB)");
+  size_t at = (rt->tg_used + 15) & ~size_t(15);
+  if (at + sizeof(T) > rt->tg_cap) {
+    char text[200];
+    __builtin_snprintf(
+        text, sizeof(text),
+        "threadgroup memory of %zu bytes (with `%s`) exceeds %zu bytes (32 KB), "
+        "the most Metal allows per threadgroup",
+        at + sizeof(T), name, rt->tg_cap);
+    fail(2, text);
+    park(W_NONE, "error", 0);
+  }
+  if (rt->n_tg_vars == 64) {
+    fail(2, "more than 64 threadgroup memory declarations");
     park(W_NONE, "error", 0);
   }
   void* p = rt->tg_mem + at;
@@ -2017,7 +2029,7 @@ extern "C" int mtl_run(
   r.fibers = new Fiber[max_threads];
   r.order = new int[max_threads];
   r.simd = new Simd[(max_threads + 31) / 32];
-  r.tg_cap = 1 << 16;
+  r.tg_cap = 32 * 1024; // Metal's threadgroup memory limit
   r.tg_mem = new unsigned char[r.tg_cap];
   if (tracing) {
     r.shadow = new Shadow[r.tg_cap];
