@@ -10,7 +10,7 @@ flushed after every iteration so an interrupted run keeps what it did.
 import json
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import mlx.core as mx
 
@@ -20,15 +20,26 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
-def write_text(path: Path, text: str) -> None:
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, sync it, rename it over ``path``.
+
+    The sync comes before the rename so that a crash cannot leave ``path``
+    naming a file whose contents never reached the disk.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, value) -> None:
@@ -36,20 +47,11 @@ def write_json(path: Path, value) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_safetensors(path: Path, arrays: Dict[str, mx.array]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: mx.save_safetensors(str(tmp), arrays))
 
 
 def read_jsonl(path: Path) -> List[dict]:
