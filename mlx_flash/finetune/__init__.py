@@ -8,6 +8,7 @@ Modules, one idea each:
 - ``train``: one run with one attention variant on mlx-lm's LoRA pieces,
   timed per iteration.
 - ``report``: the comparison of variants (Markdown, JSON, PNG).
+- ``packing``: ``pack_sequences``, examples packed into full-length rows.
 - ``progress``: the stderr progress bar.
 - ``files``: atomic writes and the flushed metrics stream.
 
@@ -20,7 +21,9 @@ What a run writes, under ``output.dir`` (or ``--out``), per variant::
                                               peak_memory_bytes, learning_rate
                                               (val_loss where validation ran)
     <variant>/summary.json                    total time, median/p95 iteration,
-                                              peak memory, final losses, and the
+                                              peak memory, losses (final_train_loss:
+                                              the last iteration's; train_loss_last10:
+                                              the mean of the last 10), and the
                                               attention implementation that ran
     compare.md, compare.json, compare.png     with two or more variants
 """

@@ -10,6 +10,11 @@ mlx-lm config reads naturally) plus two sections of its own::
       dir: runs/quickstart       # metrics, reports and adapters go here
       plot: true                 # compare.png when matplotlib is installed
 
+``optimizer_config`` and ``lr_schedule`` are mlx-lm's free-form mappings
+(``optimizer_config: {adamw: {weight_decay: 0.01}}``); they are checked by
+building the optimizer and schedule. ``pack_sequences: true`` (not an mlx-lm
+key) packs the examples into rows of ``max_seq_length`` tokens (packing.py).
+
 Every problem with a recipe raises ``RecipeError`` with a one-line message
 that names the key or file; the command line turns it into exit status 2.
 
@@ -22,6 +27,8 @@ working directory too.
 
 import copy
 import difflib
+import inspect
+import os
 import re
 import types
 from pathlib import Path
@@ -49,8 +56,9 @@ _Loader.add_implicit_resolver(
 
 _REQUIRED = object()
 
-# key -> (accepted types, default). A dict default is a nested section whose
-# own keys are checked the same way.
+# key -> (accepted types, default). The sections named in SECTIONS have their
+# own keys, checked the same way; other mappings (optimizer_config,
+# lr_schedule) are free-form, as in mlx-lm, and checked by building them.
 LORA_PARAMETERS = {
     "rank": (int, 8),
     "scale": ((int, float), 20.0),
@@ -88,15 +96,19 @@ SCHEMA = {
     "grad_checkpoint": (bool, False),
     "grad_accumulation_steps": (int, 1),
     "mask_prompt": (bool, False),
+    # Not an mlx-lm key: lay examples end to end in max_seq_length rows (packing.py).
+    "pack_sequences": (bool, False),
     "text_feature": (str, "text"),
     "prompt_feature": (str, "prompt"),
     "completion_feature": (str, "completion"),
     "chat_feature": (str, "messages"),
-    "lora_parameters": (dict, LORA_PARAMETERS),
+    "lora_parameters": (dict, {}),
     "resume": (bool, False),
-    "attention": (dict, ATTENTION),
-    "output": (dict, OUTPUT),
+    "attention": (dict, {}),
+    "output": (dict, {}),
 }
+
+SECTIONS = {"lora_parameters": LORA_PARAMETERS, "attention": ATTENTION, "output": OUTPUT}
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
@@ -139,20 +151,23 @@ def _unknown(key: str, choices) -> RecipeError:
 
 
 def _check(values: dict, schema: dict, prefix: str = "") -> dict:
-    """Defaults filled in, unknown keys and wrong types rejected."""
+    """Defaults filled in, unknown keys and wrong types rejected.
+
+    Only top-level keys named in ``SECTIONS`` are nested sections.
+    """
     for key in values:
         if key not in schema:
             raise _unknown(prefix + key, schema)
     checked = {}
     for key, (types_, default) in schema.items():
         name = prefix + key
-        if isinstance(default, dict) and types_ is dict:
+        if not prefix and key in SECTIONS:
             section = values.get(key, {})
             if section is None:
                 section = {}
             if not isinstance(section, dict):
                 raise RecipeError(f"{name}: expected a mapping, got {section!r}")
-            checked[key] = _check(section, default, name + ".")
+            checked[key] = _check(section, SECTIONS[key], name + ".")
             continue
         if key not in values:
             if default is _REQUIRED:
@@ -172,6 +187,13 @@ def _get(values: dict, dotted: str):
     for part in dotted.split("."):
         values = values[part]
     return values
+
+
+# Free-form mappings: --set gives them whole, as YAML.
+WHOLE_MAPPINGS = {
+    "optimizer_config": "'optimizer_config={adamw: {weight_decay: 0.01}}'",
+    "lr_schedule": "'lr_schedule={name: cosine_decay, arguments: [1e-5, 1000], warmup: 100}'",
+}
 
 
 def parse_override(text: str) -> tuple:
@@ -197,12 +219,16 @@ def _apply_override(values: dict, key: str, value) -> None:
         if depth == len(parts) - 1:
             node[part] = value
             return
-        _, default = schema[part]
-        if not isinstance(default, dict):
-            raise RecipeError(f"--set {key}: '{'.'.join(parts[: depth + 1])}' has no sub-keys")
+        if depth > 0 or part not in SECTIONS:
+            section = ".".join(parts[: depth + 1])
+            if part in WHOLE_MAPPINGS:
+                raise RecipeError(
+                    f"--set {key}: '{section}' is set as a whole mapping, e.g. --set {WHOLE_MAPPINGS[part]}"
+                )
+            raise RecipeError(f"--set {key}: '{section}' has no sub-keys")
         if not isinstance(node.get(part), dict):
             node[part] = {}
-        node, schema = node[part], default
+        node, schema = node[part], SECTIONS[part]
 
 
 def read_yaml(path: Path) -> dict:
@@ -227,19 +253,25 @@ def read_yaml(path: Path) -> dict:
 def find_recipe(name: str) -> Path:
     """``name`` as a path, or else a recipe shipped in ``mlx_flash.recipes``.
 
-    So ``recipes/quickstart.yaml`` (and plain ``quickstart``) work from an
-    installed wheel as they do from the repository root.
+    Only a bare name (``quickstart`` or ``quickstart.yaml``: no folder part)
+    that is not a file here falls back to the shipped recipe of that name, so
+    ``quickstart`` works from an installed wheel; so does the repository path
+    the documentation uses, ``recipes/quickstart.yaml``. Any other path
+    (``./quickstart.yaml``, ``mine/quickstart.yaml``) means that file and no
+    other: if it is missing, that is an error, not a silent substitute.
     """
     path = Path(name).expanduser()
     if path.exists():
         return path
-    from importlib.resources import files
+    parts = name.replace(os.sep, "/").split("/")
+    bare = len(parts) == 1 or (len(parts) == 2 and parts[0] == "recipes" and path.suffix == ".yaml")
+    if bare and not name.startswith("~") and path.suffix in ("", ".yaml"):
+        from importlib.resources import files
 
-    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
-    shipped = Path(str(files("mlx_flash.recipes"))) / f"{stem}.yaml"
-    if shipped.exists():
-        return shipped
-    raise RecipeError(f"{name}: no such recipe file")
+        shipped = Path(str(files("mlx_flash.recipes"))) / f"{path.stem if path.suffix else path.name}.yaml"
+        if shipped.is_file():
+            return shipped
+    raise RecipeError(f"recipe file not found: {name}")
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -285,6 +317,8 @@ def _validate(values: dict) -> None:
         )
     if values["optimizer"] not in OPTIMIZERS:
         raise RecipeError(f"optimizer: unknown value '{values['optimizer']}' (choose from {', '.join(OPTIMIZERS)})")
+    if values["num_layers"] != -1 and values["num_layers"] < 1:
+        raise RecipeError(f"num_layers: must be -1 (every layer) or at least 1, got {values['num_layers']}")
     if not 0.0 <= values["lora_parameters"]["dropout"] < 1.0:
         raise RecipeError(f"lora_parameters.dropout: must be in [0, 1), got {values['lora_parameters']['dropout']}")
     attention = values["attention"]
@@ -297,10 +331,73 @@ def _validate(values: dict) -> None:
             raise RecipeError(f"{key}: unknown variant {variant!r} (choose from {', '.join(VARIANTS)}{hint})")
     if len(set(attention["compare"])) != len(attention["compare"]):
         raise RecipeError("attention.compare: each variant may appear only once")
-    if values["lr_schedule"] is not None:
-        schedule = values["lr_schedule"]
-        if "name" not in schedule or "arguments" not in schedule:
-            raise RecipeError("lr_schedule: needs 'name' and 'arguments' (as in mlx-lm)")
+    if values["pack_sequences"] and values["mask_prompt"]:
+        raise RecipeError("pack_sequences: packed rows have no prompt to mask; set mask_prompt: false")
+    _check_schedule(values["lr_schedule"])
+    for name, options in values["optimizer_config"].items():
+        if name not in OPTIMIZERS:
+            raise _unknown(f"optimizer_config.{name}", OPTIMIZERS)
+        if options is None:
+            continue
+        if not isinstance(options, dict):
+            raise RecipeError(f"optimizer_config.{name}: expected a mapping of options, got {options!r}")
+        # Building the optimizer is the check mlx itself makes of its options.
+        try:
+            build_optimizer(name, {name: options}, values["learning_rate"])
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"optimizer_config.{name}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _schedules() -> List[str]:
+    """Names of the schedules ``lr_schedule.name`` may take (mlx.optimizers.schedulers)."""
+    import mlx.optimizers.schedulers as schedulers
+
+    return [
+        name
+        for name, fn in vars(schedulers).items()
+        if inspect.isfunction(fn) and fn.__module__ == schedulers.__name__ and name != "join_schedules"
+    ]
+
+
+def _check_schedule(schedule: Optional[dict]) -> None:
+    if schedule is None:
+        return
+    if "name" not in schedule or "arguments" not in schedule:
+        raise RecipeError("lr_schedule: needs 'name' and 'arguments' (as in mlx-lm)")
+    for key in schedule:
+        if key not in ("name", "arguments", "warmup", "warmup_init"):
+            raise _unknown(f"lr_schedule.{key}", ("name", "arguments", "warmup", "warmup_init"))
+    names = _schedules()
+    if schedule["name"] not in names:
+        close = difflib.get_close_matches(str(schedule["name"]), names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"lr_schedule.name: unknown schedule {schedule['name']!r} (choose from {', '.join(names)}{hint})")
+    if not isinstance(schedule["arguments"], list) or not schedule["arguments"]:
+        raise RecipeError(f"lr_schedule.arguments: expected a non-empty list, got {schedule['arguments']!r}")
+    try:
+        build_schedule(schedule)(0)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"lr_schedule: cannot build {schedule['name']}: {_first_line(e)}") from None
+
+
+def build_schedule(schedule: dict):
+    """The learning-rate schedule an mlx-lm ``lr_schedule`` mapping describes."""
+    from mlx_lm.tuner.utils import build_schedule as mlx_lm_build_schedule
+
+    return mlx_lm_build_schedule(schedule)
+
+
+def build_optimizer(name: str, options: dict, learning_rate, lr_schedule: Optional[dict] = None):
+    """``mlx.optimizers`` optimizer ``name`` with ``options[name]`` as keywords."""
+    import mlx.optimizers as optim
+
+    kind = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor}
+    rate = build_schedule(lr_schedule) if lr_schedule else learning_rate
+    return kind[name](learning_rate=rate, **(options.get(name) or {}))
 
 
 def load_recipe(
