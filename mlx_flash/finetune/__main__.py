@@ -87,7 +87,20 @@ def _clear(run_dir: Path, adapters: Path) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    state = {"variant": None, "finished": 0, "out_dir": None}
+    try:
+        return _main(args, state)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training loop (which saves and reports itself):
+        # while importing, loading, or writing the report.
+        where = f" during the {state['variant']} run" if state["variant"] else ""
+        done = f"; {state['finished']} finished run(s) are under {state['out_dir']}" if state["finished"] else ""
+        print(f"mlx_flash.finetune: interrupted{where}{done}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
+
+def _main(args, state: dict) -> int:
+    """The command; ``state`` says how far it got, for the Ctrl-C message."""
     import mlx.core as mx
 
     from . import files, report, train
@@ -99,6 +112,7 @@ def main(argv=None) -> int:
         return _fail(str(e))
 
     out_dir = Path(recipe.output["dir"])
+    state["out_dir"] = out_dir
     runs = [(variant, out_dir / variant) for variant in recipe.variants]
     if args.check:
         import yaml
@@ -107,6 +121,8 @@ def main(argv=None) -> int:
 
         print(yaml.safe_dump(recipe_dict(recipe), sort_keys=False).rstrip())
         print(f"# recipe {recipe.recipe}: valid; runs {', '.join(recipe.variants)} into {out_dir}")
+        for variant, run_dir in runs:
+            print(f"# {variant}: metrics in {run_dir}, adapters in {train.adapter_dir(recipe, run_dir)}")
         return 0
 
     problem = None
@@ -139,13 +155,16 @@ def main(argv=None) -> int:
     summaries, metrics = [], {}
     try:
         for variant, run_dir in runs:
+            state["variant"] = variant
             summary = train.run(recipe, variant, run_dir)
+            state["finished"] += 1
             if rank == 0:
                 timing = ""
                 if summary["median_iteration_s"] is not None:
                     timing = (
                         f"; median iteration {summary['median_iteration_s'] * 1e3:.1f} ms, "
-                        f"final loss {summary['final_train_loss']:.3f}"
+                        f"train loss {summary['final_train_loss']:.3f} at the last iteration, "
+                        f"{summary['train_loss_last10']:.3f} mean of the last 10"
                     )
                 print(
                     f"[{variant}] ran {summary['attention_plan']}{timing}; adapters in {summary['adapter_path']}",
@@ -153,18 +172,11 @@ def main(argv=None) -> int:
                 )
                 summaries.append(summary)
                 metrics[variant] = files.read_jsonl(run_dir / train.METRICS_FILE)
+        state["variant"] = None
     except RecipeError as e:
         return _fail(str(e))
     except train.Interrupted as e:
         print(f"mlx_flash.finetune: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        # Ctrl-C while a run was loading, before its loop had anything to save.
-        print(
-            f"mlx_flash.finetune: interrupted while loading the {variant} run; "
-            f"{len(summaries)} finished run(s) are under {out_dir}",
-            file=sys.stderr,
-        )
         return EXIT_INTERRUPTED
 
     if rank == 0 and len(runs) > 1:

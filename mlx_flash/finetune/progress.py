@@ -28,6 +28,7 @@ class Progress:
         self.width = width
         self.interactive = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.first = first
+        # it/s counts from here: make the bar just before the first iteration.
         self.start = time.perf_counter()
         self.open_line = False
 
@@ -51,15 +52,6 @@ class Progress:
             self.open_line = True
         elif iteration % self.every == 0 or iteration == self.total or val_loss is not None:
             self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.open_line:
-            self.stream.write("\n")
-            self.open_line = False
-        self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:

@@ -17,24 +17,26 @@ A run writes into its folder::
     summary.json                    totals, median and p95 iteration time, losses
 """
 
-import os
-import platform
+import json
 import time
-import types
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..attention import explain
+from ..bench.harness import _percentile as percentile
+from ..bench.machine import describe
 from ..patch import patched
 from . import builtin, files
+from . import config
 from .config import RecipeError, recipe_dict
+from .packing import PackedDataset
 from .progress import Progress
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -85,31 +87,50 @@ def attach_adapters(model: nn.Module, recipe) -> None:
             recipe.lora_parameters,
             use_dora=recipe.fine_tune_type == "dora",
         )
+    if not tree_flatten(model.trainable_parameters()):
+        # mlx-lm would only fail later, inside value_and_grad, with nothing to
+        # differentiate.
+        layers = n_layers if recipe.num_layers == -1 else recipe.num_layers
+        linear = sorted(name for name, m in model.layers[-1].named_modules() if isinstance(m, nn.Linear))
+        raise RecipeError(
+            f"lora_parameters.keys: no layer matches {recipe.lora_parameters['keys']} in the last {layers} "
+            f"layer(s); the linear layers there are {', '.join(linear)}"
+        )
 
 
 def load_data(recipe, tokenizer):
-    """``(train, valid, test)`` as mlx-lm ``CacheDataset`` objects."""
+    """``(train, valid, test)`` as mlx-lm ``CacheDataset`` objects, or packed
+    into ``max_seq_length`` rows (``PackedDataset``) with ``pack_sequences``."""
     from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 
+    for name in ("train", "valid", "test"):
+        # mlx-lm reads the first record to tell the format, and fails on an
+        # empty file with an IndexError that names nothing.
+        path = Path(recipe.data) / f"{name}.jsonl"
+        if path.exists() and not _has_a_record(path):
+            raise RecipeError(f"data: {path} is empty")
     try:
         sets = load_local_dataset(Path(recipe.data), tokenizer, recipe)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"data: {recipe.data}: cannot read ({type(e).__name__}: {e})") from None
     except ValueError as e:
-        raise RecipeError(f"data: {recipe.data}: {str(e).splitlines()[0]}") from None
+        # mlx-lm's format message puts its link on a second line.
+        raise RecipeError(f"data: {recipe.data}: {' '.join(str(e).split())}") from None
     except Exception as e:  # noqa: BLE001 - a malformed JSONL line, for example
         raise RecipeError(f"data: {recipe.data}: cannot read ({type(e).__name__}: {e})") from None
-    train, valid, test = sets
-    if len(train) == 0:
-        raise RecipeError(f"data: {Path(recipe.data) / 'train.jsonl'} is empty")
-    return CacheDataset(train), CacheDataset(valid), CacheDataset(test)
+    sets = [CacheDataset(s) for s in sets]
+    if recipe.pack_sequences:
+        sets = [PackedDataset(s, recipe.max_seq_length, recipe.batch_size) if len(s) else s for s in sets]
+    return tuple(sets)
+
+
+def _has_a_record(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return any(line.strip() for line in f)
 
 
 def build_optimizer(recipe):
-    from mlx_lm.tuner.utils import build_schedule
-
-    learning_rate = build_schedule(recipe.lr_schedule) if recipe.lr_schedule else recipe.learning_rate
-    kind = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor}
-    options = recipe.optimizer_config.get(recipe.optimizer, {})
-    return kind[recipe.optimizer](learning_rate=learning_rate, **options)
+    return config.build_optimizer(recipe.optimizer, recipe.optimizer_config, recipe.learning_rate, recipe.lr_schedule)
 
 
 def geometry(model: nn.Module, config: dict) -> dict:
@@ -134,17 +155,31 @@ def attention_plan(shape: dict, batch_size: int, length: int, variant: str):
     return explain(q, kv, kv, mask="causal", variant=variant)
 
 
-_checkpointed = set()
+@contextmanager
+def grad_checkpointing(layer: nn.Module, enabled: bool = True):
+    """Checkpoint every layer of ``layer``'s class while the block runs.
 
-
-def _grad_checkpoint(layer) -> None:
-    # mlx-lm's helper wraps the layer class's __call__; wrapping it again for
-    # the next variant of a comparison would nest the checkpoints.
+    mlx-lm's ``grad_checkpoint`` replaces the class's ``__call__`` for the
+    rest of the process; putting it back afterwards keeps a later run in the
+    same process (the next variant of a comparison, or a run with
+    ``grad_checkpoint: false``) from inheriting or nesting it.
+    """
+    if not enabled:
+        yield
+        return
     from mlx_lm.tuner.trainer import grad_checkpoint
 
-    if type(layer) not in _checkpointed:
-        grad_checkpoint(layer)
-        _checkpointed.add(type(layer))
+    cls = type(layer)
+    own = "__call__" in vars(cls)
+    original = vars(cls).get("__call__")
+    grad_checkpoint(layer)
+    try:
+        yield
+    finally:
+        if own:
+            cls.__call__ = original
+        else:
+            del cls.__call__
 
 
 def _from_rank0(model: nn.Module, start: int, rank: int) -> int:
@@ -165,10 +200,6 @@ def compile_step() -> bool:
     return mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
 
 
-def _percentile(values, q) -> Optional[float]:
-    return float(np.percentile(np.array(values), q)) if values else None
-
-
 def summarize(records, *, variant, plan, iters, interrupted, elapsed, extra) -> dict:
     """Totals of a run from its per-iteration ``records``."""
     times = [r["wall_s"] for r in records]
@@ -177,7 +208,7 @@ def summarize(records, *, variant, plan, iters, interrupted, elapsed, extra) -> 
     steady = [r["wall_s"] for r in records if not r.get("warmup")] or times
     tokens = sum(r["tokens"] for r in records)
     val = [r for r in records if r.get("val_loss") is not None]
-    tail = [r["loss"] for r in records[-10:]]
+    last10 = [r["loss"] for r in records[-10:]]
     return {
         "variant": variant,
         "implementation": plan.implementation,
@@ -188,29 +219,26 @@ def summarize(records, *, variant, plan, iters, interrupted, elapsed, extra) -> 
         "interrupted": interrupted,
         "total_time_s": elapsed,
         "train_time_s": float(sum(times)),
-        "median_iteration_s": _percentile(steady, 50),
-        "p95_iteration_s": _percentile(steady, 95),
+        "median_iteration_s": percentile(steady, 50) if steady else None,
+        "p95_iteration_s": percentile(steady, 95) if steady else None,
         "first_iteration_s": times[0] if times else None,
         "tokens": tokens,
         "tokens_per_s": tokens / sum(times) if times and sum(times) > 0 else None,
         "peak_memory_bytes": max((r["peak_memory_bytes"] for r in records), default=None),
         "first_train_loss": records[0]["loss"] if records else None,
-        "final_train_loss": float(np.mean(tail)) if tail else None,
+        "final_train_loss": records[-1]["loss"] if records else None,
+        # The last iteration's loss is one batch's; this is steadier.
+        "train_loss_last10": float(np.mean(last10)) if last10 else None,
         "final_val_loss": val[-1]["val_loss"] if val else None,
         **extra,
     }
 
 
 def environment() -> dict:
+    """The machine (as the benchmarks describe it) and the software versions."""
     import mlx_lm
 
-    return {
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
-        "device": str(mx.default_device()),
-        "metal": mx.metal.is_available(),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-    }
+    return {"machine": describe(), "device": str(mx.default_device()), "mlx_lm": mlx_lm.__version__}
 
 
 def run(recipe, variant: str, run_dir: Path) -> dict:
@@ -274,8 +302,6 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
             files.write_safetensors(adapters / f"{iteration:07d}_{ADAPTER_FILE}", weights)
 
     optimizer = build_optimizer(recipe)
-    if recipe.grad_checkpoint:
-        _grad_checkpoint(model.layers[0])
     loss_and_grad = nn.value_and_grad(model, default_loss)
     accumulate = recipe.grad_accumulation_steps
     state = [model.state, optimizer.state, mx.random.state]
@@ -314,7 +340,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         model.train()
         return loss
 
-    progress = Progress(recipe.iters, variant, every=recipe.steps_per_report, enabled=writer, first=start)
+    progress = None
     batches = iterate_batches(
         dataset=train_set,
         batch_size=recipe.batch_size,
@@ -327,13 +353,15 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     extra = {"rank_count": world_size, "compiled_step": compiled, "attention_plan": str(plan), **environment()}
     interrupted = False
     iteration = start - 1
-    with patched(variant):
+    with patched(variant), grad_checkpointing(model.layers[0], recipe.grad_checkpoint):
         try:
             # Skip what a resumed run already trained on, to keep the batch order.
             for _ in range(start - 1):
                 next(batches)
             extra["initial_val_loss"] = validate(valid_set, recipe.val_batches) if start == 1 else None
             model.train()
+            # Made here so that its clock (it/s) leaves out the initial validation.
+            progress = Progress(recipe.iters, variant, every=recipe.steps_per_report, enabled=writer, first=start)
             grad = None
             for iteration in range(start, recipe.iters + 1):
                 batch, lengths = next(batches)
@@ -371,7 +399,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             save()
             if writer:
                 metrics.close()
