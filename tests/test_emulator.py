@@ -528,6 +528,48 @@ def test_double_is_a_compile_error_showing_the_line():
     assert ">>" in message and "double wide = x[i];" in message
 
 
+def _fragment_copy(tile_type, out_cast):
+    # Loads an 8x8 float fragment from a threadgroup tile of `tile_type` and
+    # stores it through `out_cast(out)`.
+    return kernel(
+        f"emu_fragment_{tile_type}_{'cast' if out_cast else 'plain'}",
+        ["x"],
+        ["out"],
+        f"""
+        threadgroup {tile_type} tile[64];
+        uint t = thread_index_in_simdgroup;
+        tile[t] = x[t];
+        tile[t + 32] = x[t + 32];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        simdgroup_matrix<float, 8, 8> m;
+        simdgroup_load(m, tile, 8);
+        simdgroup_store(m, {out_cast}(out), 8);
+        """,
+    )
+
+
+@pytest.mark.parametrize(
+    "tile_type, out_cast, wrong",
+    [
+        ("half", "", "simdgroup_load(m, tile, 8);"),  # float fragment from a half tile
+        ("float", "(device half*)", "simdgroup_store(m, (device half*)(out), 8);"),
+    ],
+)
+def test_simdgroup_load_store_take_the_fragments_element_type(tile_type, out_cast, wrong):
+    # Metal's simdgroup_load / simdgroup_store take a pointer to the matrix's
+    # element type; a mismatch fails to compile here as it does on Metal.
+    x = mx.arange(64, dtype=mx.float32)
+    call = dict(
+        inputs=[x], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+        output_shapes=[(64,)], output_dtypes=[mx.float32],
+    )
+    (out,) = emulator.run(_fragment_copy("float", ""), **call)
+    np.testing.assert_array_equal(np.array(out), np.arange(64))
+    with pytest.raises(emulator.CompileError) as info:
+        emulator.run(_fragment_copy(tile_type, out_cast), **call)
+    assert re.search(r">>.*" + re.escape(wrong), str(info.value))
+
+
 def test_schedules_are_deterministic_and_validated():
     x = mx.arange(64, dtype=mx.float32)
     call = dict(

@@ -1682,10 +1682,14 @@ inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) {
   return make_filled_simdgroup_matrix<T>(v);
 }
 
-template <class T, class U>
+// Metal's simdgroup_load and simdgroup_store take a pointer to the matrix's
+// own element type: a float fragment cannot be loaded from a half tile. One
+// template parameter for both arguments makes such a call fail to compile
+// here as it does on Metal.
+template <class T>
 inline void simdgroup_load(
     simdgroup_matrix<T, 8, 8>& m,
-    const U* src,
+    const T* src,
     size_t elements_per_row = 8,
     ulong2 origin = ulong2(0, 0),
     bool transpose = false) {
@@ -1694,14 +1698,14 @@ inline void simdgroup_load(
   for (int j = 0; j < 2; j++) {
     size_t r = transpose ? size_t(col + j) : size_t(row);
     size_t c = transpose ? size_t(row) : size_t(col + j);
-    m.e.v[j] = T(src[(origin.y + r) * elements_per_row + origin.x + c]);
+    m.e.v[j] = src[(origin.y + r) * elements_per_row + origin.x + c];
   }
 }
 
-template <class T, class U>
+template <class T>
 inline void simdgroup_store(
     const simdgroup_matrix<T, 8, 8>& m,
-    U* dst,
+    T* dst,
     size_t elements_per_row = 8,
     ulong2 origin = ulong2(0, 0),
     bool transpose = false) {
@@ -1710,7 +1714,7 @@ inline void simdgroup_store(
   for (int j = 0; j < 2; j++) {
     size_t r = transpose ? size_t(col + j) : size_t(row);
     size_t c = transpose ? size_t(row) : size_t(col + j);
-    dst[(origin.y + r) * elements_per_row + origin.x + c] = U(m.e.v[j]);
+    dst[(origin.y + r) * elements_per_row + origin.x + c] = m.e.v[j];
   }
 }
 
