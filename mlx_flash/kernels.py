@@ -5,6 +5,13 @@ Kernel bodies live in ``metal/*.metal`` (shipped in the wheel as
 an optional header of helpers. ``build`` makes each kernel object once and
 caches it; ``launch`` runs it on real Metal, or through the CPU emulator when
 ``mlx_flash.emulator.metal()`` is active.
+
+The kernels depend on IEEE semantics for infinities: ``-INFINITY`` marks keys
+past the end and empty running maxima, ``exp(-inf) == 0`` drops them, and
+``isinf`` / ``== -INFINITY`` tests tell an additive ``-inf`` mask from a
+finite one. Metal's fast math may assume no infinities and fold those tests
+away, so every kernel is built with ``math_mode="safe"`` explicitly rather
+than relying on MLX's default.
 """
 
 import functools
@@ -54,6 +61,8 @@ def build(
         header=source(header_file) if header_file else "",
         ensure_row_contiguous=False,
         atomic_outputs=atomic_outputs,
+        # The -inf handling above needs IEEE special values (see module docstring).
+        compile_options={"math_mode": "safe"},
     )
 
 

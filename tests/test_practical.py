@@ -289,6 +289,27 @@ def test_kernels_and_ops_are_cached(backend):
         assert mx.array_equal(out, again).item()
 
 
+def test_kernels_are_built_in_safe_math_mode(monkeypatch):
+    # The kernels test for -inf (keys past the end, additive -inf masks);
+    # Metal's fast math may assume there are no infinities.
+    options = []
+    real = mx.fast.metal_kernel
+
+    def spy(**kwargs):
+        options.append(kwargs.get("compile_options"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(mx.fast, "metal_kernel", spy)
+    kernels.build.__wrapped__(
+        "flash_practical_forward",
+        ("q", "k", "v", "mask", "params", "fparams"),
+        ("o", "lse"),
+        "practical_forward.metal",
+        "flash_common.h",
+    )
+    assert options == [{"math_mode": "safe"}]
+
+
 def test_tile_sizes_fit_threadgroup_memory():
     for dim in (32, 64, 80, 96, 128, 256):
         for value_dim in (dim, 64):
