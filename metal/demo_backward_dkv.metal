@@ -56,8 +56,8 @@ const size_t key_offset = size_t(batch * n_kv_heads + kv_head) * k_len;
 const short2 coord = demo_frag_coord(lane);
 const int key = k_start + sg * 8 + coord.y;
 const int col = coord.x;
-const int64_t msi = demo_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t msj = demo_axis_stride(mask_shape[3], mask_strides[3]);
+const int64_t msi = flash_axis_stride(mask_shape[2], mask_strides[2]);
+const int64_t msj = flash_axis_stride(mask_shape[3], mask_strides[3]);
 
 // k and v fragments (keys as rows), loaded once.
 demo_stage<T, BK, D, LD, NT>(smem, k + k_base, k_strides[2], k_strides[3], k_start, k_len, tid);
@@ -92,8 +92,8 @@ for (int g = 0; g < group; ++g) {
   const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
   const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
   const size_t row_offset = size_t(batch * n_q_heads + head) * q_len;
-  const int64_t mask_head = batch * demo_axis_stride(mask_shape[0], mask_strides[0]) +
-      head * demo_axis_stride(mask_shape[1], mask_strides[1]);
+  const int64_t mask_head = batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
+      head * flash_axis_stride(mask_shape[1], mask_strides[1]);
 
   for (int q_start = q_first; q_start < q_len; q_start += BQ) {
     // Everyone is done with k/v staging or the previous q/dout tile.

@@ -53,10 +53,10 @@ const short2 coord = demo_frag_coord(lane);
 const int row = q_start + sg * 8 + coord.y;
 const int col = coord.x;
 const int safe_row = min(row, q_len - 1);
-const int64_t mrow = batch * demo_axis_stride(mask_shape[0], mask_strides[0]) +
-    head * demo_axis_stride(mask_shape[1], mask_strides[1]) +
-    safe_row * demo_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t msj = demo_axis_stride(mask_shape[3], mask_strides[3]);
+const int64_t mrow = batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
+    head * flash_axis_stride(mask_shape[1], mask_strides[1]) +
+    safe_row * flash_axis_stride(mask_shape[2], mask_strides[2]);
+const int64_t msj = flash_axis_stride(mask_shape[3], mask_strides[3]);
 const float row_lse = lse[row_offset + safe_row];
 const float row_delta = delta[row_offset + safe_row];
 

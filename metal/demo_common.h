@@ -1,4 +1,6 @@
 // Helpers shared by the demo kernels (demo_forward.metal, demo_backward_*.metal).
+// The kernels' header is flash_common.h followed by this file, so the helpers
+// of both are in scope (flash_axis_stride reads the mask's broadcast axes).
 //
 // The demo kernels do every product on 8x8 simdgroup_matrix tiles: half or
 // bfloat operands, float accumulators. Softmax and masking work on the
@@ -14,9 +16,13 @@
 #define DEMO_MASK_BOOL 2
 #define DEMO_MASK_ADDITIVE 3
 
-// Extra elements per threadgroup-memory row. A tile row of D halves is a
-// multiple of 128 bytes, so the eight rows an 8x8 load touches would all start
-// in the same memory bank; 8 more elements (16 bytes) spread them out.
+// Extra elements per threadgroup-memory row. At D = 64 and 128 an unpadded
+// row of D halves is 128 or 256 bytes, so the eight rows an 8x8
+// simdgroup_load reads would start a multiple of 128 bytes apart, a likely
+// bank conflict; at D = 80 and 96 (160 and 192 bytes) fewer of them line up.
+// 8 more elements (16 bytes) per row stagger them at every D, for 8 / D more
+// memory. Apple does not document its bank layout, and the pad has not been
+// measured against none.
 #define DEMO_PAD 8
 
 // Loops over the fragments of a tile are unrolled so that arrays of
@@ -51,12 +57,6 @@ inline float demo_row_max(float x) {
 inline float demo_row_sum(float x) {
   x += simd_shuffle_xor(x, ushort(1));
   return x + simd_shuffle_xor(x, ushort(8));
-}
-
-// Stride of a broadcast axis: a size-1 axis is read at index 0 whatever the
-// stride of the underlying array says.
-inline int64_t demo_axis_stride(int size, int64_t stride) {
-  return size == 1 ? 0 : stride;
 }
 
 // Copy ROWS rows of a (rows, D) matrix with the given strides, starting at

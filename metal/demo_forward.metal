@@ -56,10 +56,10 @@ const int row = q_start + sg * 8 + coord.y;
 const int col = coord.x;
 // Rows past the end are computed but never stored; their mask reads use the
 // last row so they stay in bounds.
-const int64_t mrow = batch * demo_axis_stride(mask_shape[0], mask_strides[0]) +
-    head * demo_axis_stride(mask_shape[1], mask_strides[1]) +
-    min(row, q_len - 1) * demo_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t msj = demo_axis_stride(mask_shape[3], mask_strides[3]);
+const int64_t mrow = batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
+    head * flash_axis_stride(mask_shape[1], mask_strides[1]) +
+    min(row, q_len - 1) * flash_axis_stride(mask_shape[2], mask_strides[2]);
+const int64_t msj = flash_axis_stride(mask_shape[3], mask_strides[3]);
 
 // Q fragments, loaded once.
 demo_stage<T, BQ, D, LD, NT>(smem, q + q_base, q_strides[2], q_strides[3], q_start, q_len, tid);

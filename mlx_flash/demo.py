@@ -153,8 +153,12 @@ def _dtype_name(dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
+# The demo kernels use the shared helpers of flash_common.h and their own.
+_HEADERS = ("flash_common.h", "demo_common.h")
+
+
 def _kernel(name: str, inputs: Tuple[str, ...], outputs: Tuple[str, ...]):
-    return kernels.build(name, inputs, outputs, f"{name}.metal", "demo_common.h")
+    return kernels.build(name, inputs, outputs, f"{name}.metal", _HEADERS)
 
 
 def _common_inputs(q, k, v, scale, mask: fused.MaskSpec):

@@ -44,21 +44,23 @@ def build(
     input_names: Sequence[str],
     output_names: Sequence[str],
     body_file: str,
-    header_file: Optional[str] = None,
+    header_files: Sequence[str] = (),
     atomic_outputs: bool = False,
 ):
     """The ``mx.fast.metal_kernel`` for ``metal/<body_file>``, built once.
 
-    ``input_names`` and ``output_names`` must be tuples (they are cache keys).
-    Template constants (tile sizes, dtypes) are passed per launch, so one
-    kernel object serves every dtype and shape.
+    ``header_files`` are joined in order into the kernel's header (MLX
+    compiles from a string, so a header cannot ``#include`` another).
+    ``input_names``, ``output_names`` and ``header_files`` must be tuples
+    (they are cache keys). Template constants (tile sizes, dtypes) are passed
+    per launch, so one kernel object serves every dtype and shape.
     """
     return mx.fast.metal_kernel(
         name=name,
         input_names=list(input_names),
         output_names=list(output_names),
         source=source(body_file),
-        header=source(header_file) if header_file else "",
+        header="\n".join(source(f) for f in header_files),
         ensure_row_contiguous=False,
         atomic_outputs=atomic_outputs,
         # The -inf handling above needs IEEE special values (see module docstring).

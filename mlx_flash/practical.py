@@ -44,7 +44,7 @@ SIMDGROUPS = 4
 TILE_BYTES = 16 * 1024
 
 _DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-_HEADER = "flash_common.h"
+_HEADERS = ("flash_common.h",)
 
 
 def tile_sizes(head_dim: int, value_dim: int) -> dict:
@@ -107,7 +107,7 @@ def forward(q, k, v, scale: float, mask: fused.MaskSpec):
         ("q", "k", "v", "mask", "params", "fparams"),
         ("o", "lse"),
         "practical_forward.metal",
-        _HEADER,
+        _HEADERS,
     )
     params, fparams = _params(q, k, scale, mask)
     n_tiles = -(-q_len // block_rows)
@@ -133,7 +133,7 @@ def dkdv(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
         ("q", "k", "v", "mask", "dout", "lse", "delta", "params", "fparams"),
         ("dk", "dv"),
         "practical_backward_dkdv.metal",
-        _HEADER,
+        _HEADERS,
     )
     params, fparams = _params(q, k, scale, mask)
     n_tiles = -(-k_len // block_keys)
@@ -158,7 +158,7 @@ def dq(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
         ("q", "k", "v", "mask", "dout", "lse", "delta", "params", "fparams"),
         ("dq",),
         "practical_backward_dq.metal",
-        _HEADER,
+        _HEADERS,
     )
     params, fparams = _params(q, k, scale, mask)
     n_tiles = -(-q_len // block_rows)

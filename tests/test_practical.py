@@ -305,7 +305,7 @@ def test_kernels_are_built_in_safe_math_mode(monkeypatch):
         ("q", "k", "v", "mask", "params", "fparams"),
         ("o", "lse"),
         "practical_forward.metal",
-        "flash_common.h",
+        ("flash_common.h",),
     )
     assert options == [{"math_mode": "safe"}]
 
