@@ -23,9 +23,12 @@ Tile sizes (template constants, chosen by ``tile_sizes``):
   fewer registers a thread needs the more simdgroups a core keeps resident.
 * The staged tile (``BK`` keys of K and V, or ``BQ`` rows of Q and dO) is
   float32, rows padded to a multiple of 32. Its row count is the largest of
-  32, 16, 8 that keeps it within 16 KB: half of Metal's 32 KB per-threadgroup
-  limit, so two threadgroups fit where a core has 32 KB. The forward spreads
-  a tile's scores one key per lane, so a tile has at most 32 rows.
+  32, 16, 8 that keeps it within 16 KB, half of the 32 KB of threadgroup
+  memory Metal allows one threadgroup: less memory per threadgroup can only
+  help the GPU keep more of them resident (how many a core holds is not
+  documented, and was not measured). At head dims up to 256 an 8-row tile
+  always fits. The forward spreads a tile's scores one key per lane, so a
+  tile has at most 32 rows.
 """
 
 from typing import Optional
