@@ -34,8 +34,8 @@ from ..bench.harness import _percentile as percentile
 from ..bench.machine import describe
 from ..patch import patched
 from . import builtin, files
-from . import config
 from .config import RecipeError, recipe_dict
+from .config import build_optimizer as _build_optimizer
 from .packing import PackedDataset
 from .progress import Progress
 
@@ -130,7 +130,7 @@ def _has_a_record(path: Path) -> bool:
 
 
 def build_optimizer(recipe):
-    return config.build_optimizer(recipe.optimizer, recipe.optimizer_config, recipe.learning_rate, recipe.lr_schedule)
+    return _build_optimizer(recipe.optimizer, recipe.optimizer_config, recipe.learning_rate, recipe.lr_schedule)
 
 
 def geometry(model: nn.Module, config: dict) -> dict:
