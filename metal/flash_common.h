@@ -28,6 +28,17 @@ inline int64_t flash_axis_stride(int size, int64_t stride) {
   return size == 1 ? 0 : stride;
 }
 
+// exp(x) as one exp2, cheaper than a precise exp. The factor is applied to
+// the difference of two scores rather than folded into the scale, so masks
+// stay in natural units: scaling an additive mask of the dtype's lowest value
+// by log2(e) would overflow to -inf and turn a fully masked row's uniform
+// weights into NaN. exp2(-inf) is 0 and exp2(0) is 1 exactly, as for exp.
+constant constexpr float FLASH_LOG2E = 1.44269504088896340736f;
+
+inline float flash_exp(float x) {
+  return exp2(x * FLASH_LOG2E);
+}
+
 // The maximum to subtract before exponentiating. A running maximum of -inf
 // means every score seen so far is -inf (or nothing was seen yet); using 0
 // then keeps exp(-inf - max) at 0 instead of exp(-inf + inf) = NaN, so a tile
@@ -63,5 +74,5 @@ inline int flash_causal_row_begin(int key, int q_len, int k_len) {
 inline float flash_dropped_weight(float lse, float lowest, int k_len) {
   float uniform_lse_gap = log(float(k_len)) + 1.0f;
   return (lse - lowest <= uniform_lse_gap) ? 1.0f / float(k_len)
-                                           : exp(lowest - lse);
+                                           : flash_exp(lowest - lse);
 }

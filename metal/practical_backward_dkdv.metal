@@ -152,7 +152,7 @@ for (int g = 0; g < group; ++g) {
         }
         // A dropped score is a constant: it carries weight (in a row that
         // keeps nothing) but no gradient.
-        const float p = keep ? exp(s - row_lse)
+        const float p = keep ? flash_exp(s - row_lse)
                              : flash_dropped_weight(row_lse, lowest, k_len);
         const float ds = keep ? p * (dp - row_delta) : 0.0f;
 

@@ -140,7 +140,7 @@ for (int k0 = 0; k0 < key_end; k0 += BK) {
             mask[mask_base + row * mask_row_stride + key * mask_key_stride]);
       }
       // A dropped score is a constant: no gradient flows through it.
-      const float p = keep ? exp(s - row_lse[r]) : 0.0f;
+      const float p = keep ? flash_exp(s - row_lse[r]) : 0.0f;
       const float ds = p * (dp - row_delta[r]);
       for (int t = 0; t < DPT; ++t) {
         dq_acc[r][t] += ds * k_row[t];

@@ -143,8 +143,8 @@ for (int k0 = 0; k0 < key_end; k0 += BK) {
     }
     const float new_max = max(row_max[r], simd_max(s[r]));
     const float base = flash_exp_base(new_max);
-    const float p = exp(s[r] - base);
-    const float correction = exp(row_max[r] - base);
+    const float p = flash_exp(s[r] - base);
+    const float correction = flash_exp(row_max[r] - base);
     row_sum[r] = row_sum[r] * correction + simd_sum(p);
     row_max[r] = new_max;
     s[r] = p;

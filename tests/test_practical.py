@@ -289,6 +289,35 @@ def test_kernels_and_ops_are_cached(backend):
         assert mx.array_equal(out, again).item()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flash_exp_keeps_exps_special_values(backend):
+    # The kernels' exponentials are flash_exp(x) = exp2(x * log2(e)); the
+    # softmax relies on exp(-inf) = 0, exp(0) = 1, NaN staying NaN, and
+    # lowest - m (a dropped score) giving 0 although x * log2(e) overflows.
+    lowest = float(mx.finfo(mx.float32).min)
+    x = mx.array(
+        [-math.inf, 0.0, math.nan, lowest, lowest - 5.0, -80.0, -1.5, 0.25, 3.0, 80.0]
+    )
+    kernel = mx.fast.metal_kernel(
+        name="flash_exp_probe",
+        input_names=["x"],
+        output_names=["out"],
+        source="out[thread_position_in_grid.x] = flash_exp(x[thread_position_in_grid.x]);",
+        header=kernels.source("flash_common.h"),
+    )
+    with _backend_context(backend):
+        (got,) = kernels.launch(
+            kernel, inputs=[x], grid=(x.size, 1, 1), threadgroup=(x.size, 1, 1),
+            output_shapes=[x.shape], output_dtypes=[mx.float32],
+        )
+    got = got.tolist()
+    assert got[:2] == [0.0, 1.0]
+    assert math.isnan(got[2])
+    assert got[3:5] == [0.0, 0.0]
+    for value, want in zip(got[5:], x[5:].tolist()):
+        assert math.isclose(value, math.exp(want), rel_tol=2e-6), (want, value)
+
+
 def test_kernels_are_built_in_safe_math_mode(monkeypatch):
     # The kernels test for -inf (keys past the end, additive -inf masks);
     # Metal's fast math may assume there are no infinities.
