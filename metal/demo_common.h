@@ -64,6 +64,14 @@ inline float demo_row_sum(float x) {
 // `limit` are zero so tails add nothing to the products. NT threads share
 // the copy. `Ptr` is a device or constant pointer: MLX picks the address
 // space of an input by its size.
+//
+// Rows with unit column stride (the usual layout, transposed or not) take a
+// fast path: each step copies 4 adjacent elements of one row (D is a
+// multiple of 8, so a step never crosses a row) from a row pointer computed
+// once per step, instead of a division and a strided offset per element.
+// The loads stay scalar: an MLX view may start at any element of its buffer
+// (x[..., 1:] starts 2 bytes in), an offset the kernel cannot see, so a
+// 4-element vector load is not guaranteed the alignment Metal requires.
 template <typename T, int ROWS, int D, int LD, int NT, typename Ptr>
 inline void demo_stage(
     threadgroup T* dst,
@@ -73,6 +81,24 @@ inline void demo_stage(
     int first,
     int limit,
     uint tid) {
+  if (col_stride == 1) {
+    constexpr int D4 = D / 4;
+    for (int i = tid; i < ROWS * D4; i += NT) {
+      const int r = i / D4;
+      const int c = (i - r * D4) * 4;
+      threadgroup T* out = dst + r * LD + c;
+      if (first + r < limit) {
+        const auto in = src + (first + r) * row_stride + c;
+        out[0] = T(in[0]);
+        out[1] = T(in[1]);
+        out[2] = T(in[2]);
+        out[3] = T(in[3]);
+      } else {
+        out[0] = out[1] = out[2] = out[3] = T(0.0f);
+      }
+    }
+    return;
+  }
   for (int i = tid; i < ROWS * D; i += NT) {
     const int r = i / D;
     const int c = i - r * D;

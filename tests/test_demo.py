@@ -198,10 +198,13 @@ def test_log_sum_exp_is_in_log2_units(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs_and_broadcast_mask(backend):
     # Transposed views, as models produce them, and a key-padding mask
-    # broadcast with zero strides: read in place through their strides.
+    # broadcast with zero strides: read in place through their strides. q and
+    # v keep unit column stride (demo_stage's fast path); k is stored
+    # column-major, so its rows are strided (the general path).
     dtype = mx.bfloat16
     q, k, v, dout = _inputs(1, 2, 2, 12, 18, 64, dtype, seed=5)
-    q_t, k_t, v_t = (mx.swapaxes(mx.swapaxes(x, 1, 2) + 0, 1, 2) for x in (q, k, v))
+    q_t, v_t = (mx.swapaxes(mx.swapaxes(x, 1, 2) + 0, 1, 2) for x in (q, v))
+    k_t = mx.swapaxes(mx.swapaxes(k, 2, 3) + 0, 2, 3)
     keep = mx.random.bernoulli(0.6, (1, 1, 1, 18), key=mx.random.key(5))
     mask = mx.broadcast_to(keep, (1, 2, 12, 18))
     expected_out, expected_grads = _oracle(q, k, v, dout, 0.25, mask)
@@ -292,6 +295,61 @@ def test_fragment_layout(backend):
         assert row_max == max(tile[row]) and row_sum == sum(tile[row]), f"lane {lane}"
         seen.update({(row, col), (row, col + 1)})
     assert len(seen) == 64
+
+
+STAGE_PROBE = """
+    threadgroup T tile[ROWS * LD];
+    const uint tid = thread_index_in_threadgroup;
+    demo_stage<T, ROWS, D, LD, NT>(
+        tile, x + params[0], params[1], params[2], params[3], params[4], tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int i = tid; i < ROWS * D; i += NT) {
+      out[i] = tile[(i / D) * LD + i % D];
+    }
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize(
+    "offset, row_stride, col_stride",
+    [
+        (3, 67, 1),  # unit column stride, odd offset and row stride: fast path
+        (3, 1, 17),  # column-major rows: general path
+    ],
+)
+def test_stage_copies_rows_through_their_strides(backend, dtype, offset, row_stride, col_stride):
+    # demo_stage copies ROWS rows starting at `first` into a padded tile,
+    # zeroing rows at or past `limit`, whichever path the strides select.
+    rows, dim, first, limit = 16, 64, 2, 13
+    x = (mx.arange(2048) % 200 - 100).astype(dtype)
+    params = mx.array([offset, row_stride, col_stride, first, limit], dtype=mx.int32)
+    kernel = mx.fast.metal_kernel(
+        name="demo_stage_probe",
+        input_names=["x", "params"],
+        output_names=["out"],
+        source=STAGE_PROBE,
+        header=kernels.source("demo_common.h"),
+    )
+    with _on(backend):
+        (got,) = kernels.launch(
+            kernel,
+            inputs=[x, params],
+            template=[("T", dtype), ("ROWS", rows), ("D", dim), ("LD", dim + 8), ("NT", 64)],
+            grid=(64, 1, 1),
+            threadgroup=(64, 1, 1),
+            output_shapes=[(rows, dim)],
+            output_dtypes=[dtype],
+        )
+    flat = x.tolist()
+    expected = [
+        [
+            flat[offset + (first + r) * row_stride + c * col_stride] if first + r < limit else 0
+            for c in range(dim)
+        ]
+        for r in range(rows)
+    ]
+    assert got.tolist() == expected
 
 
 def _products(name):
