@@ -13,7 +13,7 @@
 // Template constants: T, D, BQ (queries per staged tile), BK (keys per
 // threadgroup), MASK as in demo_forward.metal.
 //
-// Inputs:  q, k, v, mask, params, fparams as in demo_forward.metal;
+// Inputs:  q, k, v, mask_array, params, fparams as in demo_forward.metal;
 //          dout (B, Hq, Lq, D) in T, any strides; lse and delta (B, Hq, Lq)
 //          float32, row-contiguous (see demo_backward_dq.metal).
 // Outputs: dk and dv (B, Hkv, Lk, D) in T.
@@ -56,8 +56,8 @@ const size_t key_offset = size_t(batch * n_kv_heads + kv_head) * k_len;
 const short2 coord = demo_frag_coord(lane);
 const int key = k_start + sg * 8 + coord.y;
 const int col = coord.x;
-const int64_t msi = flash_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t msj = flash_axis_stride(mask_shape[3], mask_strides[3]);
+const int64_t msi = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
+const int64_t msj = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
 
 // k and v fragments (keys as rows), loaded once.
 demo_stage<T, BK, D, LD, NT>(smem, k + k_base, k_strides[2], k_strides[3], k_start, k_len, tid);
@@ -92,8 +92,8 @@ for (int g = 0; g < group; ++g) {
   const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
   const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
   const size_t row_offset = size_t(batch * n_q_heads + head) * q_len;
-  const int64_t mask_head = batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
-      head * flash_axis_stride(mask_shape[1], mask_strides[1]);
+  const int64_t mask_head = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
+      head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
 
   for (int q_start = q_first; q_start < q_len; q_start += BQ) {
     // Everyone is done with k/v staging or the previous q/dout tile.
@@ -141,13 +141,22 @@ for (int g = 0; g < group; ++g) {
         const int query = q_start + qi;
         const int64_t mrow = mask_head + min(query, q_len - 1) * msi;
         const float s2 = demo_mask_score<MASK>(
-            s_t[i].thread_elements()[e] * scale2, query, key, k_len, causal_offset, mask, mrow, msj);
+            s_t[i].thread_elements()[e] * scale2,
+            query,
+            key,
+            k_len,
+            causal_offset,
+            mask_array,
+            mrow,
+            msj);
         float w = demo_weight(s2, lse_tile[qi], inv_k_len);
         float ds = w * (dp_t[i].thread_elements()[e] - delta_tile[qi]);
         if (query >= q_len) {
           w = 0.0f;
           ds = 0.0f;
-        } else if (key >= k_len || demo_mask_drops<MASK>(query, key, causal_offset, mask, mrow, msj)) {
+        } else if (
+            key >= k_len ||
+            demo_mask_drops<MASK>(query, key, causal_offset, mask_array, mrow, msj)) {
           ds = 0.0f;
         }
         p_t[i].thread_elements()[e] = T(w);

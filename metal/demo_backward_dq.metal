@@ -9,7 +9,7 @@
 //
 // Template constants: T, D, BQ, BK, MASK as in demo_forward.metal.
 //
-// Inputs:  q, k, v, mask, params, fparams as in demo_forward.metal;
+// Inputs:  q, k, v, mask_array, params, fparams as in demo_forward.metal;
 //          dout (B, Hq, Lq, D) in T, any strides; lse (B, Hq, Lq) float32
 //          from the forward (log2 units) and delta (B, Hq, Lq) float32,
 //          rowsum(dout * out), both row-contiguous.
@@ -53,10 +53,10 @@ const short2 coord = demo_frag_coord(lane);
 const int row = q_start + sg * 8 + coord.y;
 const int col = coord.x;
 const int safe_row = min(row, q_len - 1);
-const int64_t mrow = batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
-    head * flash_axis_stride(mask_shape[1], mask_strides[1]) +
-    safe_row * flash_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t msj = flash_axis_stride(mask_shape[3], mask_strides[3]);
+const int64_t mrow = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
+    head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]) +
+    safe_row * flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
+const int64_t msj = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
 const float row_lse = lse[row_offset + safe_row];
 const float row_delta = delta[row_offset + safe_row];
 
@@ -119,10 +119,17 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
     for (int e = 0; e < 2; ++e) {
       const int key = k_start + j * 8 + col + e;
       const float s2 = demo_mask_score<MASK>(
-          s[j].thread_elements()[e] * scale2, row, key, k_len, causal_offset, mask, mrow, msj);
+          s[j].thread_elements()[e] * scale2,
+          row,
+          key,
+          k_len,
+          causal_offset,
+          mask_array,
+          mrow,
+          msj);
       const float w = demo_weight(s2, row_lse, inv_k_len);
       const bool dropped =
-          key >= k_len || demo_mask_drops<MASK>(row, key, causal_offset, mask, mrow, msj);
+          key >= k_len || demo_mask_drops<MASK>(row, key, causal_offset, mask_array, mrow, msj);
       ds[j].thread_elements()[e] = T(dropped ? 0.0f : w * (dp[j].thread_elements()[e] - row_delta));
     }
   }

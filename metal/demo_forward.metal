@@ -12,7 +12,7 @@
 // multiple of 8), MASK (DEMO_MASK_*).
 //
 // Inputs:  q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D) in T, any strides;
-//          mask: rank 4, broadcastable to (B, Hq, Lq, Lk), read through its
+//          mask_array: rank 4, broadcastable to (B, Hq, Lq, Lk), read through its
 //          shape and strides (a placeholder when MASK is none or causal);
 //          params int32 [Lq, Lk, Hq, Hkv]; fparams float32 [scale].
 // Outputs: out (B, Hq, Lq, D) in T; lse (B, Hq, Lq) float32, the row's
@@ -56,10 +56,10 @@ const int row = q_start + sg * 8 + coord.y;
 const int col = coord.x;
 // Rows past the end are computed but never stored; their mask reads use the
 // last row so they stay in bounds.
-const int64_t mrow = batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
-    head * flash_axis_stride(mask_shape[1], mask_strides[1]) +
-    min(row, q_len - 1) * flash_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t msj = flash_axis_stride(mask_shape[3], mask_strides[3]);
+const int64_t mrow = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
+    head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]) +
+    min(row, q_len - 1) * flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
+const int64_t msj = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
 
 // Q fragments, loaded once.
 demo_stage<T, BQ, D, LD, NT>(smem, q + q_base, q_strides[2], q_strides[3], q_start, q_len, tid);
@@ -119,7 +119,7 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
           k_start + j * 8 + col + e,
           k_len,
           causal_offset,
-          mask,
+          mask_array,
           mrow,
           msj);
       s[j].thread_elements()[e] = s2;

@@ -10,6 +10,10 @@
 //     finite value of the input dtype (what a dropped score becomes).
 //   * Causal masks are aligned bottom-right: query i sees key j iff
 //     j <= i + (k_len - q_len).
+//   * The mask input is called `mask_array`, not `mask`: MLX gives an input
+//     a shape buffer whenever `<name>_shape` occurs anywhere in the kernel
+//     body, and `mask_shape` contains `k_shape`, so `k` would get an unused
+//     one.
 //
 // MLX puts its own preamble (metal_stdlib, `using namespace metal`, bfloat16)
 // in front of the header, so none is included here.

@@ -9,7 +9,7 @@
 //
 // Inputs:  q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, DV),
 //          dout (B, Hq, Lq, DV), any strides; lse, delta (B, Hq, Lq) float32
-//          contiguous; mask, params, fparams as in practical_forward.metal.
+//          contiguous; mask_array, params, fparams as in practical_forward.metal.
 // Outputs: dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, DV) in T.
 // Grid:    threadgroup (NSG * 32, 1, 1) per (key tile, KV head, batch).
 //
@@ -49,8 +49,8 @@ const int first_key = tile * BKV + simdgroup_index_in_threadgroup * KPS;
 
 const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
-const int64_t mask_row_stride = flash_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t mask_key_stride = flash_axis_stride(mask_shape[3], mask_strides[3]);
+const int64_t mask_row_stride = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
+const int64_t mask_key_stride = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
 
 // K is kept pre-scaled, so q . k_reg is already the score.
 float k_reg[KPS][DPT];
@@ -86,8 +86,8 @@ for (int g = 0; g < group; ++g) {
   const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
   const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
   const int64_t mask_base =
-      batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
-      head * flash_axis_stride(mask_shape[1], mask_strides[1]);
+      batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
+      head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
   const int64_t stat_base = (int64_t(batch) * n_q_heads + head) * q_len;
 
   for (int q0 = row_begin; q0 < q_len; q0 += BQ) {
@@ -144,11 +144,11 @@ for (int g = 0; g < group; ++g) {
         if (mask_kind == FLASH_MASK_CAUSAL) {
           keep = flash_causal_keeps(row, key, q_len, k_len);
         } else if (mask_kind == FLASH_MASK_BOOL) {
-          keep = float(mask[mask_base + row * mask_row_stride +
+          keep = float(mask_array[mask_base + row * mask_row_stride +
                             key * mask_key_stride]) != 0.0f;
         } else if (mask_kind == FLASH_MASK_ADD) {
           s += float(
-              mask[mask_base + row * mask_row_stride + key * mask_key_stride]);
+              mask_array[mask_base + row * mask_row_stride + key * mask_key_stride]);
         }
         // A dropped score is a constant: it carries weight (in a row that
         // keeps nothing) but no gradient.

@@ -45,10 +45,10 @@ const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
 const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
 const int64_t mask_base =
-    batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
-    head * flash_axis_stride(mask_shape[1], mask_strides[1]);
-const int64_t mask_row_stride = flash_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t mask_key_stride = flash_axis_stride(mask_shape[3], mask_strides[3]);
+    batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
+    head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
+const int64_t mask_row_stride = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
+const int64_t mask_key_stride = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
 const int64_t stat_base = (int64_t(batch) * n_q_heads + head) * q_len;
 
 // Q is kept pre-scaled, so q_reg . k is already the score.
@@ -133,11 +133,11 @@ for (int k0 = 0; k0 < key_end; k0 += BK) {
       if (mask_kind == FLASH_MASK_CAUSAL) {
         keep = flash_causal_keeps(row, key, q_len, k_len);
       } else if (mask_kind == FLASH_MASK_BOOL) {
-        keep = float(mask[mask_base + row * mask_row_stride +
+        keep = float(mask_array[mask_base + row * mask_row_stride +
                           key * mask_key_stride]) != 0.0f;
       } else if (mask_kind == FLASH_MASK_ADD) {
         s += float(
-            mask[mask_base + row * mask_row_stride + key * mask_key_stride]);
+            mask_array[mask_base + row * mask_row_stride + key * mask_key_stride]);
       }
       // A dropped score is a constant: no gradient flows through it.
       const float p = keep ? flash_exp(s - row_lse[r]) : 0.0f;

@@ -2,7 +2,7 @@
 // the per-row log-sum-exp of the scores, one pass over the keys.
 //
 // Inputs:  q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, DV), any
-//          strides; mask (rank 4, broadcastable to (B, Hq, Lq, Lk)), bool or
+//          strides; mask_array (rank 4, broadcastable to (B, Hq, Lq, Lk)), bool or
 //          q's dtype, read only for FLASH_MASK_BOOL / FLASH_MASK_ADD;
 //          params, fparams as in flash_common.h.
 // Outputs: o (B, Hq, Lq, DV) in T, lse (B, Hq, Lq) float32.
@@ -49,10 +49,10 @@ const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
 const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
 const int64_t mask_base =
-    batch * flash_axis_stride(mask_shape[0], mask_strides[0]) +
-    head * flash_axis_stride(mask_shape[1], mask_strides[1]);
-const int64_t mask_row_stride = flash_axis_stride(mask_shape[2], mask_strides[2]);
-const int64_t mask_key_stride = flash_axis_stride(mask_shape[3], mask_strides[3]);
+    batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
+    head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
+const int64_t mask_row_stride = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
+const int64_t mask_key_stride = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
 
 // Scaled query rows in registers; rows past q_len are zeros and never written.
 float q_reg[R][DPT];
@@ -133,12 +133,12 @@ for (int k0 = 0; k0 < key_end; k0 += BK) {
       if (mask_kind == FLASH_MASK_CAUSAL) {
         s[r] = flash_causal_keeps(row, key, q_len, k_len) ? s[r] : lowest;
       } else if (mask_kind == FLASH_MASK_BOOL) {
-        const bool keep = float(mask[mask_base + row * mask_row_stride +
+        const bool keep = float(mask_array[mask_base + row * mask_row_stride +
                                      key * mask_key_stride]) != 0.0f;
         s[r] = keep ? s[r] : lowest;
       } else if (mask_kind == FLASH_MASK_ADD) {
         s[r] += float(
-            mask[mask_base + row * mask_row_stride + key * mask_key_stride]);
+            mask_array[mask_base + row * mask_row_stride + key * mask_key_stride]);
       }
     }
     const float new_max = max(row_max[r], simd_max(s[r]));

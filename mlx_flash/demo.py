@@ -185,13 +185,19 @@ def _grid(n_rows: int, tile_rows: int, heads: int, batch: int):
     return (tiles * threads, heads, batch), (threads, 1, 1)
 
 
+# Kernel input names, in the order of ``_common_inputs``. The mask is
+# ``mask_array`` so that ``k_shape`` never occurs inside ``mask_shape`` (MLX
+# would give k an unused shape buffer; see metal/flash_common.h).
+_FORWARD_INPUTS = ("q", "k", "v", "mask_array", "params", "fparams")
+
+
 def forward(q, k, v, scale: float, mask: fused.MaskSpec):
     """``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, lse ``(B, Hq, Lq)``
     float32 in log2 units (read only by the demo backward kernels)."""
     B, n_q_heads, q_len, head_dim = q.shape
     bq, bk = _tiles(head_dim).forward
     grid, threadgroup = _grid(q_len, bq, n_q_heads, B)
-    kernel = _kernel("demo_forward", ("q", "k", "v", "mask", "params", "fparams"), ("out", "lse"))
+    kernel = _kernel("demo_forward", _FORWARD_INPUTS, ("out", "lse"))
     out, lse = kernels.launch(
         kernel,
         inputs=_common_inputs(q, k, v, scale, mask),
@@ -204,7 +210,7 @@ def forward(q, k, v, scale: float, mask: fused.MaskSpec):
     return out, lse
 
 
-_BACKWARD_INPUTS = ("q", "k", "v", "mask", "params", "fparams", "dout", "lse", "delta")
+_BACKWARD_INPUTS = _FORWARD_INPUTS + ("dout", "lse", "delta")
 
 
 def dkdv(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):

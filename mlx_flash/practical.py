@@ -107,7 +107,7 @@ def forward(q, k, v, scale: float, mask: fused.MaskSpec):
     block_rows = SIMDGROUPS * sizes["rows"]
     kernel = kernels.build(
         "flash_practical_forward",
-        ("q", "k", "v", "mask", "params", "fparams"),
+        ("q", "k", "v", "mask_array", "params", "fparams"),
         ("o", "lse"),
         "practical_forward.metal",
         _HEADERS,
@@ -133,7 +133,7 @@ def dkdv(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
     block_keys = SIMDGROUPS * sizes["rows"]
     kernel = kernels.build(
         "flash_practical_dkdv",
-        ("q", "k", "v", "mask", "dout", "lse", "delta", "params", "fparams"),
+        ("q", "k", "v", "mask_array", "dout", "lse", "delta", "params", "fparams"),
         ("dk", "dv"),
         "practical_backward_dkdv.metal",
         _HEADERS,
@@ -158,7 +158,7 @@ def dq(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
     block_rows = SIMDGROUPS * sizes["rows"]
     kernel = kernels.build(
         "flash_practical_dq",
-        ("q", "k", "v", "mask", "dout", "lse", "delta", "params", "fparams"),
+        ("q", "k", "v", "mask_array", "dout", "lse", "delta", "params", "fparams"),
         ("dq",),
         "practical_backward_dq.metal",
         _HEADERS,

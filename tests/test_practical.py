@@ -12,13 +12,15 @@ reaches raises ``DivergenceError``.
 
 import contextlib
 import math
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
 import mlx_flash
-from mlx_flash import emulator, fused, kernels, practical, reference
+from mlx_flash import demo, emulator, fused, kernels, practical, reference
+from mlx_flash.emulator.source import generated_source
 
 BACKENDS = ["emulator"] + (["metal"] if mx.metal.is_available() else [])
 SCHEDULES = ("forward", "reverse")
@@ -318,6 +320,37 @@ def test_flash_exp_keeps_exps_special_values(backend):
         assert math.isclose(value, math.exp(want), rel_tol=2e-6), (want, value)
 
 
+@pytest.mark.parametrize("family", [practical, demo], ids=["practical", "demo"])
+def test_signatures_have_no_unused_shape_buffers(family, monkeypatch):
+    # MLX adds an `x_shape` (`_strides`, `_ndim`) buffer for input x whenever
+    # that text occurs anywhere in the body, even inside a longer name (a
+    # mask input called `mask` gave `k` a `k_shape` through `mask_shape`).
+    launches = []
+    real_launch = kernels.launch
+
+    def spy(kernel, **call):
+        launches.append((kernel, call))
+        return real_launch(kernel, **call)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    q, k, v, dout = _inputs(1, 1, 1, 8, 8, 64, 64, mx.float16, seed=0)
+    keep = mx.ones((1, 1, 8, 8), dtype=mx.bool_)
+    spec = fused.mask_spec(keep)
+    with _backend_context("emulator", schedule="forward"):
+        out, lse = family.forward(q, k, v, 0.125, spec)
+        delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
+        family.dkdv(q, k, v, 0.125, spec, dout, lse, delta)
+        family.dq(q, k, v, 0.125, spec, dout, lse, delta)
+    assert len(launches) == 3
+    for kernel, call in launches:
+        rest = {key: value for key, value in call.items() if key != "inputs"}
+        text = generated_source(kernel, call["inputs"], rest)
+        buffers = re.findall(r"\b(\w+_(?:shape|strides|ndim)) \[\[buffer", text)
+        assert "mask_array_shape" in buffers
+        unused = [name for name in buffers if len(re.findall(rf"\b{name}\b", text)) < 2]
+        assert unused == [], unused
+
+
 def test_kernels_are_built_in_safe_math_mode(monkeypatch):
     # The kernels test for -inf (keys past the end, additive -inf masks);
     # Metal's fast math may assume there are no infinities.
@@ -331,7 +364,7 @@ def test_kernels_are_built_in_safe_math_mode(monkeypatch):
     monkeypatch.setattr(mx.fast, "metal_kernel", spy)
     kernels.build.__wrapped__(
         "flash_practical_forward",
-        ("q", "k", "v", "mask", "params", "fparams"),
+        ("q", "k", "v", "mask_array", "params", "fparams"),
         ("o", "lse"),
         "practical_forward.metal",
         ("flash_common.h",),
