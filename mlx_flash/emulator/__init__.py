@@ -7,7 +7,10 @@ deterministically, in the order a schedule gives. Barriers and SIMD
 collectives are rendezvous points, threadgroup memory starts poisoned (0xff
 bytes: NaN in every float type), and a race is reported when results differ
 between schedules or when two threads touch a threadgroup array element,
-one writing, with no barrier between them.
+one writing, with no barrier between them. Where Metal is stricter than C++
+the emulator is too: at most 1024 threads and 32 KB of threadgroup memory per
+threadgroup, no ``double``, and ``simdgroup_load`` / ``simdgroup_store`` only
+through a pointer to the fragment's own element type.
 
     outs = emulator.run(kernel, inputs=[a], output_shapes=[a.shape],
                         output_dtypes=[a.dtype], grid=(n, 1, 1),
