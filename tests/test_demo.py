@@ -1,24 +1,20 @@
 """The demo Metal kernels: simdgroup_matrix tiles, forward and backward.
 
-Every kernel test runs on each backend that can run Metal kernels here: the
-CPU emulator always, real Metal too where ``mx.metal.is_available()``. On the
-emulator every launch runs under two thread schedules and the results must be
-bit-identical (else ``RaceError``); a barrier or SIMD collective that not every
-thread reaches raises ``DivergenceError``. The oracle is autodiff through
-``mlx_flash.reference`` in float32 on the same (rounded) inputs.
+The oracle is autodiff through ``mlx_flash.reference`` in float32 on the same
+(rounded) inputs; every kernel test runs on every backend in
+``kernel_checks.BACKENDS``, under two thread schedules with race detection on
+the emulator (see ``kernel_checks``).
 """
 
-import contextlib
 import re
 
 import mlx.core as mx
 import pytest
 
+import kernel_checks
 import mlx_flash
-from mlx_flash import demo, emulator, fused, kernels, reference
-
-BACKENDS = ["emulator"] + (["metal"] if mx.metal.is_available() else [])
-SCHEDULES = ("forward", "reverse")
+from kernel_checks import BACKENDS, oracle, on_backend, random_inputs, random_mask, run_kernels
+from mlx_flash import demo, fused, kernels
 
 # max |actual - expected| <= ATOL + RTOL * max |expected|. The kernels round
 # P and dS to the input dtype before their products (as FlashAttention does)
@@ -30,85 +26,21 @@ TOLERANCES = {
 }
 
 
-def _on(backend, schedule=SCHEDULES):
-    if backend == "metal":
-        return contextlib.nullcontext()
-    return emulator.metal(schedule=schedule)
-
-
 def assert_close(actual, expected, dtype, what):
-    assert actual.shape == expected.shape, what
-    atol, rtol = TOLERANCES[dtype]
-    actual = actual.astype(mx.float32)
-    # NaN exactly where the oracle has NaN (rows whose additive mask is all
-    # -inf, and the key gradients they reach).
-    assert mx.array_equal(mx.isnan(actual), mx.isnan(expected)).item(), f"{what}: NaN pattern"
-    finite = ~mx.isnan(expected)
-    err = mx.max(mx.abs(mx.where(finite, actual - expected, 0))).item()
-    size = mx.max(mx.abs(mx.where(finite, expected, 0))).item()
-    assert err <= atol + rtol * size, f"{what}: max error {err:.3g} at magnitude {size:.3g}"
+    kernel_checks.assert_close(actual, expected, TOLERANCES[dtype], what)
 
 
 def _inputs(B, n_q, n_kv, q_len, k_len, dim, dtype, seed):
-    keys = mx.random.split(mx.random.key(seed), 4)
-    q = mx.random.normal((B, n_q, q_len, dim), key=keys[0]).astype(dtype)
-    k = mx.random.normal((B, n_kv, k_len, dim), key=keys[1]).astype(dtype)
-    v = mx.random.normal((B, n_kv, k_len, dim), key=keys[2]).astype(dtype)
-    dout = mx.random.normal((B, n_q, q_len, dim), key=keys[3]).astype(dtype)
-    return q, k, v, dout
+    return random_inputs(B, n_q, n_kv, q_len, k_len, dim, dim, dtype, seed)
 
 
 def _mask(kind, n_q, q_len, k_len, dtype, seed):
-    """A normalised (rank-4) mask of ``kind``, size-1 axes kept."""
-    key = mx.random.key(seed + 1000)
-    if kind == "none":
-        return None
-    if kind == "causal":
-        return "causal"
-    if kind == "bool":
-        # One pattern broadcast over batch and heads.
-        return mx.random.bernoulli(0.7, (1, 1, q_len, k_len), key=key)
-    if kind == "bool_empty_row":
-        # Per head; query row 3 of head 1 keeps nothing (uniform weights).
-        keep = mx.random.bernoulli(0.6, (1, n_q, q_len, k_len), key=key)
-        empty = (mx.arange(n_q)[:, None, None] == 1) & (mx.arange(q_len)[None, :, None] == 3)
-        return keep & ~empty[None]
-    if kind == "additive":
-        # Broadcast over batch and queries. Head 0 has -inf on its first 32
-        # keys, a whole key tile, and finite scores after it.
-        bias = mx.random.normal((1, n_q, 1, k_len), key=key)
-        first_tile = (mx.arange(n_q)[:, None] == 0) & (mx.arange(k_len)[None, :] < 32)
-        return mx.where(first_tile[None, :, None, :], -mx.inf, bias).astype(dtype)
-    if kind == "additive_nan_row":
-        # Full shape; query row 2 is -inf everywhere: NaN, as in MLX.
-        bias = mx.random.normal((1, n_q, q_len, k_len), key=key)
-        row = mx.arange(q_len)[None, None, :, None] == 2
-        return mx.where(row, -mx.inf, bias).astype(dtype)
-    raise ValueError(kind)
-
-
-def _oracle(q, k, v, dout, scale, mask):
-    """Reference output and (dq, dk, dv), in float32."""
-    f32 = [x.astype(mx.float32) for x in (q, k, v, dout)]
-    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
-        mask = mask.astype(mx.float32)
-
-    def fn(q, k, v):
-        return reference.attention(q, k, v, scale, mask)
-
-    (out,), grads = mx.vjp(fn, f32[:3], [f32[3]])
-    return out, grads
+    return random_mask(kind, n_q, q_len, k_len, dtype, seed + 1000, empty_row=(1, 3))
 
 
 def _run_kernels(q, k, v, dout, scale, mask):
-    """Output, lse and (dq, dk, dv) from the three demo launchers."""
-    spec = fused.mask_spec(mask)
-    out, lse = demo.forward(q, k, v, scale, spec)
-    delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
-    dk, dv = demo.dkdv(q, k, v, scale, spec, dout, lse, delta)
-    dq = demo.dq(q, k, v, scale, spec, dout, lse, delta)
-    mx.eval(out, lse, dq, dk, dv)
-    return out, lse, (dq, dk, dv)
+    return run_kernels(demo, q, k, v, dout, scale, mask)
+
 
 
 # Each axis covered on purpose rather than the full product: every head dim,
@@ -139,9 +71,9 @@ def test_kernels_match_reference(backend, case):
     q, k, v, dout = _inputs(B, n_q, n_kv, q_len, k_len, dim, dtype, seed=q_len + dim)
     mask = _mask(mask_kind, n_q, q_len, k_len, dtype, seed=q_len)
     scale = dim**-0.5
-    expected_out, expected_grads = _oracle(q, k, v, dout, scale, mask)
+    expected_out, expected_grads = oracle(q, k, v, dout, scale, mask)
 
-    with _on(backend):
+    with on_backend(backend):
         out, lse, grads = _run_kernels(q, k, v, dout, scale, mask)
 
     assert out.dtype == dtype and lse.dtype == mx.float32
@@ -159,8 +91,8 @@ def test_retuned_tiles(backend, monkeypatch):
     monkeypatch.setitem(demo.TILES, 64, demo.Tiles(forward=(16, 64), dq=(16, 8), dkv=(8, 16)))
     dtype = mx.float16
     q, k, v, dout = _inputs(1, 2, 1, 29, 45, 64, dtype, seed=12)
-    expected_out, expected_grads = _oracle(q, k, v, dout, 0.125, "causal")
-    with _on(backend):
+    expected_out, expected_grads = oracle(q, k, v, dout, 0.125, "causal")
+    with on_backend(backend):
         out, _, grads = _run_kernels(q, k, v, dout, 0.125, "causal")
     assert_close(out, expected_out, dtype, "output")
     for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
@@ -173,9 +105,9 @@ def test_seeded_schedule_reproduces_every_bit(backend):
     # the same bits as the forward one, NaN and uniform rows included.
     q, k, v, dout = _inputs(1, 2, 1, 14, 26, 64, mx.float16, seed=11)
     mask = _mask("bool_empty_row", 2, 14, 26, mx.float16, seed=11)
-    with _on(backend, schedule="forward"):
+    with on_backend(backend, schedule="forward"):
         first = _run_kernels(q, k, v, dout, 0.3, mask)
-    with _on(backend, schedule=20261122):
+    with on_backend(backend, schedule=20261122):
         second = _run_kernels(q, k, v, dout, 0.3, mask)
     for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
         assert mx.array_equal(a, b, equal_nan=True).item()
@@ -190,7 +122,7 @@ def test_log_sum_exp_is_in_log2_units(backend):
     f32 = [x.astype(mx.float32) for x in (q, k)]
     scores = (f32[0] * scale) @ mx.swapaxes(mx.repeat(f32[1], 2, axis=1), -1, -2)
     expected = mx.logsumexp(scores, axis=-1)
-    with _on(backend):
+    with on_backend(backend):
         _, lse = demo.forward(q, k, v, scale, fused.mask_spec(None))
     assert mx.allclose(lse * 0.6931471805599453, expected, atol=2e-3, rtol=1e-3).item()
 
@@ -207,8 +139,8 @@ def test_strided_inputs_and_broadcast_mask(backend):
     k_t = mx.swapaxes(mx.swapaxes(k, 2, 3) + 0, 2, 3)
     keep = mx.random.bernoulli(0.6, (1, 1, 1, 18), key=mx.random.key(5))
     mask = mx.broadcast_to(keep, (1, 2, 12, 18))
-    expected_out, expected_grads = _oracle(q, k, v, dout, 0.25, mask)
-    with _on(backend):
+    expected_out, expected_grads = oracle(q, k, v, dout, 0.25, mask)
+    with on_backend(backend):
         out, _, grads = _run_kernels(q_t, k_t, v_t, dout, 0.25, mask)
     assert_close(out, expected_out, dtype, "output")
     for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
@@ -233,13 +165,13 @@ def test_grad_end_to_end(backend):
     def loss(q, k, v):
         return mx.sum(attend(q, k, v).astype(mx.float32) * dout.astype(mx.float32))
 
-    with _on(backend):
+    with on_backend(backend):
         plan = mlx_flash.explain(q, k, v, mask="causal", variant="demo")
         out = attend(q, k, v)
         grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
         mx.eval(out, grads)
     assert (plan.implementation, plan.backend) == ("demo", backend)
-    expected_out, expected = _oracle(q, k, v, dout, scale, "causal")
+    expected_out, expected = oracle(q, k, v, dout, scale, "causal")
     assert_close(out, expected_out, dtype, "output")
     for grad, want, name in zip(grads, expected, ("dq", "dk", "dv")):
         assert grad.dtype == dtype
@@ -284,7 +216,7 @@ def test_fragment_layout(backend):
         output_shapes=[(32, 5)],
         output_dtypes=[mx.float32],
     )
-    with _on(backend):
+    with on_backend(backend):
         (got,) = kernels.launch(kernel, **call)
     got = got.tolist()
     tile = [[float(8 * r + c) * ((8 * r + c) % 7 + 1) for c in range(8)] for r in range(8)]
@@ -331,7 +263,7 @@ def test_stage_copies_rows_through_their_strides(backend, dtype, offset, row_str
         source=STAGE_PROBE,
         header=kernels.source("demo_common.h"),
     )
-    with _on(backend):
+    with on_backend(backend):
         (got,) = kernels.launch(
             kernel,
             inputs=[x, params],
@@ -400,7 +332,7 @@ def test_explain_names_demo_fallbacks(backend):
     def tensor(dim, dtype=mx.float16, length=16):
         return mx.zeros((1, 2, length, dim), dtype=dtype)
 
-    with _on(backend):
+    with on_backend(backend):
         for dim in demo.HEAD_DIMS:
             for dtype in demo.DTYPES:
                 x = tensor(dim, dtype)
@@ -460,7 +392,7 @@ def test_tiles_over_metal_limits_are_refused(monkeypatch):
     q, k, v, _ = _inputs(1, 1, 1, 8, 8, 128, mx.float16, seed=0)
     too_big = r"forward tile \(32, 64\) at head dim 128 needs 34816 bytes.*32768"
     with pytest.raises(ValueError, match=too_big):
-        with _on("emulator"):
+        with on_backend("emulator"):
             demo.attention(q, k, v, 0.1, None)
 
 
@@ -476,6 +408,6 @@ if mx.metal.is_available():
             return mx.sum(out.astype(mx.float32) * dout.astype(mx.float32))
 
         grads = mx.compile(mx.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-        _, expected = _oracle(q, k, v, dout, 0.125, "causal")
+        _, expected = oracle(q, k, v, dout, 0.125, "causal")
         for grad, want in zip(grads, expected):
             assert_close(grad, want, mx.bfloat16, "compiled")

@@ -1,16 +1,10 @@
 """The practical Metal kernels, forward and backward.
 
-Every test runs on every backend that can run Metal kernels here: the CPU
-emulator always, real Metal too where ``mx.metal.is_available()``. Kernel
-results are compared with autodiff through ``mlx_flash.reference`` computed in
-float32. On the emulator every kernel launch runs under two thread schedules
-(threads forward and reversed) with threadgroup-memory race detection: an
-access pair no barrier orders, or results that differ between the schedules,
-raise ``RaceError``; a barrier or SIMD collective that not every thread
-reaches raises ``DivergenceError``.
+Kernel results are compared with autodiff through ``mlx_flash.reference``
+computed in float32, on every backend in ``kernel_checks.BACKENDS``, under two
+thread schedules with race detection on the emulator (see ``kernel_checks``).
 """
 
-import contextlib
 import math
 import re
 
@@ -18,12 +12,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+import kernel_checks
 import mlx_flash
-from mlx_flash import demo, emulator, fused, kernels, practical, reference
+from kernel_checks import BACKENDS, oracle, on_backend, random_inputs, random_mask, run_kernels
+from mlx_flash import demo, fused, kernels, practical, reference
 from mlx_flash.emulator.source import generated_source
-
-BACKENDS = ["emulator"] + (["metal"] if mx.metal.is_available() else [])
-SCHEDULES = ("forward", "reverse")
 
 # max |actual - expected| <= ATOL + RTOL * max |expected|, per dtype: float32
 # kernels only reorder float32 sums; float16 / bfloat16 add the rounding of
@@ -35,80 +28,21 @@ TOLERANCES = {
 }
 
 
-def _backend_context(backend, schedule=SCHEDULES):
-    """Where Metal kernels run inside the block. On the emulator every launch
-    runs once per schedule and raises ``RaceError`` if the results differ."""
-    if backend == "metal":
-        return contextlib.nullcontext()
-    return emulator.metal(schedule=schedule)
-
-
 def assert_close(actual, expected, dtype, what=""):
-    assert actual.shape == expected.shape, what
-    atol, rtol = TOLERANCES[dtype]
-    actual = actual.astype(mx.float32)
-    expected = expected.astype(mx.float32)
-    # NaN where the oracle has NaN (an all -inf additive row), nowhere else.
-    assert mx.array_equal(mx.isnan(actual), mx.isnan(expected)).item(), what
-    keep = ~mx.isnan(expected)
-    err = mx.max(mx.abs(mx.where(keep, actual - expected, 0))).item()
-    scale = mx.max(mx.abs(mx.where(keep, expected, 0))).item()
-    assert err <= atol + rtol * scale, f"{what}: max error {err:.3g} for magnitude {scale:.3g}"
+    kernel_checks.assert_close(actual, expected, TOLERANCES[dtype], what)
 
 
 def _inputs(B, n_q, n_kv, q_len, k_len, dim, value_dim, dtype, seed):
-    keys = mx.random.split(mx.random.key(seed), 4)
-    q = mx.random.normal((B, n_q, q_len, dim), key=keys[0]).astype(dtype)
-    k = mx.random.normal((B, n_kv, k_len, dim), key=keys[1]).astype(dtype)
-    v = mx.random.normal((B, n_kv, k_len, value_dim), key=keys[2]).astype(dtype)
-    dout = mx.random.normal((B, n_q, q_len, value_dim), key=keys[3]).astype(dtype)
-    return q, k, v, dout
+    return random_inputs(B, n_q, n_kv, q_len, k_len, dim, value_dim, dtype, seed)
 
 
 def _mask(kind, B, n_q, q_len, k_len, dtype, seed):
-    """A normalised (rank-4) mask of ``kind``; broadcast masks keep size-1 axes."""
-    key = mx.random.key(seed + 100)
-    if kind in ("none", "causal"):
-        return None if kind == "none" else "causal"
-    if kind == "bool":
-        # One pattern shared by batch and heads (axes of size 1).
-        return mx.random.bernoulli(0.7, (1, 1, q_len, k_len), key=key)
-    if kind == "bool_empty_row":
-        # Per-head pattern in which query row 2 of head 0 keeps nothing.
-        keep = mx.random.bernoulli(0.6, (1, n_q, q_len, k_len), key=key)
-        row = (mx.arange(n_q)[:, None, None] == 0) & (mx.arange(q_len)[None, :, None] == 2)
-        return keep & ~row[None]
-    if kind == "additive":
-        # Broadcast over batch and queries (size-1 axes). Head 0 has -inf on
-        # its first 32 keys, a whole key tile, and finite keys after it.
-        bias = mx.random.normal((1, n_q, 1, k_len), key=key)
-        first_tile = (mx.arange(n_q)[:, None] == 0) & (mx.arange(k_len)[None, :] < 32)
-        return mx.where(first_tile[None, :, None, :], -mx.inf, bias).astype(dtype)
-    raise ValueError(kind)
-
-
-def _oracle(q, k, v, dout, scale, mask):
-    """Reference output and (dq, dk, dv), all in float32."""
-    f32 = [x.astype(mx.float32) for x in (q, k, v, dout)]
-    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
-        mask = mask.astype(mx.float32)
-
-    def fn(q, k, v):
-        return reference.attention(q, k, v, scale, mask)
-
-    (out,), grads = mx.vjp(fn, f32[:3], [f32[3]])
-    return out, grads
+    return random_mask(kind, n_q, q_len, k_len, dtype, seed + 100, empty_row=(0, 2))
 
 
 def _run_kernels(q, k, v, dout, scale, mask):
-    """Output, lse and (dq, dk, dv) from the three practical launchers."""
-    spec = fused.mask_spec(mask)
-    out, lse = practical.forward(q, k, v, scale, spec)
-    delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
-    dk, dv = practical.dkdv(q, k, v, scale, spec, dout, lse, delta)
-    dq = practical.dq(q, k, v, scale, spec, dout, lse, delta)
-    mx.eval(out, lse, dq, dk, dv)
-    return out, lse, (dq, dk, dv)
+    return run_kernels(practical, q, k, v, dout, scale, mask)
+
 
 
 # Each axis covered deliberately rather than the full product:
@@ -142,9 +76,9 @@ def test_kernels_match_reference(backend, case):
     q, k, v, dout = _inputs(B, n_q, n_kv, q_len, k_len, dim, value_dim, dtype, seed=q_len)
     mask = _mask(mask_kind, B, n_q, q_len, k_len, dtype, seed=q_len)
     scale = dim**-0.5
-    expected_out, expected_grads = _oracle(q, k, v, dout, scale, mask)
+    expected_out, expected_grads = oracle(q, k, v, dout, scale, mask)
 
-    with _backend_context(backend):
+    with on_backend(backend):
         out, lse, grads = _run_kernels(q, k, v, dout, scale, mask)
 
     assert out.dtype == dtype and lse.dtype == mx.float32
@@ -160,9 +94,9 @@ def test_results_do_not_depend_on_the_schedule(backend):
     # second run on the GPU) reproduces every bit, NaN rows included.
     q, k, v, dout = _inputs(1, 4, 2, 14, 26, 32, 32, mx.float16, seed=11)
     mask = _mask("bool_empty_row", 1, 4, 14, 26, mx.float16, seed=11)
-    with _backend_context(backend, schedule="forward"):
+    with on_backend(backend, schedule="forward"):
         out, lse, grads = _run_kernels(q, k, v, dout, 0.3, mask)
-    with _backend_context(backend, schedule=20261122):
+    with on_backend(backend, schedule=20261122):
         out2, lse2, grads2 = _run_kernels(q, k, v, dout, 0.3, mask)
     for a, b in zip((out, lse, *grads), (out2, lse2, *grads2)):
         assert mx.array_equal(a, b, equal_nan=True).item()
@@ -174,7 +108,7 @@ def test_log_sum_exp(backend):
     scale = 0.2
     scores = (q * scale) @ mx.swapaxes(mx.repeat(k, 2, axis=1), -1, -2)
     expected = mx.logsumexp(scores, axis=-1)
-    with _backend_context(backend):
+    with on_backend(backend):
         _, lse = practical.forward(q, k, v, scale, fused.mask_spec(None))
     assert_close(lse, expected, mx.float32, "lse")
 
@@ -187,7 +121,7 @@ def test_all_inf_additive_row_is_nan(backend):
     mask = mx.zeros((1, 1, 4, 6))
     mask[:, :, 1, :] = -mx.inf
     expected = reference.attention(q, k, v, 0.3, mask)
-    with _backend_context(backend):
+    with on_backend(backend):
         out, _ = practical.forward(q, k, v, 0.3, fused.mask_spec(mask))
     assert mx.all(mx.isnan(out[0, 0, 1])).item()
     assert_close(out, expected, mx.float32, "output")
@@ -202,8 +136,8 @@ def test_strided_inputs(backend):
     q_t, k_t, v_t = (mx.swapaxes(mx.swapaxes(x, 1, 2) + 0, 1, 2) for x in (q, k, v))
     keep = mx.random.bernoulli(0.6, (1, 1, 1, 12), key=mx.random.key(5))
     mask = mx.broadcast_to(keep, (1, 3, 12, 12))
-    expected_out, expected_grads = _oracle(q, k, v, dout, 0.25, mask)
-    with _backend_context(backend):
+    expected_out, expected_grads = oracle(q, k, v, dout, 0.25, mask)
+    with on_backend(backend):
         out, _, grads = _run_kernels(q_t, k_t, v_t, dout, 0.25, mask)
     assert_close(out, expected_out, dtype, "output")
     for grad, expected, label in zip(grads, expected_grads, ("dq", "dk", "dv")):
@@ -213,7 +147,7 @@ def test_strided_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_explain_reports_practical(backend):
     q, k, v, _ = _inputs(1, 4, 2, 16, 16, 64, 64, mx.float16, seed=6)
-    with _backend_context(backend):
+    with on_backend(backend):
         plan = mlx_flash.explain(q, k, v, mask="causal", variant="practical")
         assert plan.implementation == "practical"
         assert plan.backend == backend
@@ -236,14 +170,14 @@ def test_grad_end_to_end(backend):
         )
         return mx.sum(out * dout)
 
-    with _backend_context(backend):
+    with on_backend(backend):
         out = mlx_flash.scaled_dot_product_attention(
             q, k, v, scale=scale, mask="causal", variant="practical"
         )
         grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
         mx.eval(out, grads)
     # Lq > Lk under causal: the first 8 queries see no key (uniform weights).
-    expected_out, expected = _oracle(q, k, v, dout, scale, "causal")
+    expected_out, expected = oracle(q, k, v, dout, scale, "causal")
     assert_close(out, expected_out, dtype, "output")
     for grad, want, label in zip(grads, expected, ("dq", "dk", "dv")):
         assert_close(grad, want, dtype, label)
@@ -263,7 +197,7 @@ def test_value_and_grad_and_checkpoint(backend):
         out = mx.checkpoint(attend)(model(q), k, v)
         return mx.sum(out.astype(mx.float32) * dout.astype(mx.float32))
 
-    with _backend_context(backend):
+    with on_backend(backend):
         value, grads = nn.value_and_grad(proj, loss)(proj, q, k, v)
         mx.eval(value, grads)
 
@@ -279,7 +213,7 @@ def test_value_and_grad_and_checkpoint(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernels_and_ops_are_cached(backend):
     q, k, v, _ = _inputs(1, 2, 2, 8, 8, 32, 32, mx.float32, seed=9)
-    with _backend_context(backend):
+    with on_backend(backend):
         practical.attention(q, k, v, 0.5, None)
         built = kernels.build.cache_info().currsize
         ops = fused._custom_op.cache_info().currsize
@@ -307,7 +241,7 @@ def test_flash_exp_keeps_exps_special_values(backend):
         source="out[thread_position_in_grid.x] = flash_exp(x[thread_position_in_grid.x]);",
         header=kernels.source("flash_common.h"),
     )
-    with _backend_context(backend):
+    with on_backend(backend):
         (got,) = kernels.launch(
             kernel, inputs=[x], grid=(x.size, 1, 1), threadgroup=(x.size, 1, 1),
             output_shapes=[x.shape], output_dtypes=[mx.float32],
@@ -336,7 +270,7 @@ def test_signatures_have_no_unused_shape_buffers(family, monkeypatch):
     q, k, v, dout = _inputs(1, 1, 1, 8, 8, 64, 64, mx.float16, seed=0)
     keep = mx.ones((1, 1, 8, 8), dtype=mx.bool_)
     spec = fused.mask_spec(keep)
-    with _backend_context("emulator", schedule="forward"):
+    with on_backend("emulator", schedule="forward"):
         out, lse = family.forward(q, k, v, 0.125, spec)
         delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
         family.dkdv(q, k, v, 0.125, spec, dout, lse, delta)
@@ -406,6 +340,6 @@ if mx.metal.is_available():
             return mx.sum(out.astype(mx.float32) * dout.astype(mx.float32))
 
         grads = mx.compile(mx.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-        _, expected = _oracle(q, k, v, dout, 0.125, "causal")
+        _, expected = oracle(q, k, v, dout, 0.125, "causal")
         for grad, want in zip(grads, expected):
             assert_close(grad, want, mx.float16, "compiled")
