@@ -252,7 +252,6 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     Raises ``Interrupted`` after saving if Ctrl-C stops training.
     """
     from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
-    from mlx_lm.utils import maybe_set_recommended_wired_limit
 
     started = time.perf_counter()
     world = mx.distributed.init()
