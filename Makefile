@@ -18,5 +18,8 @@ quickstart: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+bench: $(VENV)/.installed
+	$(PY) -m mlx_flash.bench --quick
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info
