@@ -51,9 +51,13 @@ class Plan:
     #: filled in by ``explain``.
     patch: str = ""
 
+    @property
+    def summary(self) -> str:
+        """One line: what runs, where, and why."""
+        return f"{self.implementation} ({self.backend}): {self.reason}"
+
     def __str__(self) -> str:
-        text = f"{self.implementation} ({self.backend}): {self.reason}"
-        return f"{text}\n{self.patch}" if self.patch else text
+        return f"{self.summary}\n{self.patch}" if self.patch else self.summary
 
 
 def check_variant(variant: str, where: str = "scaled_dot_product_attention") -> str:

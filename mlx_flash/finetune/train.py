@@ -349,7 +349,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         comm_group=world,
     )
     records = list(kept)
-    extra = {"rank_count": world_size, "compiled_step": compiled, "attention_plan": str(plan), **environment()}
+    extra = {"rank_count": world_size, "compiled_step": compiled, "attention_plan": plan.summary, **environment()}
     interrupted = False
     iteration = start - 1
     with patched(variant), grad_checkpointing(model.layers[0], recipe.grad_checkpoint):
