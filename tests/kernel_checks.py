@@ -106,3 +106,21 @@ def run_kernels(module, q, k, v, dout, scale, mask):
     dq = module.dq(q, k, v, scale, spec, dout, lse, delta)
     mx.eval(out, lse, dq, dk, dv)
     return out, lse, (dq, dk, dv)
+
+
+def check_kernels_match_reference(module, backend, q, k, v, dout, mask, tolerances):
+    """``module``'s forward and backward kernels against the oracle: output
+    and (dq, dk, dv) in ``q``'s dtype within ``tolerances[dtype]``, and a
+    float32 log-sum-exp."""
+    dtype = q.dtype
+    scale = q.shape[-1] ** -0.5
+    expected_out, expected_grads = oracle(q, k, v, dout, scale, mask)
+
+    with on_backend(backend):
+        out, lse, grads = run_kernels(module, q, k, v, dout, scale, mask)
+
+    assert out.dtype == dtype and lse.dtype == mx.float32
+    assert_close(out, expected_out, tolerances[dtype], "output")
+    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        assert grad.dtype == dtype
+        assert_close(grad, expected, tolerances[dtype], name)

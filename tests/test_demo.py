@@ -13,7 +13,7 @@ import pytest
 
 import kernel_checks
 import mlx_flash
-from kernel_checks import BACKENDS, oracle, on_backend, random_inputs, random_mask, run_kernels
+from kernel_checks import BACKENDS, check_kernels_match_reference, oracle, on_backend, random_inputs, random_mask, run_kernels
 from mlx_flash import demo, fused, kernels
 
 # max |actual - expected| <= ATOL + RTOL * max |expected|. The kernels round
@@ -70,17 +70,7 @@ def test_kernels_match_reference(backend, case):
     B, n_q, n_kv, q_len, k_len, dim, dtype, mask_kind = case
     q, k, v, dout = _inputs(B, n_q, n_kv, q_len, k_len, dim, dtype, seed=q_len + dim)
     mask = _mask(mask_kind, n_q, q_len, k_len, dtype, seed=q_len)
-    scale = dim**-0.5
-    expected_out, expected_grads = oracle(q, k, v, dout, scale, mask)
-
-    with on_backend(backend):
-        out, lse, grads = _run_kernels(q, k, v, dout, scale, mask)
-
-    assert out.dtype == dtype and lse.dtype == mx.float32
-    assert_close(out, expected_out, dtype, "output")
-    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
-        assert grad.dtype == dtype
-        assert_close(grad, expected, dtype, name)
+    check_kernels_match_reference(demo, backend, q, k, v, dout, mask, TOLERANCES)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
