@@ -1855,6 +1855,28 @@ inline void append_threads(char* out, int cap, const Fiber* fs, const int* ids, 
   }
 }
 
+// Appends "threads waiting at <op> (line <n>): <ids>; " for the threads parked
+// on a wait of this kind; ``ids`` is scratch space for r.n thread indices.
+inline void append_waiting(Runtime& r, Wait kind, int* ids) {
+  int k = 0;
+  int line = -1;
+  const char* op = "";
+  for (int i = 0; i < r.n; i++) {
+    if (r.fibers[i].status == WAITING && r.fibers[i].wait == kind) {
+      ids[k++] = i;
+      line = r.fibers[i].line;
+      op = r.fibers[i].op;
+    }
+  }
+  if (k) {
+    char buf[256];
+    __builtin_snprintf(buf, sizeof(buf), "threads waiting at %s (line %d): ", op, line);
+    append(r.msg, r.msg_len, buf);
+    append_threads(r.msg, r.msg_len, r.fibers, ids, k);
+    append(r.msg, r.msg_len, "; ");
+  }
+}
+
 // After every pass over the runnable threads: release the SIMD groups whose
 // live lanes all wait at a collective, and the threadgroup once all its
 // threads wait at a barrier. Returns false on divergence or deadlock.
@@ -1941,37 +1963,9 @@ inline bool resolve(bool& released) {
       g.threadgroup_position_in_grid.x, g.threadgroup_position_in_grid.y,
       g.threadgroup_position_in_grid.z);
   fail(1, buf);
+  append_waiting(r, W_BARRIER, ids);
+  append_waiting(r, W_SIMD, ids);
   int k = 0;
-  int line = -1;
-  const char* op = "";
-  for (int i = 0; i < r.n; i++) {
-    if (r.fibers[i].status == WAITING && r.fibers[i].wait == W_BARRIER) {
-      ids[k++] = i;
-      line = r.fibers[i].line;
-      op = r.fibers[i].op;
-    }
-  }
-  if (k) {
-    __builtin_snprintf(buf, sizeof(buf), "threads waiting at %s (line %d): ", op, line);
-    append(r.msg, r.msg_len, buf);
-    append_threads(r.msg, r.msg_len, r.fibers, ids, k);
-    append(r.msg, r.msg_len, "; ");
-  }
-  k = 0;
-  for (int i = 0; i < r.n; i++) {
-    if (r.fibers[i].status == WAITING && r.fibers[i].wait == W_SIMD) {
-      ids[k++] = i;
-      line = r.fibers[i].line;
-      op = r.fibers[i].op;
-    }
-  }
-  if (k) {
-    __builtin_snprintf(buf, sizeof(buf), "threads waiting at %s (line %d): ", op, line);
-    append(r.msg, r.msg_len, buf);
-    append_threads(r.msg, r.msg_len, r.fibers, ids, k);
-    append(r.msg, r.msg_len, "; ");
-  }
-  k = 0;
   for (int i = 0; i < r.n; i++) {
     if (r.fibers[i].status == DONE) ids[k++] = i;
   }
