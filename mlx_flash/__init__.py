@@ -5,7 +5,8 @@
     print(mlx_flash.explain(q, k, v, mask="causal"))
 """
 
-from .attention import VARIANTS, Plan, explain, scaled_dot_product_attention
+from .attention import VARIANTS, Plan, scaled_dot_product_attention
+from .explain import explain
 from .patch import is_patched, patch, patch_state, patched, unpatch
 
 __version__ = "0.1.0"

@@ -1,27 +1,34 @@
 """The public attention op: argument checks, mask normalisation, variant dispatch.
 
 ``scaled_dot_product_attention`` is a drop-in replacement for
-``mx.fast.scaled_dot_product_attention`` (MLX 0.32): same arguments, same
-errors, same results on the edge cases. What it adds is the choice of
-implementation (``variant=``) and ``explain()``, which says which one would
-run for given inputs and why.
+``mx.fast.scaled_dot_product_attention`` (MLX 0.32.4): same arguments
+(``stream=`` and ``force_fused=`` included), same errors (``TypeError`` for an
+argument of the wrong Python type, ``ValueError`` for bad shapes and dtypes),
+same results on the edge cases. What it adds is structured masks MLX does
+not have (``segment_ids``, ``window``; see ``mlx_flash.masks``), gradients of
+sinks, the choice of implementation (``variant=``) and ``plan()``, which says
+which one would run for given inputs and why.
+
+It keeps its own reference to MLX's function, taken at import, so assigning
+it over ``mx.fast.scaled_dot_product_attention`` works for every variant.
 
 Implementations behind the dispatch see normalised inputs: ``q``, ``k``, ``v``
-rank 4 in one floating dtype; ``mask`` is ``None``, ``"causal"`` with
-``Lq <= Lk``, or a rank-4 array that is boolean or of that dtype and is
-broadcastable to ``(B, Hq, Lq, Lk)`` (size-1 axes kept, never materialised).
-Rows that keep no key at all (bottom-right causal with ``Lq > Lk``, or a
-boolean mask row of all False) are answered here with MLX's uniform weights,
-so what an implementation returns for them is never used.
+rank 4 in one floating dtype and a ``StructuredMask`` whose causal rule has
+``Lq <= Lk``. They return the output and the row log-sum-exp, ``+inf`` where
+a row keeps no key (their output is zero there). What such rows mean is
+decided here: zeros with segment ids or sinks (with sinks the sink takes all
+the weight, as in MLX), MLX's uniform weights (the mean of ``v``) otherwise.
 """
 
+import contextlib
 import difflib
-from dataclasses import dataclass, replace
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from . import blockwise, kernels, reference
+from . import blockwise, kernels, masks, reference
+from .masks import StructuredMask
 
 #: Every name ``variant=`` accepts.
 VARIANTS = ("auto", "manual", "mlx", "blockwise", "practical", "demo")
@@ -30,7 +37,12 @@ VARIANTS = ("auto", "manual", "mlx", "blockwise", "practical", "demo")
 #: own fused inference kernel, which is built for exactly that case.
 DECODE_MAX_QUERIES = 8
 
+#: MLX's own op, kept so that this module still reaches it after someone
+#: assigns ``mx.fast.scaled_dot_product_attention = <this op>``.
+MLX_ATTENTION = mx.fast.scaled_dot_product_attention
+
 Mask = Union[None, str, mx.array]
+SegmentIds = Union[None, mx.array, Tuple[mx.array, mx.array]]
 
 
 @dataclass(frozen=True)
@@ -38,23 +50,26 @@ class Plan:
     """What ``scaled_dot_product_attention`` would run.
 
     ``implementation`` is one of ``manual``, ``mlx``, ``blockwise``,
-    ``practical``, ``demo``; ``backend`` says where it runs: ``"mlx ops"``
+    ``practical``, ``demo`` (or ``empty``: no query or no key, zeros); ``backend`` says where it runs: ``"mlx ops"``
     (plain MLX operations on the default device), ``"metal"`` or
-    ``"emulator"`` (Metal kernels on the CPU emulator).
+    ``"emulator"`` (Metal kernels on the CPU emulator). ``mask`` says how the
+    mask's structure is handled (empty when there is none).
     """
 
     variant: str
     implementation: str
     backend: str
     reason: str
+    mask: str = ""
     #: How mlx-lm's attention is patched (``str(mlx_flash.patch_state())``);
-    #: filled in by ``explain``.
+    #: filled in by ``mlx_flash.explain``.
     patch: str = ""
 
     @property
     def summary(self) -> str:
-        """One line: what runs, where, and why."""
-        return f"{self.implementation} ({self.backend}): {self.reason}"
+        """One line: what runs, where, and why (and how the mask is handled)."""
+        text = f"{self.implementation} ({self.backend}): {self.reason}"
+        return f"{text}; {self.mask}" if self.mask else text
 
     def __str__(self) -> str:
         return f"{self.summary}\n{self.patch}" if self.patch else self.summary
@@ -76,15 +91,26 @@ def _fail(message: str):
     raise ValueError(f"[scaled_dot_product_attention] {message}")
 
 
+def _type_error(name: str, expected: str, value):
+    raise TypeError(
+        f"[scaled_dot_product_attention] {name} must be {expected}, not {type(value).__name__}."
+    )
+
+
 def _check_inputs(q, k, v, mask, sinks) -> mx.Dtype:
-    """Raise the ``ValueError`` MLX raises for bad input; return the output dtype."""
+    """Raise the error MLX raises for bad input; return the output dtype."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, mx.array):
+            _type_error(name, "an mx.array", x)
+    if mask is not None and not isinstance(mask, (str, mx.array)):
+        _type_error("mask", "None, 'causal' or an mx.array", mask)
+    if sinks is not None and not isinstance(sinks, mx.array):
+        _type_error("sinks", "None or an mx.array", sinks)
     for x in (q, k, v):
         if x.ndim != 4:
             _fail(f"input with shape {tuple(x.shape)} expected to be rank 4")
     if isinstance(mask, str) and mask != "causal":
         _fail(f"invalid mask option '{mask}'. Must be 'causal', or an array.")
-    if mask is not None and not isinstance(mask, (str, mx.array)):
-        _fail(f"mask must be None, 'causal' or an array, not {type(mask).__name__}.")
     if isinstance(mask, mx.array) and mask.ndim > 4:
         _fail(f"the mask with shape {tuple(mask.shape)} expected to have at most rank 4.")
     for x in (k, v):
@@ -105,7 +131,7 @@ def _check_inputs(q, k, v, mask, sinks) -> mx.Dtype:
             "keys, values expected to have the same sequence length; found keys "
             f"shape {tuple(k.shape)} for values shape {tuple(v.shape)}."
         )
-    if q.shape[1] % k.shape[1] != 0:
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         _fail(
             f"n_heads must be a multiple of n_kv_heads, found n_heads {q.shape[1]} "
             f"for n_kv_heads {k.shape[1]}."
@@ -134,18 +160,54 @@ def _check_inputs(q, k, v, mask, sinks) -> mx.Dtype:
     return dtype
 
 
-def _normalise_mask(mask: Mask, dtype: mx.Dtype) -> Mask:
-    """Rank-4 mask view, boolean or in ``dtype``; strings and None pass through."""
-    if not isinstance(mask, mx.array):
-        return mask
-    if mask.dtype != mx.bool_:
-        mask = mask.astype(dtype)
-    while mask.ndim < 4:
-        mask = mx.expand_dims(mask, 0)
-    return mask
+def _check_ids(name: str, ids, batch: int, length: int, what: str):
+    if not isinstance(ids, mx.array):
+        _fail(f"{name} must be an mx.array of integer ids, not {type(ids).__name__}.")
+    if not mx.issubdtype(ids.dtype, mx.integer):
+        _fail(f"{name} must hold integer ids, not {ids.dtype}.")
+    if ids.ndim != 2:
+        _fail(f"{name} must be (batch, {what}) = {(batch, length)}, got shape {tuple(ids.shape)}.")
+    if ids.shape[0] != batch:
+        _fail(f"{name} has batch {ids.shape[0]} but the inputs have batch {batch}.")
+    if ids.shape[1] != length:
+        _fail(f"{name} must be (batch, {what}) = {(batch, length)}, got shape {tuple(ids.shape)}.")
 
 
-def _fused_unsupported(implementation: str, q, k, v, mask) -> Optional[str]:
+def _check_structure(q, k, mask, segment_ids, window, force_fused, variant):
+    """The checks of what MLX does not have: segment ids, window, force_fused."""
+    batch, q_len, k_len = q.shape[0], q.shape[2], k.shape[2]
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            if len(segment_ids) != 2:
+                _fail(f"segment_ids must be one (B, Lk) array or a (q_ids, k_ids) pair, got {len(segment_ids)} items.")
+            _check_ids("segment_ids[0] (query ids)", segment_ids[0], batch, q_len, "Lq")
+            _check_ids("segment_ids[1] (key ids)", segment_ids[1], batch, k_len, "Lk")
+        else:
+            _check_ids("segment_ids", segment_ids, batch, k_len, "Lk")
+            if q_len > k_len:
+                _fail(
+                    f"one segment_ids array covers the keys ({k_len}); with more queries "
+                    f"({q_len}) pass a (q_ids, k_ids) pair."
+                )
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            _fail(f"window must be a positive int, not {window!r}.")
+        if window < 1:
+            _fail(f"window must be at least 1, got {window}.")
+        if mask is None:
+            _fail("window needs mask='causal' (or an array mask): a sliding window is a causal band.")
+    if force_fused and variant == "manual":
+        _fail("force_fused=True asks for a fused kernel, but variant 'manual' is the unfused reference.")
+
+
+def _mlx_has_fused_vjp() -> bool:
+    """Whether MLX's own fused attention has a backward (MLX >= 0.32.4 on
+    Metal, for no mask or a causal one, without sinks)."""
+    version = tuple(int(p) for p in mx.__version__.split(".")[:3] if p.isdigit())
+    return version >= (0, 32, 4)
+
+
+def _fused_unsupported(implementation: str, q, k, v, mask: StructuredMask) -> Optional[str]:
     """Why the Metal ``implementation`` cannot run these inputs, or None."""
     if implementation == "practical":
         from . import practical as module
@@ -154,26 +216,68 @@ def _fused_unsupported(implementation: str, q, k, v, mask) -> Optional[str]:
     return module.unsupported_reason(q, k, v, mask)
 
 
-def plan(q, k, v, *, mask: Mask = None, sinks=None, variant: str = "auto") -> Plan:
+def _mask_note(mask: StructuredMask, implementation: str) -> str:
+    """How ``implementation`` handles the structure of ``mask``, for ``explain``."""
+    if not (mask.causal or mask.has_segments):
+        return ""
+    text = mask.describe()
+    if implementation == "manual":
+        return f"{text}: dense Lq x Lk mask (the reference)"
+    if implementation == "mlx":
+        if mask.has_segments or mask.window is not None:
+            return f"{text}: passed to MLX as a dense Lq x Lk boolean mask"
+        return ""
+    if implementation == "empty":
+        return ""
+    skipped = []
+    if mask.causal:
+        skipped.append("above the causal diagonal")
+    if mask.window is not None:
+        skipped.append("outside the window")
+    if mask.has_segments and implementation == "blockwise":
+        skipped.append(
+            "with segment-id ranges that cannot meet (ids read on the host; "
+            "inside mx.compile every tile is masked instead)"
+        )
+    elif mask.has_segments:
+        skipped.append("with segment-id ranges that cannot meet (ids read by the kernels)")
+    return f"{text}: tiles {' or '.join(skipped)} are skipped; no Lq x Lk mask is built"
+
+
+def plan(
+    q,
+    k,
+    v,
+    *,
+    mask: Mask = None,
+    sinks=None,
+    segment_ids: SegmentIds = None,
+    window: Optional[int] = None,
+    variant: str = "auto",
+    force_fused: bool = False,
+) -> Plan:
     """Choose the implementation for already-checked inputs (see ``explain``)."""
     check_variant(variant)
+    structure = masks.build(q.shape[2], k.shape[2], mask, segment_ids, window)
+    chosen = _choose(q, k, v, structure, sinks, variant, force_fused)
+    note = _mask_note(structure, chosen.implementation)
+    return Plan(chosen.variant, chosen.implementation, chosen.backend, chosen.reason, note)
+
+
+def _choose(q, k, v, mask: StructuredMask, sinks, variant: str, force_fused: bool = False) -> Plan:
     if variant == "manual":
         return Plan(variant, "manual", "mlx ops", "requested")
     if variant == "mlx":
         return Plan(variant, "mlx", "mlx ops", "requested: mx.fast.scaled_dot_product_attention")
-    if sinks is not None:
-        return Plan(
-            variant,
-            "mlx",
-            "mlx ops",
-            f"{variant} does not support attention sinks: using mx.fast.scaled_dot_product_attention",
-        )
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        return Plan(variant, "mlx", "mlx ops", "empty sequence: nothing to tile")
+    if q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
+        return Plan(variant, "empty", "mlx ops", "empty input: zeros, as MLX returns")
     if variant == "blockwise":
         return Plan(variant, "blockwise", "mlx ops", "requested")
 
-    if variant == "auto" and q.shape[2] <= DECODE_MAX_QUERIES:
+    backend = kernels.backend()
+    # Without Metal, MLX has no fused kernel at all: force_fused rules it out.
+    mlx_can_fuse = backend == "metal" or not force_fused
+    if variant == "auto" and q.shape[2] <= DECODE_MAX_QUERIES and mlx_can_fuse:
         return Plan(
             variant,
             "mlx",
@@ -182,45 +286,44 @@ def plan(q, k, v, *, mask: Mask = None, sinks=None, variant: str = "auto") -> Pl
             "MLX's fused kernel is the fastest there and its memory is already O(L)",
         )
 
-    if kernels.backend() is None:
+    if backend is None:
         return Plan(variant, "blockwise", "mlx ops", "Metal is not available on this machine: using blockwise")
+    mlx_fuses = mask.array is None and not mask.has_segments and mask.window is None and sinks is None
+    if variant == "auto" and backend == "metal" and mlx_fuses and _mlx_has_fused_vjp():
+        return Plan(
+            variant,
+            "mlx",
+            "metal",
+            "MLX fuses this mask in training too (its own tiled backward); "
+            "running `python -m mlx_flash.doctor` may change the choice",
+        )
     candidates = ("demo", "practical") if variant in ("auto", "demo") else ("practical",)
     reasons = []
     for name in candidates:
         why_not = _fused_unsupported(name, q, k, v, mask)
         if why_not is None:
             reason = "requested" if name == variant else f"fastest supported ({'; '.join(reasons) or 'auto'})"
-            return Plan(variant, name, kernels.backend(), reason)
+            return Plan(variant, name, backend, reason)
         reasons.append(f"{name}: {why_not}")
     return Plan(variant, "blockwise", "mlx ops", "; ".join(reasons) + ": using blockwise")
 
 
-def explain(q, k, v, *, mask: Mask = None, sinks=None, variant: str = "auto") -> Plan:
-    """Which implementation ``scaled_dot_product_attention`` would run, and why.
-
-    Takes the same arguments (``scale`` is not needed) and raises the same
-    errors. ``str()`` of the result reads like::
-
-        blockwise (mlx ops): Metal is not available on this machine: using blockwise
-        mlx-lm attention is not patched
-    """
-    from .patch import patch_state
-
-    _check_inputs(q, k, v, mask, sinks)
-    chosen = plan(q, k, v, mask=mask, sinks=sinks, variant=variant)
-    return replace(chosen, patch=str(patch_state()))
+def _normalise(mask: Mask, dtype: mx.Dtype) -> Mask:
+    """An array mask boolean or in ``dtype``; strings and None pass through."""
+    if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
+        return mask.astype(dtype)
+    return mask
 
 
-def _run(implementation: str, q, k, v, scale: float, mask: Mask) -> mx.array:
+def _run(implementation: str, q, k, v, scale: float, mask: StructuredMask, sinks):
+    """``(out, lse)`` of a tiled implementation."""
     if implementation == "blockwise":
-        return blockwise.attention(q, k, v, scale, mask)
+        return blockwise.attention(q, k, v, scale, mask, sinks)
     if implementation == "practical":
-        from . import practical
-
-        return practical.attention(q, k, v, scale, mask)
-    from . import demo
-
-    return demo.attention(q, k, v, scale, mask)
+        from . import practical as module
+    else:
+        from . import demo as module
+    return module.attention(q, k, v, scale, mask, sinks)
 
 
 def _uniform_rows(v: mx.array, n_q_heads: int, n_rows: int) -> mx.array:
@@ -234,6 +337,51 @@ def _uniform_rows(v: mx.array, n_q_heads: int, n_rows: int) -> mx.array:
     return mean.reshape(B, n_q_heads, n_rows, dv)
 
 
+def _empty_rows(v, n_q_heads: int, n_rows: int, mask: StructuredMask, sinks) -> mx.array:
+    """What rows that keep no key return: zeros with segment ids (a padded
+    or isolated query) or sinks (the sink takes all the weight), else MLX's
+    uniform weights."""
+    if mask.has_segments or sinks is not None:
+        return mx.zeros((v.shape[0], n_q_heads, n_rows, v.shape[-1]), v.dtype)
+    return _uniform_rows(v, n_q_heads, n_rows)
+
+
+def _run_tiled(implementation, q, k, v, scale, mask: StructuredMask, sinks):
+    n_q_heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
+    if mask.causal and q_len > k_len:
+        # Bottom-right causal leaves the first Lq - Lk queries with no key at
+        # all. Split them off so the tiled implementations only ever see
+        # causal with Lq <= Lk.
+        n_empty = q_len - k_len
+        empty = _empty_rows(v, n_q_heads, n_empty, mask, sinks)
+        q_ids = mask.q_segments[:, n_empty:] if mask.has_segments else None
+        rest = StructuredMask(k_len, k_len, True, mask.window, q_ids, mask.k_segments, mask.array)
+        if rest.array is not None and rest.array.shape[2] > 1:
+            rest = rest.with_array(rest.array[:, :, n_empty:])
+        out = _run_tiled(implementation, q[:, :, n_empty:], k, v, scale, rest, sinks)
+        return mx.concatenate([empty, out], axis=2)
+    out, lse = _run(implementation, q, k, v, scale, mask, sinks)
+    if mask.drops and not (mask.has_segments or sinks is not None):
+        # Rows that keep no key come back as zeros with lse = +inf; MLX gives
+        # them uniform weights. The where() also keeps their gradient out of
+        # the implementation, as MLX's constant scores do.
+        empty = mx.expand_dims(lse == mx.inf, -1)
+        out = mx.where(empty, _uniform_rows(v, n_q_heads, q_len), out)
+    return out
+
+
+def _run_mlx(q, k, v, scale, mask: Mask, structure: StructuredMask, sinks, force_fused, stream):
+    """MLX's own op; segments and windows become their dense boolean mask."""
+    if not (structure.has_segments or structure.window is not None):
+        return MLX_ATTENTION(q, k, v, scale=scale, mask=mask, sinks=sinks, force_fused=force_fused, stream=stream)
+    dense = structure.dense()
+    out = MLX_ATTENTION(q, k, v, scale=scale, mask=dense, sinks=sinks, force_fused=force_fused, stream=stream)
+    if structure.has_segments:
+        keep = structure.dense_keep()
+        out = mx.where(mx.any(keep, axis=-1, keepdims=True), out, mx.zeros_like(out))
+    return out
+
+
 def scaled_dot_product_attention(
     q: mx.array,
     k: mx.array,
@@ -242,9 +390,14 @@ def scaled_dot_product_attention(
     scale: float,
     mask: Mask = None,
     sinks: Optional[mx.array] = None,
+    segment_ids: SegmentIds = None,
+    window: Optional[int] = None,
     variant: str = "auto",
+    force_fused: bool = False,
+    stream=None,
 ) -> mx.array:
-    """``softmax(scale * q @ k^T + mask) @ v``, exactly as MLX computes it.
+    """``softmax(scale * q @ k^T + mask) @ v``, exactly as MLX computes it,
+    plus document (segment) masks and sliding windows.
 
     Args:
         q: ``(B, Hq, Lq, D)``.
@@ -254,40 +407,45 @@ def scaled_dot_product_attention(
         mask: ``None``, ``"causal"`` (bottom-right aligned when ``Lq != Lk``)
             or an array broadcastable to ``(B, Hq, Lq, Lk)``, boolean
             (True keeps) or additive.
-        sinks: optional ``(Hq,)`` attention-sink logits.
+        sinks: optional ``(Hq,)`` attention-sink logits: one extra logit per
+            query head in the softmax denominator, contributing no value.
+            Differentiable.
+        segment_ids: optional document ids: a ``(B, Lk)`` integer array (the
+            queries take its last ``Lq`` columns, bottom-right like causal),
+            or a pair ``(q_ids (B, Lq), k_ids (B, Lk))``. A query attends a
+            key only if their ids are equal, and whatever ``mask`` allows.
+            A negative id is padding: such keys are never attended, and a
+            query with a negative id, or one the segments leave with no key,
+            returns zeros and passes no gradient (on purpose unlike MLX's
+            uniform rows, which apply to ``mask`` alone). Ids need not be
+            sorted; packed rows (non-decreasing ids) are the fast case.
+        window: optional sliding window: query ``i`` (bottom-right aligned)
+            sees keys ``i - window < j <= i``, exactly mlx-lm's
+            ``create_causal_mask(N, window_size=window)``. Needs
+            ``mask="causal"`` (or an array mask, which it then restricts).
         variant: one of ``VARIANTS``; ``explain()`` says what it resolves to.
+        force_fused: as in MLX: never fall back to unfused ``L x L`` work.
+            With ``"mlx"`` it is passed to MLX (which raises where it has no
+            fused kernel); ``"auto"`` then never picks MLX's unfused
+            fallback; ``"manual"`` raises ``ValueError``. ``blockwise``,
+            ``practical`` and ``demo`` are always fused (O(L) memory).
+        stream: the stream or device to run on, as in MLX.
 
     Returns:
         ``(B, Hq, Lq, Dv)`` in the promoted dtype of ``q``, ``k``, ``v``.
     """
     dtype = _check_inputs(q, k, v, mask, sinks)
-    chosen = plan(q, k, v, mask=mask, sinks=sinks, variant=variant)
+    check_variant(variant)
+    _check_structure(q, k, mask, segment_ids, window, force_fused, variant)
+    structure = masks.build(q.shape[2], k.shape[2], _normalise(mask, dtype), segment_ids, window)
+    chosen = _choose(q, k, v, structure, sinks, variant, force_fused)
     if chosen.implementation == "mlx":
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+        return _run_mlx(q, k, v, scale, mask, structure, sinks, force_fused, stream)
 
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
-    if chosen.implementation == "manual":
-        return reference.attention(q, k, v, scale, mask, sinks)
-
-    mask = _normalise_mask(mask, dtype)
-    q_len, k_len = q.shape[2], k.shape[2]
-    if isinstance(mask, str) and q_len > k_len:
-        # Bottom-right causal leaves the first Lq - Lk queries with no key at
-        # all; MLX gives those rows uniform weights. Split them off so the
-        # fused kernels only ever see causal with Lq <= Lk.
-        n_empty = q_len - k_len
-        empty = _uniform_rows(v, q.shape[1], n_empty)
-        if k_len == 0:
-            return empty
-        rest = _run(chosen.implementation, q[:, :, n_empty:], k, v, scale, mask)
-        return mx.concatenate([empty, rest], axis=2)
-    out = _run(chosen.implementation, q, k, v, scale, mask)
-    if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
-        # A row whose boolean mask keeps nothing gets uniform weights in MLX.
-        # Tiled implementations keep only a float32 log-sum-exp per row, which
-        # cannot carry that case exactly through the backward, so such rows
-        # are answered here; the where() also stops their gradient from
-        # reaching the implementation.
-        keeps_any = mx.any(mask, axis=-1, keepdims=True)
-        out = mx.where(keeps_any, out, _uniform_rows(v, q.shape[1], q_len))
-    return out
+    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+        if chosen.implementation == "empty":
+            return mx.zeros((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), dtype)
+        q, k, v = (x.astype(dtype) for x in (q, k, v))
+        if chosen.implementation == "manual":
+            return reference.attention(q, k, v, scale, structure, sinks)
+        return _run_tiled(chosen.implementation, q, k, v, scale, structure, sinks)

@@ -5,24 +5,44 @@ fused kernel: scores are computed one ``(query block, key block)`` tile at a
 time with an online softmax, only the output and the per-row log-sum-exp are
 kept for the backward, and the backward recomputes each tile's probabilities
 from them. Peak memory is one tile of scores per head plus ``O(L)`` per head,
-instead of the ``L x L`` score matrix of the unfused path. Under a causal mask
-the tiles entirely above the diagonal are skipped, which halves the work.
+instead of the ``L x L`` score matrix of the unfused path.
+
+The mask is a ``mlx_flash.masks.StructuredMask``, never an ``L x L`` array
+(unless the user passed one): tiles entirely above the causal diagonal or
+outside the window are skipped, so a causal row does half the work and a
+windowed one ``O(L * window)``. Segment ids are masked inside each tile
+from the ``O(L)`` ids. Where the ids can be read on the host (eagerly, and
+under ``mx.grad`` / ``nn.value_and_grad`` / ``mx.checkpoint``), tiles whose
+id ranges cannot meet are skipped too, so a packed row costs the sum of its
+documents' squared lengths; inside ``mx.compile`` the ids are not readable,
+and every tile is computed and masked (exact, ``O(L)``, not faster).
+
+Sinks (one logit per query head in the softmax denominator) start each
+row's online softmax, so the log-sum-exp includes them; their gradient is
+the kernels' (``mlx_flash.fused.sink_grad``), a deterministic ``O(L)``
+reduction over the log-sum-exp and ``delta = rowsum(dO * O)``.
 
 It runs wherever MLX runs, so it is what ``practical`` and ``demo`` fall back
 to where Metal is absent. There is no ``mx.eval`` inside: the whole thing is
 one lazy graph, so it composes with ``mx.compile``, ``mx.grad`` and
 ``mx.checkpoint``.
 
-Inputs follow ``attention.py``'s normalised form: one floating dtype, mask
-``None``, ``"causal"`` (with ``Lq <= Lk``) or a rank-4 boolean/additive view.
-All arithmetic is float32; the output is cast back to the input dtype.
+Inputs follow ``attention.py``'s normalised form: one floating dtype and a
+``StructuredMask`` whose causal rule has ``Lq <= Lk``. All arithmetic is
+float32; the output is cast back to the input dtype. A row that keeps no key
+returns zeros with log-sum-exp ``+inf`` (``attention.py`` decides what such
+rows mean).
 """
 
 import functools
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
+
+from . import fused, masks
+from .masks import StructuredMask
 
 #: Tile sizes. Square tiles skip the most work under a causal mask, and on
 #: the 2-core Linux CPU 128 x 128 was the fastest of 64-512 per side for
@@ -33,14 +53,30 @@ import mlx.core as mx
 BLOCK_Q = 128
 BLOCK_K = 128
 
-#: What a dropped boolean-mask score becomes. MLX fills with the dtype's most
-#: negative finite value, so a row that keeps nothing gets uniform weights;
-#: any other row gives dropped scores exactly zero weight, as here.
-_DROPPED = float(mx.finfo(mx.float32).min)
+#: What a dropped score becomes: weight exactly zero, even in a row whose
+#: other scores are all dropped (that row is told apart by ``kept``).
+_DROPPED = -math.inf
+
+Span = Tuple[int, int]
 
 
-def _spans(length: int, block: int) -> List[Tuple[int, int]]:
+def _spans(length: int, block: int) -> List[Span]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
+
+
+def _host_ranges(ids: np.ndarray, block: int):
+    """Per-tile ``(low, high, uniform)`` of ``(B, L)`` ids on the host: the
+    range of the non-negative ids (``masks.EMPTY_RANGE`` if none), and
+    whether every id of the tile is one non-negative value."""
+    ranges = []
+    for start, stop in _spans(ids.shape[1], block):
+        tile = ids[:, start:stop]
+        valid = tile >= 0
+        low = np.where(valid, tile, masks.EMPTY_RANGE[0]).min(axis=1)
+        high = np.where(valid, tile, masks.EMPTY_RANGE[1]).max(axis=1)
+        uniform = (tile.min(axis=1) == tile.max(axis=1)) & valid[:, 0]
+        ranges.append((low, high, uniform))
+    return ranges
 
 
 class _Tiles:
@@ -54,7 +90,7 @@ class _Tiles:
     backward.
     """
 
-    def __init__(self, q, k, v, scale: float, mask, causal: bool):
+    def __init__(self, q, k, v, scale: float, mask: StructuredMask, sinks=None):
         B, n_q_heads, self.q_len, d = q.shape
         n_kv_heads, self.k_len = k.shape[1], k.shape[2]
         self.groups = n_q_heads // n_kv_heads
@@ -64,45 +100,82 @@ class _Tiles:
         self.k = mx.expand_dims(k.astype(mx.float32), 2)
         self.v = mx.expand_dims(v.astype(mx.float32), 2)
         self.scale = scale
-        self.causal = causal
-        # Causal is bottom-right aligned: query i sees keys j <= i + offset.
-        self.offset = self.k_len - self.q_len
-        self.mask = None
-        if mask is not None:
-            mb, mh = mask.shape[0], mask.shape[1]
-            if mh == 1:
-                mask = mx.expand_dims(mask, 2)
+        self.mask = mask
+        self.sinks = None
+        if sinks is not None:
+            self.sinks = sinks.astype(mx.float32).reshape(1, n_kv_heads, self.groups, 1, 1)
+        self.array = None
+        if mask.array is not None:
+            array = mask.array
+            if array.shape[1] == 1:
+                array = mx.expand_dims(array, 2)
             else:
-                mask = mask.reshape(mb, n_kv_heads, self.groups, *mask.shape[2:])
-            self.mask = mask if mask.dtype == mx.bool_ else mask.astype(mx.float32)
+                array = array.reshape(array.shape[0], n_kv_heads, self.groups, *array.shape[2:])
+            self.array = array if array.dtype == mx.bool_ else array.astype(mx.float32)
+        self.row_spans = _spans(self.q_len, BLOCK_Q)
+        self.col_spans = _spans(self.k_len, BLOCK_K)
+        self._plan_segments()
 
-    def key_spans(self, rows: Tuple[int, int]) -> List[Tuple[int, int]]:
-        """Key blocks that query rows ``[r0, r1)`` can see (causal skips the rest)."""
-        spans = _spans(self.k_len, BLOCK_K)
-        if self.causal:
-            last_visible = rows[1] - 1 + self.offset
-            spans = [span for span in spans if span[0] <= last_visible]
-        return spans
+    def _plan_segments(self):
+        """Read the segment ids on the host when allowed, to skip tiles."""
+        self.q_ranges = self.k_ranges = None
+        if not self.mask.has_segments:
+            return
+        q_ids = masks.concrete(self.mask.q_segments)
+        k_ids = masks.concrete(self.mask.k_segments)
+        if q_ids is None or k_ids is None:
+            return  # inside mx.compile: mask every tile instead
+        self.q_ranges = _host_ranges(q_ids, BLOCK_Q)
+        self.k_ranges = _host_ranges(k_ids, BLOCK_K)
 
-    def keep(self, rows, cols) -> Optional[mx.array]:
+    def _segments_meet(self, i: int, j: int) -> Tuple[bool, bool]:
+        """(some pair of tile (i, j) can share a segment, every pair does)."""
+        if not self.mask.has_segments:
+            return True, True
+        if self.q_ranges is None:
+            return True, False
+        q_low, q_high, q_uniform = self.q_ranges[i]
+        k_low, k_high, k_uniform = self.k_ranges[j]
+        meet = (q_low <= k_high) & (k_low <= q_high)
+        same = q_uniform & k_uniform & (q_low == k_low)
+        return bool(meet.any()), bool(same.all())
+
+    @functools.cached_property
+    def live(self) -> Dict[int, List[Tuple[int, bool]]]:
+        """Row block -> its live key blocks, each with whether the segments
+        keep the whole tile (so their mask can be left out)."""
+        live = {}
+        for i, rows in enumerate(self.row_spans):
+            live[i] = []
+            for j, cols in enumerate(self.col_spans):
+                if not self.mask.tile_is_live(rows, cols):
+                    continue
+                meet, same = self._segments_meet(i, j)
+                if meet:
+                    live[i].append((j, same))
+        return live
+
+    def keep(self, rows: Span, cols: Span, segments_full: bool) -> Optional[mx.array]:
         """Boolean keep-mask of a tile, or None when the tile keeps everything."""
-        keep = None
-        if self.causal and cols[1] - 1 > rows[0] + self.offset:
-            q_idx = mx.arange(rows[0] + self.offset, rows[1] + self.offset)[:, None]
-            keep = q_idx >= mx.arange(cols[0], cols[1])[None]
-        if self.mask is not None and self.mask.dtype == mx.bool_:
-            tile = self.mask_tile(rows, cols)
+        mask = self.mask
+        if segments_full and mask.has_segments:
+            mask = masks.StructuredMask(mask.q_len, mask.k_len, mask.causal, mask.window)
+        keep = mask.keep(rows, cols)
+        if keep is not None:
+            keep = mx.expand_dims(keep, -3) if keep.ndim == 4 else keep
+        if self.array is not None and self.array.dtype == mx.bool_:
+            tile = self.array_tile(rows, cols)
             keep = tile if keep is None else keep & tile
         return keep
 
-    def mask_tile(self, rows, cols) -> mx.array:
-        """The mask's tile; a broadcast (size-1) query or key axis stays size 1."""
-        q_len, k_len = self.mask.shape[-2:]
+    def array_tile(self, rows: Span, cols: Span) -> mx.array:
+        """The array mask's tile; a broadcast (size-1) axis stays size 1."""
+        q_len, k_len = self.array.shape[-2:]
         r = slice(*rows) if q_len > 1 else slice(None)
         c = slice(*cols) if k_len > 1 else slice(None)
-        return self.mask[..., r, c]
+        return self.array[..., r, c]
 
-    def scores(self, rows, cols, after=None) -> mx.array:
+    def scores(self, rows: Span, cols: Span, keep, after=None) -> mx.array:
         """``(B, Hkv, G, rows, cols)`` masked scores of a tile.
 
         ``after``: an array the tile must not be computed before (see
@@ -113,9 +186,8 @@ class _Tiles:
             q = mx.depends(q, after)
         k = self.k[..., cols[0] : cols[1], :]
         s = q @ mx.swapaxes(k, -1, -2)
-        if self.mask is not None and self.mask.dtype != mx.bool_:
-            s = s + self.mask_tile(rows, cols)
-        keep = self.keep(rows, cols)
+        if self.array is not None and self.array.dtype != mx.bool_:
+            s = s + self.array_tile(rows, cols)
         if keep is not None:
             s = mx.where(keep, s, _DROPPED)
         return s
@@ -129,36 +201,66 @@ def _forward(tiles: _Tiles) -> Tuple[mx.array, mx.array]:
     # is used (MLX keeps an array alive while any consumer is pending).
     ones = mx.ones((*tiles.v.shape[:-1], 1), mx.float32)
     v_ext = mx.concatenate([tiles.v, ones], axis=-1)
+    B, n_kv_heads, groups = tiles.q.shape[:3]
+    value_dim = tiles.v.shape[-1]
     outs, lses = [], []
-    for rows in _spans(tiles.q_len, BLOCK_Q):
+    for i, rows in enumerate(tiles.row_spans):
+        n_rows = rows[1] - rows[0]
         row_max = acc = None
-        for cols in tiles.key_spans(rows):
+        if tiles.sinks is not None:
+            # The sink is a key of weight exp(sink) and value 0: the row's
+            # softmax starts from it.
+            row_max = mx.broadcast_to(tiles.sinks, (B, n_kv_heads, groups, n_rows, 1))
+            acc = mx.concatenate(
+                [mx.zeros((B, n_kv_heads, groups, n_rows, value_dim)), mx.ones((B, n_kv_heads, groups, n_rows, 1))],
+                axis=-1,
+            )
+        # Whether each row has kept a key so far; None once a tile kept all.
+        kept, all_kept = None, False
+        for j, segments_full in tiles.live[i]:
+            cols = tiles.col_spans[j]
+            keep = tiles.keep(rows, cols, segments_full)
+            if keep is None:
+                all_kept = True
+            elif not all_kept:
+                tile_kept = mx.any(keep, axis=-1, keepdims=True)
+                kept = tile_kept if kept is None else kept | tile_kept
             # Each tile waits for the accumulator of the one before. Without
             # that, MLX is free to compute every tile of a row block before
             # the accumulation consumes any, and they all stay alive.
-            s = tiles.scores(rows, cols, after=acc)
+            s = tiles.scores(rows, cols, keep, after=acc)
             block_max = mx.max(s, axis=-1, keepdims=True)
             new_max = block_max if row_max is None else mx.maximum(row_max, block_max)
-            # A row whose scores so far are all -inf (additive mask) has max
-            # -inf; subtracting 0 instead keeps exp() at 0 rather than NaN, so
-            # finite scores in a later block still count.
+            # A row whose scores so far are all -inf has max -inf; subtracting
+            # 0 instead keeps exp() at 0 rather than NaN, so finite scores in
+            # a later block still count.
             safe_max = mx.where(new_max == -math.inf, 0.0, new_max)
             pv = mx.exp(s - safe_max) @ v_ext[..., cols[0] : cols[1], :]
             acc = pv if row_max is None else mx.exp(row_max - safe_max) * acc + pv
             row_max = new_max
+        if not tiles.live[i]:
+            # No key block is visible to these rows.
+            outs.append(mx.zeros((B, n_kv_heads, groups, n_rows, value_dim)))
+            lses.append(mx.full((B, n_kv_heads, groups, n_rows, 1), math.inf))
+            continue
         running_sum = acc[..., -1:]
         # A row of nothing but -inf ends with sum 0: 0 / 0 is NaN, as in MLX.
-        outs.append(acc[..., :-1] / running_sum)
+        out = acc[..., :-1] / running_sum
         safe_max = mx.where(row_max == -math.inf, 0.0, row_max)
-        lses.append(safe_max + mx.log(running_sum))
+        lse = safe_max + mx.log(running_sum)
+        if not all_kept:
+            out = mx.where(kept, out, 0.0)
+            lse = mx.where(kept, lse, math.inf)
+        outs.append(out)
+        lses.append(lse)
     return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
 
 
-def _score_grads(tiles: _Tiles, rows, cols, lse, d_out, delta, after=None):
+def _score_grads(tiles: _Tiles, rows, cols, keep, lse, d_out, delta, after=None):
     """Recompute one tile: ``P = exp(S - lse)`` and ``dS = P * (dO V^T - delta)``."""
-    # Dropped scores get p = 0 and so no gradient: every row here keeps at
-    # least one key (attention.py answers the rows that keep none).
-    s = tiles.scores(rows, cols, after)
+    # Dropped scores are -inf and rows that keep nothing have lse +inf, so
+    # both get p = 0 and no gradient.
+    s = tiles.scores(rows, cols, keep, after)
     p = mx.exp(s - lse[..., rows[0] : rows[1], :])
     dp = d_out[..., rows[0] : rows[1], :] @ mx.swapaxes(tiles.v[..., cols[0] : cols[1], :], -1, -2)
     ds = p * (dp - delta[..., rows[0] : rows[1], :])
@@ -178,21 +280,26 @@ def _backward(tiles: _Tiles, out, lse, d_out):
     With ``S = (scale Q) K^T``: ``dK = dS^T (scale Q)`` uses the stored
     scaled ``q`` as it is, and ``dQ = scale dS K`` is scaled once at the end.
 
-    Returns float32 ``dq (B, Hkv, G, Lq, D)`` and ``dk (B, Hkv, Lk, D)``,
-    ``dv (B, Hkv, Lk, Dv)``, summed over each GQA group.
+    Returns float32 ``dq (B, Hkv, G, Lq, D)``, ``dk (B, Hkv, Lk, D)`` and
+    ``dv (B, Hkv, Lk, Dv)`` (summed over each GQA group), and ``delta``.
     """
     delta = mx.sum(d_out * out, axis=-1, keepdims=True)
-    row_spans = _spans(tiles.q_len, BLOCK_Q)
-    dq = [None] * len(row_spans)
+    # Empty rows output zeros whatever d_out is; NaN rows stay NaN.
+    by_key_block = {j: [] for j in range(len(tiles.col_spans))}
+    for i in range(len(tiles.row_spans)):
+        for j, segments_full in tiles.live[i]:
+            by_key_block[j].append((i, segments_full))
+    dq = [None] * len(tiles.row_spans)
     dk, dv = [], []
     previous = None
-    for cols in _spans(tiles.k_len, BLOCK_K):
+    B, n_kv_heads = tiles.k.shape[:2]
+    for j, cols in enumerate(tiles.col_spans):
         k = tiles.k[..., cols[0] : cols[1], :]
         dk_acc = dv_acc = None
-        for i, rows in enumerate(row_spans):
-            if cols not in tiles.key_spans(rows):
-                continue
-            p, ds = _score_grads(tiles, rows, cols, lse, d_out, delta, previous)
+        for i, segments_full in by_key_block[j]:
+            rows = tiles.row_spans[i]
+            keep = tiles.keep(rows, cols, segments_full)
+            p, ds = _score_grads(tiles, rows, cols, keep, lse, d_out, delta, previous)
             dk_tile = mx.sum(mx.swapaxes(ds, -1, -2) @ tiles.q[..., rows[0] : rows[1], :], axis=2)
             dv_tile = mx.sum(mx.swapaxes(p, -1, -2) @ d_out[..., rows[0] : rows[1], :], axis=2)
             dq_tile = ds @ k
@@ -201,63 +308,70 @@ def _backward(tiles: _Tiles, out, lse, d_out):
             dq[i] = dq_tile if dq[i] is None else dq[i] + dq_tile
             previous = [dk_acc, dv_acc, dq[i]]
         if dk_acc is None:
-            # Causal with Lq < Lk: no query sees these keys.
-            B, n_kv_heads, width = tiles.k.shape[0], tiles.k.shape[1], cols[1] - cols[0]
+            # No query sees these keys (causal with Lq < Lk, windows, segments).
+            width = cols[1] - cols[0]
             dk_acc = mx.zeros((B, n_kv_heads, width, tiles.k.shape[-1]))
             dv_acc = mx.zeros((B, n_kv_heads, width, tiles.v.shape[-1]))
         dk.append(dk_acc)
         dv.append(dv_acc)
+    for i, rows in enumerate(tiles.row_spans):
+        if dq[i] is None:
+            dq[i] = mx.zeros((*tiles.q.shape[:3], rows[1] - rows[0], tiles.q.shape[-1]))
     dq = mx.concatenate(dq, axis=-2) * tiles.scale
-    return dq, mx.concatenate(dk, axis=-2), mx.concatenate(dv, axis=-2)
+    return dq, mx.concatenate(dk, axis=-2), mx.concatenate(dv, axis=-2), delta
 
 
 @functools.lru_cache(maxsize=None)
-def _op(scale: float, causal: bool, has_mask: bool):
-    """The custom function for one (scale, mask kind).
+def _op(scale: float, layout: masks.Layout):
+    """The custom function for one (scale, mask layout).
 
-    ``op(q, k, v[, mask])`` returns the output in ``q``'s dtype and the
-    float32 log-sum-exp, which the vjp receives back instead of recomputing.
+    ``op(q, k, v, *layout arrays)`` returns the output in ``q``'s dtype and
+    the float32 log-sum-exp, which the vjp receives back instead of
+    recomputing.
     """
 
     @mx.custom_function
-    def op(q, k, v, *mask):
-        tiles = _Tiles(q, k, v, scale, mask[0] if has_mask else None, causal)
+    def op(q, k, v, *arrays):
+        mask, sinks = layout.unpack(arrays)
+        tiles = _Tiles(q, k, v, scale, mask, sinks)
         out, lse = _forward(tiles)
-        return out.reshape(*tiles.shape, -1).astype(q.dtype), lse
+        return out.reshape(*tiles.shape, -1).astype(q.dtype), lse.reshape(tiles.shape)
 
     @op.vjp
     def op_vjp(primals, cotangents, outputs):
-        q, k, v, *mask = primals
-        tiles = _Tiles(q, k, v, scale, mask[0] if has_mask else None, causal)
+        q, k, v, *arrays = primals
+        mask, sinks = layout.unpack(arrays)
+        tiles = _Tiles(q, k, v, scale, mask, sinks)
         out, lse = outputs
         grouped = tiles.q.shape[:-1] + (out.shape[-1],)
-        out = out.astype(mx.float32).reshape(grouped)
         d_out = cotangents[0].astype(mx.float32).reshape(grouped)
-        dq, dk, dv = _backward(tiles, out, lse, d_out)
-        grads = [
-            dq.reshape(q.shape).astype(q.dtype),
-            dk.astype(k.dtype),
-            dv.astype(v.dtype),
-        ]
-        return tuple(grads + [mx.zeros_like(m) for m in mask])
+        dq, dk, dv, delta = _backward(
+            tiles, out.astype(mx.float32).reshape(grouped), lse.reshape(tiles.q.shape[:-1] + (1,)), d_out
+        )
+        grads = [dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)]
+        # The mask and the ids get no gradient (MLX's fused attention gives
+        # the mask none either); the sinks do.
+        grads += [mx.zeros_like(x) for x in arrays[: len(arrays) - layout.has_sinks]]
+        if layout.has_sinks:
+            grads.append(fused.sink_grad(sinks, lse, delta.reshape(lse.shape)))
+        return tuple(grads)
 
     return op
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: StructuredMask, sinks=None):
     """Blockwise attention with a memory-efficient backward.
 
     Args:
         q: ``(B, Hq, Lq, D)``; ``k``: ``(B, Hkv, Lk, D)``; ``v``: ``(B, Hkv, Lk, Dv)``.
         scale: score scale.
-        mask: ``None``, ``"causal"`` (``Lq <= Lk``) or a rank-4 boolean or
-            additive array broadcastable to ``(B, Hq, Lq, Lk)``.
+        mask: the ``StructuredMask`` (causal only with ``Lq <= Lk``).
+        sinks: optional ``(Hq,)`` sink logits.
 
     Returns:
-        ``(B, Hq, Lq, Dv)`` in ``q``'s dtype.
+        ``(out, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and the
+        ``(B, Hq, Lq)`` float32 log-sum-exp (``+inf`` for a row that keeps
+        no key, whose output is zero).
     """
-    if isinstance(mask, mx.array):
-        out, _ = _op(float(scale), False, True)(q, k, v, mask)
-    else:
-        out, _ = _op(float(scale), isinstance(mask, str), False)(q, k, v)
-    return out
+    op = _op(float(scale), masks.Layout.of(mask, sinks))
+    return op(q, k, v, *masks.Layout.arrays(mask, sinks))

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..attention import explain
+from ..explain import explain
 from ..bench.harness import _percentile as percentile
 from ..bench.machine import describe
 from ..patch import patched
