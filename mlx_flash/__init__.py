@@ -6,6 +6,7 @@
 """
 
 from .attention import VARIANTS, Plan, scaled_dot_product_attention
+from .documents import segments
 from .explain import explain
 from .patch import is_patched, patch, patch_state, patched, unpatch
 
@@ -16,6 +17,7 @@ __all__ = [
     "Plan",
     "explain",
     "scaled_dot_product_attention",
+    "segments",
     "patch",
     "unpatch",
     "patched",

@@ -29,20 +29,38 @@ replacement function also checks whether the patch is still on and calls
 mlx-lm's original when it is not, so a reference someone copied while patched
 behaves as the original after ``unpatch()``.
 
-Quantized KV caches (``cache.bits``) go to mlx-lm's own quantized attention,
-unchanged.
+Sliding windows and documents reach the op as structure, never as an
+``L x L`` array, in training (no KV cache):
+
+* ``create_attention_mask`` (base's function, wherever a model module holds
+  it) is rebound too. Called without a cache for a window shorter than the
+  sequence, it still returns mlx-lm's own mask array, built lazily (never
+  evaluated unless someone uses it), and remembers it; when that array
+  reaches the patched attention, the op runs ``mask="causal",
+  window=W`` instead, so the dense mask is never computed. Anything else
+  (another use of the array, a cache, a mask the model changed) keeps
+  mlx-lm's array as it is.
+* Inside ``with mlx_flash.segments(ids):`` self-attention calls get
+  ``segment_ids=ids`` (``mlx_flash.documents``).
+* Sinks (gpt-oss) are passed to the op, which fuses them with their gradient.
+
+With a KV cache (generation) mlx-lm's own masks and caches are kept, so
+generation is unchanged. Quantized KV caches (``cache.bits``) go to mlx-lm's
+own quantized attention, unchanged.
 """
 
 import importlib.abc
 import sys
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .attention import check_variant
+from . import documents
+from .attention import MLX_ATTENTION, check_variant
 from .attention import scaled_dot_product_attention as flash_attention
 
 #: The text that marks a module calling MLX's fused attention directly.
@@ -54,6 +72,8 @@ class _State:
     variant = "auto"
     #: mlx-lm's own ``base.scaled_dot_product_attention``, kept from the first patch.
     original = None
+    #: mlx-lm's own ``base.create_attention_mask``.
+    original_mask = None
 
 
 _state = _State()
@@ -84,6 +104,54 @@ class PatchState:
         )
 
 
+class _WindowMasks:
+    """The window masks ``create_attention_mask`` returned, by identity.
+
+    Holds each array weakly, so a mask is forgotten when mlx-lm drops it;
+    a lookup checks identity, so a new array that happens to reuse an old
+    one's ``id`` is never mistaken for it.
+    """
+
+    def __init__(self):
+        self._entries = {}
+        self._lock = threading.Lock()
+
+    def add(self, array: mx.array, length: int, window: int) -> None:
+        key = id(array)
+
+        def forget(_, key=key):
+            with self._lock:
+                self._entries.pop(key, None)
+
+        with self._lock:
+            self._entries[key] = (weakref.ref(array, forget), length, window)
+
+    def find(self, array) -> Optional[Tuple[int, int]]:
+        """``(length, window)`` of a remembered mask, or None."""
+        with self._lock:
+            entry = self._entries.get(id(array))
+        if entry is None or entry[0]() is not array:
+            return None
+        return entry[1], entry[2]
+
+
+_window_masks = _WindowMasks()
+
+
+def create_attention_mask(h, cache=None, window_size: Optional[int] = None, return_array: bool = False):
+    """mlx-lm's ``create_attention_mask``, remembering training window masks.
+
+    Returns exactly what mlx-lm returns. Without a cache, for a window
+    shorter than the sequence, the returned array is remembered so that the
+    patched attention can run it as ``window=`` (it is then never evaluated).
+    """
+    mask = _state.original_mask(h, cache, window_size=window_size, return_array=return_array)
+    has_cache = bool(cache) and hasattr(cache, "make_mask")  # mlx-lm's own test
+    if _state.active and not has_cache and window_size and isinstance(mask, mx.array):
+        _window_masks.add(mask, h.shape[1], window_size)
+    return mask
+
+
 def scaled_dot_product_attention(
     queries: mx.array,
     keys,
@@ -98,27 +166,31 @@ def scaled_dot_product_attention(
     Same signature as ``mlx_lm.models.base``'s, same results up to float
     rounding: ``queries`` is ``(B, Hq, Lq, D)``, ``keys`` and ``values`` are
     ``(B, Hkv, Lk, D)`` arrays, or the quantized triples of a cache with
-    ``bits``, which go to mlx-lm's quantized path as before. ``mask`` is whatever mlx-lm passes: ``None``,
-    ``"causal"`` or an array (causal, sliding-window, padding).
+    ``bits``, which go to mlx-lm's quantized path as before. ``mask`` is
+    whatever mlx-lm passes: ``None``, ``"causal"`` or an array (causal,
+    sliding-window, padding); a training window mask from the patched
+    ``create_attention_mask`` becomes ``window=``.
     """
     original = _state.original
     if not _state.active or hasattr(cache, "bits"):
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    structure = {}
+    window = _window_masks.find(mask) if isinstance(mask, mx.array) else None
+    if window is not None and window[0] == queries.shape[2] == keys.shape[2]:
+        mask, structure["window"] = "causal", window[1]
+    ids = documents.for_call(queries, keys)
+    if ids is not None:
+        structure["segment_ids"] = ids
     return flash_attention(
-        queries, keys, values, scale=scale, mask=mask, sinks=sinks, variant=_state.variant
+        queries, keys, values, scale=scale, mask=mask, sinks=sinks, variant=_state.variant, **structure
     )
 
 
 def _fast_attention(q, k, v, *, scale, mask=None, sinks=None, **kwargs):
-    """``mx.fast.scaled_dot_product_attention`` as the ``mx`` proxy gives it.
-
-    MLX-only keyword arguments (``stream``, ``force_fused``) keep MLX's op.
-    """
-    if not _state.active or kwargs:
-        return mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs
-        )
-    return flash_attention(q, k, v, scale=scale, mask=mask, sinks=sinks, variant=_state.variant)
+    """``mx.fast.scaled_dot_product_attention`` as the ``mx`` proxy gives it."""
+    if not _state.active:
+        return MLX_ATTENTION(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
+    return flash_attention(q, k, v, scale=scale, mask=mask, sinks=sinks, variant=_state.variant, **kwargs)
 
 
 class _FastProxy:
@@ -168,6 +240,8 @@ def _patch_module(module) -> None:
     for name, value in list(namespace.items()):
         if value is _state.original:
             namespace[name] = scaled_dot_product_attention
+        elif value is _state.original_mask:
+            namespace[name] = create_attention_mask
     # base's own function calls mx.fast too; it must stay the original.
     defines_original = module.__name__ == _state.original.__module__
     if not defines_original and namespace.get("mx") is mx and _calls_fast_directly(module):
@@ -179,6 +253,8 @@ def _unpatch_module(module) -> None:
     for name, value in list(namespace.items()):
         if value is scaled_dot_product_attention:
             namespace[name] = _state.original
+        elif value is create_attention_mask:
+            namespace[name] = _state.original_mask
         elif value is _mx_proxy:
             namespace[name] = mx
 
@@ -245,6 +321,7 @@ def patch(variant: str = "auto") -> None:
     with _lock:
         if _state.original is None:
             _state.original = base.scaled_dot_product_attention
+            _state.original_mask = base.create_attention_mask
         _state.variant = variant
         _state.active = True
         for module in _mlx_lm_modules():

@@ -102,10 +102,10 @@ def calls(monkeypatch):
     seen = []
     real = patch_module.flash_attention
 
-    def counting(q, k, v, *, scale, mask=None, sinks=None, variant="auto"):
-        plan = mlx_flash.explain(q, k, v, mask=mask, sinks=sinks, variant=variant)
-        seen.append(dict(q_len=q.shape[2], mask=mask, sinks=sinks, variant=variant, plan=plan))
-        return real(q, k, v, scale=scale, mask=mask, sinks=sinks, variant=variant)
+    def counting(q, k, v, *, scale, mask=None, sinks=None, variant="auto", **structure):
+        plan = mlx_flash.explain(q, k, v, mask=mask, sinks=sinks, variant=variant, **structure)
+        seen.append(dict(q_len=q.shape[2], mask=mask, sinks=sinks, variant=variant, plan=plan, **structure))
+        return real(q, k, v, scale=scale, mask=mask, sinks=sinks, variant=variant, **structure)
 
     monkeypatch.setattr(patch_module, "flash_attention", counting)
     return seen
@@ -199,12 +199,11 @@ def test_forward_calls_the_patched_function_and_logits_match(model, calls):
     assert len(calls) == len(model.layers)
     assert all(c["q_len"] == 24 and c["variant"] == "auto" for c in calls)
     assert all(c["plan"].implementation != "mlx" for c in calls)
-    assert calls[0]["mask"] == "causal"
+    assert calls[0]["mask"] == "causal" and "window" not in calls[0]
     if len(model.layers) > 1:
-        # llama's sliding layer: a (24, 24) boolean band, window 8.
-        mask = calls[1]["mask"]
-        assert isinstance(mask, mx.array) and mask.dtype == mx.bool_
-        assert mask.sum().item() == sum(min(i + 1, SLIDING_WINDOW) for i in range(24))
+        # llama's sliding layer (window 8, no cache): the op gets the window
+        # as structure, not mlx-lm's (24, 24) boolean band.
+        assert calls[1]["mask"] == "causal" and calls[1]["window"] == SLIDING_WINDOW
 
 
 @pytest.mark.parametrize("variant", ["manual", "blockwise"])
@@ -368,11 +367,13 @@ def test_attention_sinks_and_sliding_window_pass_through(variant, calls):
     sliding, full = calls
     for call, layer in zip(calls, model.model.layers):
         assert call["sinks"] is layer.self_attn.sinks
-    assert isinstance(sliding["mask"], mx.array) and sliding["mask"].dtype == mx.bool_
-    assert sliding["mask"].sum().item() == sum(min(i + 1, SLIDING_WINDOW) for i in range(20))
-    assert full["mask"] == "causal"
-    # "auto" hands sinks to MLX's kernel; "manual" runs the reference with them.
-    assert sliding["plan"].implementation == ("mlx" if variant == "auto" else "manual")
+    # Training (no cache): the sliding layer's window reaches the op as
+    # structure, with the sinks.
+    assert sliding["mask"] == "causal" and sliding["window"] == SLIDING_WINDOW
+    assert full["mask"] == "causal" and "window" not in full
+    # Without Metal "auto" runs sinks and windows blockwise (fused, with the
+    # sinks' gradient); "manual" runs the reference with them.
+    assert sliding["plan"].implementation == ("blockwise" if variant == "auto" else "manual")
 
 
 def test_module_calling_mx_fast_directly_goes_through_the_proxy(calls):
