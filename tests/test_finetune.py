@@ -600,7 +600,7 @@ def test_final_loss_is_the_last_iteration_and_last10_is_labelled(quickstart):
 
 
 def test_compare_names_the_hardware(quickstart):
-    from mlx_flash.bench.machine import describe
+    from mlx_flash.machine import describe
 
     machine = describe()
     markdown = (quickstart / "compare.md").read_text()

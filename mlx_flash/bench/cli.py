@@ -21,7 +21,8 @@ import shlex
 import sys
 from typing import List, Optional, Sequence
 
-from . import harness, machine, report, targets
+from .. import machine
+from . import harness, report, targets
 
 ALL_VARIANTS = ["manual", "mlx", "blockwise", "practical", "demo"]
 

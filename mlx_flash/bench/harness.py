@@ -31,6 +31,8 @@ import numpy as np
 
 import mlx_flash
 from mlx_flash import reference
+from mlx_flash.machine import backend
+from mlx_flash.stats import percentile
 
 MODES = ("fwd", "fwdbwd", "decode")
 
@@ -180,17 +182,11 @@ def estimate_bytes(config: Config, implementation: str) -> int:
     if backward:
         io *= 2  # the cotangent and the three gradients
     unfused = implementation == "manual" or (
-        implementation == "mlx" and (backward or machine_backend() != "metal")
+        implementation == "mlx" and (backward or backend() != "metal")
     )
     keys = c.seq if unfused else min(c.seq, TILE)
     copies = 6 if backward else 3
     return io + copies * c.batch * c.heads * c.q_len * keys * 4
-
-
-def machine_backend() -> str:
-    from .machine import backend
-
-    return backend()
 
 
 def make_inputs(config: Config, seed: int = 0):
@@ -332,10 +328,6 @@ def _step(variant: Variant, config: Config, q, k, v, d_out) -> Callable:
     return step
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
 def measure(
     cell: Cell, variant: Variant, q, k, v, d_out, truth: Truth, warmup: int, repeats: int
 ) -> Cell:
@@ -371,8 +363,8 @@ def measure(
         cell.times_s = []
         return cell
     cell.status = "ok"
-    cell.median_s = _percentile(cell.times_s, 50)
-    cell.p95_s = _percentile(cell.times_s, 95)
+    cell.median_s = percentile(cell.times_s, 50)
+    cell.p95_s = percentile(cell.times_s, 95)
     cell.min_s = min(cell.times_s)
     cell.tokens_per_s = config.tokens / cell.median_s
     cell.peak_memory_bytes = max(peaks)

@@ -30,9 +30,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..explain import explain
-from ..bench.harness import _percentile as percentile
-from ..bench.machine import describe
+from ..machine import describe
 from ..patch import patched
+from ..stats import percentile
 from . import builtin, files
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer

@@ -1,6 +1,7 @@
-"""What machine a benchmark ran on: chip, OS, MLX version, backend, memory.
+"""What machine a measurement ran on: chip, OS, MLX version, backend, memory.
 
-Every report carries this, so that no number is read without its hardware.
+Every benchmark report and fine-tuning summary carries this, so that no
+number is read without its hardware.
 """
 
 import os
@@ -69,7 +70,7 @@ def physical_memory() -> Optional[int]:
 def source_state() -> Optional[dict]:
     """The git commit of the mlx_flash source that is running, and which of
     its files differ from it; None outside a git checkout (an installed wheel)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*args) -> str:
         return subprocess.run(
@@ -89,7 +90,7 @@ def source_state() -> Optional[dict]:
 
 def describe() -> dict:
     """A JSON-ready description of this machine and software."""
-    from .. import __version__
+    from . import __version__
 
     info = _device_info()
     where = backend()
