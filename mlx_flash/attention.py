@@ -217,8 +217,9 @@ def _fused_unsupported(implementation: str, q, k, v, mask: StructuredMask) -> Op
 
 
 def _mask_note(mask: StructuredMask, implementation: str) -> str:
-    """How ``implementation`` handles the structure of ``mask``, for ``explain``."""
-    if not (mask.causal or mask.has_segments):
+    """How ``implementation`` handles the structure MLX does not have
+    (segments, windows), for ``explain``."""
+    if not (mask.has_segments or mask.window is not None):
         return ""
     text = mask.describe()
     if implementation == "manual":

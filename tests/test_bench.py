@@ -11,6 +11,7 @@ import pytest
 
 import mlx_flash
 from mlx_flash.bench import cli, harness, targets
+from mlx_flash.bench import masks as bench_masks
 
 TINY = ["--quick", "--batch", "1", "--seq", "16,24", "--head-dim", "8", "--heads", "2", "--repeats", "2"]
 
@@ -21,7 +22,7 @@ CELL_FIELDS = {
     "times_s": list, "estimated_bytes": int,
 }
 OPTIONAL_NUMBERS = (
-    "median_s", "p95_s", "min_s", "tokens_per_s", "peak_memory_bytes", "resident_bytes",
+    "median_s", "p95_s", "min_s", "tokens_per_s", "peak_memory_bytes", "floor_bytes", "peak_over_floor", "resident_bytes",
     "speedup_vs_manual", "speedup_vs_mlx", "tolerance",
 )
 
@@ -408,3 +409,76 @@ def test_report_names_the_source_state(quick_run):
     clean = dict(results["machine"], source={"commit": "abc1234", "uncommitted": []})
     text = report.markdown(dict(results, machine=clean))
     assert "at commit abc1234" in text and "uncommitted" not in text
+
+
+# ---- structured masks: packed documents, windows, sinks ----------------------
+
+
+def test_packed_run_checks_every_cell_and_runs_the_baseline_with_blockwise_only(tmp_path):
+    code = cli.main(
+        ["--packed", "--seq", "128", "--documents", "32", "--heads", "2", "--repeats", "1",
+         "--variants", "manual,mlx,blockwise", "--out", str(tmp_path)]
+    )
+    assert code == 0
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    packed = [c for c in cells if c["mask"] == "causal+docs32"]
+    baseline = [c for c in cells if c["mask"] == "causal"]
+    assert sorted(c["variant"] for c in packed) == ["blockwise", "manual", "mlx"]
+    assert [c["variant"] for c in baseline] == ["blockwise"]
+    for cell in cells:
+        assert cell["status"] == "ok" and cell["mode"] == "fwdbwd"
+        assert cell["floor_bytes"] == 8 * 2 * 128 * 64 * 4
+        assert cell["peak_over_floor"] == pytest.approx(cell["peak_memory_bytes"] / cell["floor_bytes"])
+
+
+def test_a_variant_that_ignores_the_documents_fails_the_check(registry):
+    def leaky(q, k, v, scale, mask, **structure):
+        return mlx_flash.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, variant="manual")
+
+    harness.register_variant("leaky", leaky)
+    config = harness.Config("fwd", 1, 64, 2, 1, 8, "causal+docs16", "float32")
+    right, wrong = harness.run([config], ["blockwise", "leaky"], warmup=1, repeats=1)
+    assert right.status == "ok"
+    assert wrong.status == "FAILED" and wrong.median_s is None
+
+
+@pytest.mark.parametrize(
+    "argv, masks",
+    [
+        (["--window", "16"], ["causal+window16", "causal"]),
+        (["--sinks"], ["causal+sinks", "causal"]),
+        (["--packed", "--window", "64", "--sinks"], ["causal+docs512+window64+sinks", "causal"]),
+        (["--documents", "1-300"], ["causal+docs1-300", "causal"]),
+        (["--window", "8", "--mask", "causal"], ["causal+window8"]),
+    ],
+)
+def test_structure_flags_build_the_mask_axis(argv, masks):
+    chosen = cli.settings(cli.build_parser().parse_args(argv))
+    assert chosen["mask"] == masks
+    assert chosen["preset"] == "structured"
+    variants_for = cli._variants_for(chosen)
+    config = harness.Config("fwdbwd", 1, 64, 2, 2, 8, "causal", "float32")
+    expected = ["blockwise"] if len(masks) == 2 else chosen["variants"]
+    assert list(variants_for(config)) == expected
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("causal+docs0", "1 <= A <= B"), ("none+window4", "needs 'causal'"), ("causal+dense", "unknown part"),
+     ("upper", "must start with")],
+)
+def test_bad_mask_names_are_one_line_errors(name, message):
+    with pytest.raises(ValueError, match=message):
+        bench_masks.check(name)
+
+
+def test_target_on_one_cells_own_metric():
+    target = {"name": "floor", "where": {"mode": "fwdbwd", "mask": "causal", "variant": "blockwise"},
+              "metric": "peak_over_floor", "at_most": 2}
+    targets.validate(target)
+    cell = _cell("blockwise", 4096, peak=100)
+    cell["peak_over_floor"] = 1.5
+    result = targets.evaluate_one(target, [cell], CPU)
+    assert result["status"] == "PASS" and "ratio 1.50" in result["detail"]
+    cell["peak_over_floor"] = 2.5
+    assert targets.evaluate_one(target, [cell], CPU)["status"] == "FAIL"

@@ -6,6 +6,9 @@ Presets fill the axes; any axis flag given on the command line wins::
     python -m mlx_flash.bench --quick                  # a small matrix, well under a minute
     python -m mlx_flash.bench --memory                 # fwd+bwd peak memory and time, L 512..4096
     python -m mlx_flash.bench --decode --seq 1024 4096 # one query against a KV cache of each length
+    python -m mlx_flash.bench --packed                 # packed documents of 512 tokens, L 2048..8192
+    python -m mlx_flash.bench --window 1024            # a causal sliding window, L 2048..8192
+    python -m mlx_flash.bench --sinks --seq 4096       # attention sinks (gpt-oss)
     python -m mlx_flash.bench --quick --targets bench/targets.yaml --out runs/bench
     python -m mlx_flash.bench --render runs/bench/results.json  # re-draw an earlier run
 
@@ -22,7 +25,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from .. import machine
-from . import harness, report, targets
+from . import harness, masks, report, targets
 
 ALL_VARIANTS = ["manual", "mlx", "blockwise", "practical", "demo"]
 
@@ -62,7 +65,26 @@ PRESETS = {
         warmup=1,
         repeats=3,
     ),
+    # Structured masks in training: packed documents, sliding windows, sinks
+    # (the mask axis is filled from --documents / --window / --sinks), each
+    # against full-causal blockwise at the same length.
+    "structured": dict(
+        batch=[1],
+        seq=[2048, 4096, 8192],
+        head_dim=[64],
+        heads=[8],
+        mask=[],
+        mode="fwdbwd",
+        variants=ALL_VARIANTS,
+        dtype=["float32"],
+        warmup=1,
+        repeats=2,
+    ),
 }
+
+#: What the structured runs are compared with: full causal, run by blockwise only.
+BASELINE_MASK = "causal"
+BASELINE_VARIANTS = ["blockwise"]
 
 
 def _list(kind):
@@ -88,14 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward+backward peak memory and time of manual, mlx and blockwise at B=1, H=8, D=64, "
         "causal, float32, L 512..4096",
     )
+    preset.add_argument(
+        "--packed",
+        action="store_true",
+        help="forward+backward of packed rows (documents of --documents tokens, default 512) at L 2048..8192, "
+        "every variant, and full-causal blockwise at the same L",
+    )
     parser.add_argument("--decode", action="store_true", help="single-query decoding against a KV cache of each --seq")
+    parser.add_argument(
+        "--documents",
+        metavar="N|A-B",
+        help="document lengths of packed rows: N tokens each, or random lengths A..B (implies --packed's masks)",
+    )
+    parser.add_argument("--window", type=int, metavar="W", help="a causal sliding window of W keys")
+    parser.add_argument("--sinks", action="store_true", help="one attention-sink logit per query head")
     parser.add_argument("--batch", type=_list(int), nargs="+", help="batch sizes")
     parser.add_argument("--seq", type=_list(int), nargs="+", help="sequence lengths (KV cache lengths with --decode)")
     parser.add_argument("--head-dim", type=_list(int), nargs="+", help="head dimensions")
     parser.add_argument("--heads", type=_list(int), nargs="+", help="query heads")
     parser.add_argument("--kv-heads", type=_list(int), nargs="+", help="KV heads (default: as many as query heads)")
     parser.add_argument("--dtype", type=_list(str), nargs="+", help="float16 on a GPU, float32 on CPU by default")
-    parser.add_argument("--mask", type=_list(str), nargs="+", help="causal and/or none")
+    parser.add_argument(
+        "--mask",
+        type=_list(str),
+        nargs="+",
+        help="none, causal, or structured names such as causal+docs512, causal+window1024, causal+sinks",
+    )
     parser.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], help="forward, forward+backward, or both")
     parser.add_argument("--variants", type=_list(str), nargs="+", help=f"from {', '.join(harness.VARIANTS)}")
     parser.add_argument("--warmup", type=int, help="warm-up runs per cell; the first is the correctness check")
@@ -127,8 +167,24 @@ def _flat(values: Optional[List[list]]) -> Optional[list]:
 
 def settings(args: argparse.Namespace) -> dict:
     """The preset chosen by ``args`` with every given flag applied."""
-    name = "quick" if args.quick else "memory" if args.memory else "matrix"
+    parts = []
+    if args.packed or args.documents:
+        parts.append(f"docs{args.documents or 512}")
+    if args.window is not None:
+        parts.append(f"window{args.window}")
+    if args.sinks:
+        parts.append("sinks")
+    name = "quick" if args.quick else "memory" if args.memory else "structured" if parts else "matrix"
     chosen = dict(PRESETS[name], preset=name)
+    if parts:
+        suffix = "+" + "+".join(parts)
+        given = _flat(args.mask)
+        if given is None:
+            chosen["mask"] = ["causal" + suffix, BASELINE_MASK]
+            chosen["baseline"] = {BASELINE_MASK: BASELINE_VARIANTS}
+        else:
+            chosen["mask"] = [m + suffix for m in given]
+            args.mask = None
     for axis in ("batch", "seq", "head_dim", "heads", "kv_heads", "dtype", "mask", "variants"):
         value = _flat(getattr(args, axis))
         if value is not None:
@@ -149,8 +205,7 @@ def settings(args: argparse.Namespace) -> dict:
 def configs(chosen: dict) -> List[harness.Config]:
     modes = {"both": ["fwd", "fwdbwd"]}.get(chosen["mode"], [chosen["mode"]])
     for mask in chosen["mask"]:
-        if mask not in ("causal", "none"):
-            raise ValueError(f"unknown mask '{mask}': use causal or none")
+        masks.check(mask)
     result = []
     for mode, dtype, mask, heads, dim, batch in itertools.product(
         modes, chosen["dtype"], chosen["mask"], chosen["heads"], chosen["head_dim"], chosen["batch"]
@@ -163,6 +218,12 @@ def configs(chosen: dict) -> List[harness.Config]:
     if not result:
         raise ValueError("no configuration: every --heads must be a multiple of some --kv-heads")
     return result
+
+
+def _variants_for(chosen: dict):
+    """Per-configuration variants: a baseline mask runs only its variants."""
+    baseline = chosen.get("baseline") or {}
+    return lambda config: baseline.get(config.mask, chosen["variants"])
 
 
 def render(args: argparse.Namespace) -> int:
@@ -208,7 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         limit = int(ram * 0.75) if ram else None
 
     about = machine.describe()
-    progress = harness.Progress(len(cells_to_run) * len(chosen["variants"]))
+    variants_for = _variants_for(chosen)
+    progress = harness.Progress(sum(len(variants_for(c)) for c in cells_to_run))
     try:
         cells = harness.run(
             cells_to_run,
@@ -219,6 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             share=not args.no_share,
             seed=args.seed,
             progress=progress,
+            variants_for=variants_for,
         )
     except ValueError as e:
         progress.close()

@@ -30,9 +30,12 @@ import mlx.core as mx
 import numpy as np
 
 import mlx_flash
+from mlx_flash import masks as structured_masks
 from mlx_flash import reference
 from mlx_flash.machine import backend
 from mlx_flash.stats import percentile
+
+from . import masks
 
 MODES = ("fwd", "fwdbwd", "decode")
 
@@ -60,7 +63,7 @@ class Config:
     heads: int
     kv_heads: int
     head_dim: int
-    mask: str  # "causal" or "none"
+    mask: str  # "none", "causal", or a structured mask name (see bench/masks.py)
     dtype: str
 
     @property
@@ -83,9 +86,10 @@ class Config:
 class Variant:
     """Something to benchmark.
 
-    ``fn(q, k, v, scale, mask)`` returns ``(B, Hq, Lq, D)``; ``describe(q, k,
-    v, mask)`` returns ``(implementation, backend, reason)``: what actually
-    runs for these inputs.
+    ``fn(q, k, v, scale, mask, **structure)`` returns ``(B, Hq, Lq, D)``;
+    ``describe(q, k, v, mask, **structure)`` returns ``(implementation,
+    backend, reason)``: what actually runs for these inputs. ``structure``
+    holds ``segment_ids``, ``window`` and ``sinks`` where the mask has them.
     """
 
     name: str
@@ -94,12 +98,13 @@ class Variant:
 
 
 def _builtin(name: str) -> Variant:
-    def fn(q, k, v, scale, mask):
-        return mlx_flash.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, variant=name)
+    def fn(q, k, v, scale, mask, **structure):
+        return mlx_flash.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, variant=name, **structure)
 
-    def describe(q, k, v, mask):
-        plan = mlx_flash.explain(q, k, v, mask=mask, variant=name)
-        return plan.implementation, plan.backend, plan.reason
+    def describe(q, k, v, mask, **structure):
+        plan = mlx_flash.explain(q, k, v, mask=mask, variant=name, **structure)
+        reason = f"{plan.reason}; {plan.mask}" if plan.mask else plan.reason
+        return plan.implementation, plan.backend, reason
 
     return Variant(name, fn, describe)
 
@@ -117,9 +122,9 @@ def register_variant(
     backend: str = "custom",
     reason: str = "registered",
 ) -> Variant:
-    """Add ``fn(q, k, v, scale, mask)`` to the variants ``run`` can measure."""
+    """Add ``fn(q, k, v, scale, mask, **structure)`` to the variants ``run`` can measure."""
     implementation = implementation or name
-    variant = Variant(name, fn, lambda q, k, v, mask: (implementation, backend, reason))
+    variant = Variant(name, fn, lambda q, k, v, mask, **structure: (implementation, backend, reason))
     VARIANTS[name] = variant
     return variant
 
@@ -143,6 +148,10 @@ class Cell:
     min_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
     peak_memory_bytes: Optional[int] = None
+    #: The O(L) floor: bytes of q, k, v and the output (and, with the
+    #: backward, the cotangent and dq, dk, dv), and the peak over it.
+    floor_bytes: Optional[int] = None
+    peak_over_floor: Optional[float] = None
     resident_bytes: Optional[int] = None
     estimated_bytes: Optional[int] = None
     speedup_vs_manual: Optional[float] = None
@@ -181,9 +190,11 @@ def estimate_bytes(config: Config, implementation: str) -> int:
     io = (2 * c.batch * c.heads * c.q_len + 2 * c.batch * c.kv_heads * c.seq) * c.head_dim * _nbytes(c.dtype)
     if backward:
         io *= 2  # the cotangent and the three gradients
-    unfused = implementation == "manual" or (
-        implementation == "mlx" and (backward or backend() != "metal")
-    )
+    # MLX fuses the forward on Metal; its backward only for no mask or
+    # causal (MLX >= 0.32.4), never for segments or windows, which reach it
+    # as a dense mask. Without Metal nothing of MLX's is fused.
+    mlx_unfused = backend() != "metal" or (backward and masks.is_structured(c.mask))
+    unfused = implementation == "manual" or (implementation == "mlx" and mlx_unfused)
     keys = c.seq if unfused else min(c.seq, TILE)
     copies = 6 if backward else 3
     return io + copies * c.batch * c.heads * c.q_len * keys * 4
@@ -202,8 +213,21 @@ def make_inputs(config: Config, seed: int = 0):
     return q, k, v, d_out
 
 
-def _mask(config: Config):
-    return "causal" if config.mask == "causal" else None
+def floor_bytes(config: Config) -> int:
+    """Bytes of the arrays every implementation must hold: q, k, v and the
+    output; with the backward also the cotangent and dq, dk, dv."""
+    c = config
+    queries = c.batch * c.heads * c.q_len * c.head_dim
+    keys = c.batch * c.kv_heads * c.seq * c.head_dim
+    count = 2 * queries + 2 * keys
+    if c.mode == "fwdbwd":
+        count *= 2
+    return count * _nbytes(c.dtype)
+
+
+def structure(config: Config, seed: int = 0) -> dict:
+    """The attention op's mask keyword arguments for ``config.mask``."""
+    return masks.arguments(config.mask, config.batch, config.seq, config.heads, seed)
 
 
 #: A configuration with more score elements (B * Hq * Lq * Lk) than this is
@@ -243,7 +267,16 @@ def _part(name: str, x, b: int, h: int, group: int):
     return x[b, h]
 
 
-def oracle(config: Config, q, k, v, d_out, slices: Optional[List[tuple]] = None) -> Truth:
+def _slice_structure(args: dict, b: int, heads: slice, q_len: int, k_len: int):
+    """The ``StructuredMask`` and sinks of batch element ``b`` and ``heads``."""
+    ids = args.get("segment_ids")
+    ids = ids[b : b + 1] if ids is not None else None
+    sinks = args.get("sinks")
+    mask = structured_masks.build(q_len, k_len, args.get("mask"), ids, args.get("window"))
+    return mask, (sinks[heads] if sinks is not None else None)
+
+
+def oracle(config: Config, q, k, v, d_out, slices: Optional[List[tuple]] = None, args: Optional[dict] = None) -> Truth:
     """float32 reference output (and gradients for ``fwdbwd``) on ``slices``.
 
     Each slice is one batch element and one KV head with the query heads that
@@ -253,17 +286,19 @@ def oracle(config: Config, q, k, v, d_out, slices: Optional[List[tuple]] = None)
     """
     c = config
     scale = c.head_dim**-0.5
-    mask = _mask(c)
+    args = structure(c) if args is None else args
     group = c.heads // c.kv_heads
     slices = check_slices(c) if slices is None else slices
     names = ("out", "dq", "dk", "dv") if c.mode == "fwdbwd" else ("out",)
     shapes = {"out": tuple(q.shape), "dq": tuple(q.shape), "dk": tuple(k.shape), "dv": tuple(v.shape)}
     truth = Truth(slices, c.batch * c.kv_heads, {n: shapes[n] for n in names}, {n: [] for n in names})
 
-    def attend(q_, k_, v_):
-        return reference.attention(q_, k_, v_, scale, mask)
-
     for b, h in slices:
+        mask, sinks = _slice_structure(args, b, slice(h * group, (h + 1) * group), c.q_len, c.seq)
+
+        def attend(q_, k_, v_, mask=mask, sinks=sinks):
+            return reference.attention(q_, k_, v_, scale, mask, sinks)
+
         qs = q[b : b + 1, h * group : (h + 1) * group].astype(mx.float32)
         ks = k[b : b + 1, h : h + 1].astype(mx.float32)
         vs = v[b : b + 1, h : h + 1].astype(mx.float32)
@@ -303,13 +338,12 @@ def compare(outputs: Dict[str, mx.array], truth: Truth, group: int) -> Dict[str,
     return errors
 
 
-def _step(variant: Variant, config: Config, q, k, v, d_out) -> Callable:
+def _step(variant: Variant, config: Config, q, k, v, d_out, args: dict) -> Callable:
     """A function running the cell once and returning its evaluated arrays."""
     scale = config.head_dim**-0.5
-    mask = _mask(config)
 
     def attend(q_, k_, v_):
-        return variant.fn(q_, k_, v_, scale, mask)
+        return variant.fn(q_, k_, v_, scale, **args)
 
     if config.mode == "fwdbwd":
 
@@ -329,11 +363,11 @@ def _step(variant: Variant, config: Config, q, k, v, d_out) -> Callable:
 
 
 def measure(
-    cell: Cell, variant: Variant, q, k, v, d_out, truth: Truth, warmup: int, repeats: int
+    cell: Cell, variant: Variant, q, k, v, d_out, truth: Truth, warmup: int, repeats: int, args: Optional[dict] = None
 ) -> Cell:
     """Check ``cell`` against ``truth``, then time it (see module doc)."""
     config = cell.config
-    step = _step(variant, config, q, k, v, d_out)
+    step = _step(variant, config, q, k, v, d_out, structure(config) if args is None else args)
     try:
         outputs = step()
         cell.tolerance = TOLERANCE[config.dtype]
@@ -368,6 +402,8 @@ def measure(
     cell.min_s = min(cell.times_s)
     cell.tokens_per_s = config.tokens / cell.median_s
     cell.peak_memory_bytes = max(peaks)
+    cell.floor_bytes = floor_bytes(config)
+    cell.peak_over_floor = cell.peak_memory_bytes / cell.floor_bytes
     return cell
 
 
@@ -429,8 +465,12 @@ def run(
     share: bool = True,
     seed: int = 0,
     progress: Optional[Progress] = None,
+    variants_for: Optional[Callable[[Config], Sequence[str]]] = None,
 ) -> List[Cell]:
     """Measure every variant on every configuration; returns one ``Cell`` each.
+
+    ``variants_for(config)``, when given, narrows ``variants`` per
+    configuration (a baseline measured for one variant only).
 
     With ``share``, a variant that resolves to the same implementation and
     backend as one already measured on the configuration (``practical`` ->
@@ -450,10 +490,11 @@ def run(
     cells: List[Cell] = []
     for config in configs:
         q, k, v, d_out = make_inputs(config, seed)
+        args = structure(config, seed)
         planned = []
-        for name in variants:
+        for name in [n for n in variants if variants_for is None or n in variants_for(config)]:
             cell = Cell(config, name)
-            cell.implementation, cell.backend, cell.reason = VARIANTS[name].describe(q, k, v, _mask(config))
+            cell.implementation, cell.backend, cell.reason = VARIANTS[name].describe(q, k, v, **args)
             cell.estimated_bytes = estimate_bytes(config, cell.implementation)
             planned.append(cell)
         oracle_bytes = estimate_bytes(
@@ -479,20 +520,21 @@ def run(
                 source = measured[key]
                 for name in (
                     "status", "detail", "errors", "tolerance", "times_s", "median_s", "p95_s",
-                    "min_s", "tokens_per_s", "peak_memory_bytes", "resident_bytes", "checked_slices",
+                    "min_s", "tokens_per_s", "peak_memory_bytes", "floor_bytes", "peak_over_floor",
+                    "resident_bytes", "checked_slices",
                 ):
                     setattr(cell, name, getattr(source, name))
                 cell.shared_with = source.variant
             else:
                 if truth is None:
-                    truth = oracle(config, q, k, v, d_out)
-                measure(cell, VARIANTS[cell.variant], q, k, v, d_out, truth, warmup, repeats)
+                    truth = oracle(config, q, k, v, d_out, args=args)
+                measure(cell, VARIANTS[cell.variant], q, k, v, d_out, truth, warmup, repeats, args)
                 if cell.status in ("ok", "FAILED"):
                     measured.setdefault(key, cell)
             cells.append(cell)
             if progress:
                 progress.advance(f"{config.label()} {cell.variant}: {cell.status}")
-        del q, k, v, d_out, truth
+        del q, k, v, d_out, truth, args
         mx.clear_cache()
     speedups(cells)
     return cells

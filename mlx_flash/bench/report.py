@@ -19,7 +19,7 @@ CSV_FIELDS = (
     "mode", "batch", "seq", "q_len", "heads", "kv_heads", "head_dim", "mask", "dtype",
     "variant", "implementation", "backend", "shared_with", "status", "detail",
     "max_error", "tolerance", "median_s", "p95_s", "min_s", "tokens_per_s",
-    "peak_memory_bytes", "resident_bytes", "estimated_bytes",
+    "peak_memory_bytes", "floor_bytes", "peak_over_floor", "resident_bytes", "estimated_bytes",
     "speedup_vs_manual", "speedup_vs_mlx", "times_s",
 )
 

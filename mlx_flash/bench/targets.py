@@ -11,6 +11,11 @@ on the ratio of one metric between two sets of cells::
       denominator: {variant: blockwise}
       at_least: 8                       # and/or at_most
 
+A target with neither ``numerator`` nor ``denominator`` bounds the metric
+of each ``where`` cell itself, e.g. ``metric: peak_over_floor`` (peak memory
+over the ``O(L)`` floor of q, k, v, the output, and with the backward the
+cotangent and the gradients) with ``at_most: 2``.
+
 ``where``, ``numerator`` and ``denominator`` select cells by ``mode``,
 ``batch``, ``seq``, ``heads``, ``kv_heads``, ``head_dim``, ``mask``,
 ``dtype`` and ``variant``; a value is a scalar, a list of allowed values, or
@@ -34,6 +39,7 @@ METRICS = {
     "peak_memory": "peak_memory_bytes",
     "median_time": "median_s",
     "tokens_per_s": "tokens_per_s",
+    "peak_over_floor": "peak_over_floor",
 }
 MACHINE_KEYS = ("backend", "os", "chip")
 
@@ -126,13 +132,14 @@ def evaluate_one(target: dict, cells: List[dict], machine: dict) -> dict:
 
     tops = [c for c in cells if _selected(c, where, top)]
     bottoms = {tuple(c[a] for a in shared): c for c in cells if _selected(c, where, bottom)}
+    single = not top and not bottom  # the metric of each cell itself
     failed, passed, unmeasured = [], [], []
     for t in tops:
-        b = bottoms.get(tuple(t[a] for a in shared))
+        b = t if single else bottoms.get(tuple(t[a] for a in shared))
         if b is None:
             continue
-        pair = {"numerator": _label(t, AXES), "denominator": _label(b, varying)}
-        wrong = [c for c in (t, b) if c["status"] in ("FAILED", "error")]
+        pair = {"numerator": _label(t, AXES), "denominator": "" if single else _label(b, varying)}
+        wrong = [c for c in {id(t): t, id(b): b}.values() if c["status"] in ("FAILED", "error")]
         if wrong:
             pair["detail"] = "; ".join(f"{c['variant']} {c['status']}" for c in wrong)
             failed.append(pair)
@@ -140,7 +147,7 @@ def evaluate_one(target: dict, cells: List[dict], machine: dict) -> dict:
             pair["detail"] = "not measured (" + ", ".join(c["status"] for c in (t, b)) + ")"
             unmeasured.append(pair)
         else:
-            ratio = t[field] / b[field]
+            ratio = t[field] if single else t[field] / b[field]
             pair["ratio"] = ratio
             ok = ("at_least" not in target or ratio >= target["at_least"]) and (
                 "at_most" not in target or ratio <= target["at_most"]
