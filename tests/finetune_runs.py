@@ -62,3 +62,12 @@ def one_error_line(stderr: str) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith("mlx_flash.finetune: error: "), stderr
     return lines[0]
+
+
+def last_error_line(stderr: str) -> str:
+    """The error of a run that had started (after its progress lines): one line,
+    the last, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("mlx_flash.finetune: error: ")] == lines[-1:], stderr
+    return lines[-1]

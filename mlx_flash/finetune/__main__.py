@@ -121,10 +121,9 @@ def _preflight(recipe, runs, args) -> list:
     for variant, run_dir in runs:
         plans.append([variant, run_dir, train.adapter_dir(recipe, run_dir), None])
     check_paths(recipe, [adapters for _, _, adapters, _ in plans])
-    if data.is_local(recipe):
-        _, warnings = data.check(recipe)
-        for warning in warnings:
-            _warn(warning)
+    _, warnings = data.check(recipe)
+    for warning in warnings:
+        _warn(warning)
     for plan in plans:
         variant, run_dir, adapters, _ = plan
         earlier = _earlier_run(run_dir, adapters)

@@ -101,7 +101,12 @@ def check(recipe) -> Tuple[Dict[str, list], List[str]]:
     """Read and check the data folder: ``(records per split, warnings)``.
 
     ``records[split]`` is a list of dicts, empty for a missing optional file.
+    Data from the hub is only checked for the package that reads it (the
+    records come when the run loads them).
     """
+    if not is_local(recipe):
+        _require_datasets(recipe)
+        return {}, []
     folder = Path(recipe.data)
     records, warnings = {}, []
     kind = None
@@ -152,17 +157,25 @@ def load(recipe, tokenizer):
     return tuple(create_dataset(records[s], tokenizer, recipe) if records[s] else [] for s in SPLITS)
 
 
+def _hub_name(recipe) -> str:
+    return "hf_dataset" if recipe.hf_dataset else f"data: {recipe.data}"
+
+
+def _require_datasets(recipe) -> None:
+    try:
+        import datasets  # noqa: F401 - mlx-lm imports it inside its loader, with no hint
+    except ImportError:
+        raise RecipeError(
+            f"{_hub_name(recipe)} is a Hugging Face dataset, which needs the datasets package "
+            "(pip install datasets); or point data at a folder with train.jsonl"
+        ) from None
+
+
 def _load_from_hub(recipe, tokenizer):
     from mlx_lm.tuner.datasets import load_dataset
 
-    name = "hf_dataset" if recipe.hf_dataset else f"data: '{recipe.data}'"
-    try:
-        import datasets  # noqa: F401 - mlx-lm imports it inside, with no hint
-    except ImportError:
-        raise RecipeError(
-            f"{name} is a Hugging Face dataset, which needs the datasets package (pip install datasets); "
-            "or point data at a folder with train.jsonl"
-        ) from None
+    name = _hub_name(recipe)
+    _require_datasets(recipe)
     try:
         return load_dataset(_namespace(recipe, train=True), tokenizer)
     except Exception as e:  # noqa: BLE001 - network, missing splits, formats: all one line
