@@ -38,7 +38,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ..attention import VARIANTS
-from . import builtin, files
+from ..folders import unwritable
+from . import builtin
 
 
 class RecipeError(ValueError):
@@ -382,15 +383,15 @@ def _check_num_layers(model: str, num_layers: int) -> None:
 def check_paths(recipe, adapter_dirs: List[Path]) -> None:
     """Raise ``RecipeError`` if a run could not write its output, adapters or
     built-in model; checked before anything loads."""
-    problem = files.unwritable(Path(recipe.output["dir"]))
+    problem = unwritable(Path(recipe.output["dir"]))
     if problem:
         raise RecipeError(f"output.dir: {problem}")
     for path in adapter_dirs:
-        problem = files.unwritable(path)
+        problem = unwritable(path)
         if problem:
             raise RecipeError(f"adapter_path: {problem}")
     if builtin.is_builtin(recipe.model) and not builtin.cached(recipe.model):
-        problem = files.unwritable(builtin.cache_root())
+        problem = unwritable(builtin.cache_root())
         if problem:
             raise RecipeError(
                 f"MLX_FLASH_CACHE: {problem}; the built-in model is built there on first use, "

@@ -9,9 +9,8 @@ flushed after every iteration so an interrupted run keeps what it did.
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List
 
 import mlx.core as mx
 
@@ -37,26 +36,6 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def unwritable(path: Path) -> Optional[str]:
-    """Why no folder can be made or written at ``path``, or None if one can.
-
-    It tries: permission bits say nothing about root, and read-only mounts
-    or ACLs show only when a write is attempted.
-    """
-    probe = Path(path)
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a folder"
-    try:
-        fd, name = tempfile.mkstemp(prefix=".mlx_flash-write-test-", dir=probe)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as e:
-        return f"cannot write in {probe} ({e.strerror or e})"
-    return None
 
 
 def sync_dir(path: Path) -> None:
