@@ -27,8 +27,10 @@ from finetune_runs import FAST, ONE, QUICKSTART, REPO, cache, cli, one_error_lin
 
 ITERS = 16
 PLAIN = [*FAST, *ONE, "--set", f"iters={ITERS}"]
-# Updates every 3 iterations, and dropout that draws from mx.random every step.
-ACCUMULATING = [*PLAIN, "--set", "grad_accumulation_steps=3", "--set", "lora_parameters.dropout=0.1"]
+# Updates every 3 iterations, dropout that draws from mx.random every step,
+# and a learning rate that warms up and decays with the optimizer's step count.
+ACCUMULATING = [*PLAIN, "--set", "grad_accumulation_steps=3", "--set", "lora_parameters.dropout=0.1",
+                "--set", "lr_schedule={name: cosine_decay, arguments: [3.0e-3, 6], warmup: 2}"]  # fmt: skip
 
 # Runs the command in a child that signals itself, or hangs in a checkpoint
 # write, at a chosen point, so that a test can stop it exactly there.

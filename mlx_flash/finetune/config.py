@@ -451,7 +451,7 @@ def _validate(values: dict) -> None:
         try:
             build_optimizer(name, {name: options}, values["learning_rate"])
         except (TypeError, ValueError) as e:
-            raise RecipeError(f"optimizer_config.{name}: {_first_line(e)}") from None
+            raise RecipeError(f"optimizer_config.{name}: {first_line(e)}") from None
 
 
 def _check_hf_dataset(spec) -> None:
@@ -468,7 +468,8 @@ def ignored_keys(values: dict) -> List[str]:
     return [f"{key}: {values[key]!r} is ignored: {why}" for key, why in IGNORED.items() if values.get(key) is not None]
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line error."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -501,7 +502,7 @@ def _check_schedule(schedule: Optional[dict]) -> None:
     try:
         build_schedule(schedule)(0)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"lr_schedule: cannot build {schedule['name']}: {_first_line(e)}") from None
+        raise RecipeError(f"lr_schedule: cannot build {schedule['name']}: {first_line(e)}") from None
 
 
 def build_schedule(schedule: dict):

@@ -24,7 +24,7 @@ import types
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .config import RecipeError
+from .config import RecipeError, first_line
 
 SPLITS = ("train", "valid", "test")
 _FORMAT_HELP = "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/LORA.md#data"
@@ -41,10 +41,19 @@ def _line_of(raw: bytes, offset: int) -> Tuple[int, int]:
     return line, offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
 
 
+# Each file is read once per process, though the command checks it before
+# anything loads and every variant of a comparison loads it again.
+_READ: Dict[Tuple[str, int, int], List[Tuple[int, dict]]] = {}
+
+
 def read_split(path: Path) -> List[Tuple[int, dict]]:
     """``(line number, record)`` for each record of one JSONL file, each a JSON
     object; blank lines are skipped."""
     try:
+        status = path.stat()
+        key = (str(path), status.st_mtime_ns, status.st_size)
+        if key in _READ:
+            return _READ[key]
         raw = path.read_bytes()
     except OSError as e:
         raise RecipeError(f"data: cannot read {path} ({e.strerror or e})") from None
@@ -67,6 +76,7 @@ def read_split(path: Path) -> List[Tuple[int, dict]]:
         if not isinstance(record, dict):
             raise RecipeError(f"data: {path} line {number}: expected a JSON object, got {type(record).__name__}")
         records.append((number, record))
+    _READ[key] = records
     return records
 
 
@@ -179,5 +189,4 @@ def _load_from_hub(recipe, tokenizer):
     try:
         return load_dataset(_namespace(recipe, train=True), tokenizer)
     except Exception as e:  # noqa: BLE001 - network, missing splits, formats: all one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RecipeError(f"{name}: cannot load ({first})") from None
+        raise RecipeError(f"{name}: cannot load ({first_line(e)})") from None

@@ -14,11 +14,7 @@ the model, the cache and how to pass a local folder instead.
 import sys
 from pathlib import Path
 
-from .config import RecipeError
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+from .config import RecipeError, first_line
 
 
 def local_path(model: str) -> str:
@@ -44,12 +40,12 @@ def local_path(model: str) -> str:
         except Exception as e:  # noqa: BLE001 - timeouts, refused connections, DNS: the network
             why = f"no answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)"
             if "timeout" not in type(e).__name__.lower() and "timed out" not in str(e).lower():
-                why = _first_line(e)
+                why = first_line(e)
         else:
             try:
                 return snapshot_download(model, allow_patterns=DEFAULT_ALLOW_PATTERNS)
             except Exception as e:  # noqa: BLE001 - a download that fails half-way
-                why = _first_line(e)
+                why = first_line(e)
     try:
         cached = snapshot_download(model, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS)
     except Exception:  # noqa: BLE001 - not in the cache, or only part of it

@@ -350,6 +350,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         step = partial(mx.compile, inputs=state, outputs=state)(step)
 
     skipped = validation_skipped(recipe, valid_set)
+    validation_batches = evaluation_batches(recipe.seed)
 
     def validate(dataset, batches_to_run) -> Optional[float]:
         if len(dataset) < recipe.batch_size or batches_to_run == 0:
@@ -361,7 +362,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
             num_batches=batches_to_run,
             max_seq_length=recipe.max_seq_length,
             loss=default_loss,
-            iterate_batches=evaluation_batches(recipe.seed),
+            iterate_batches=validation_batches,
         )
         model.train()
         return loss
