@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,19 @@ def cache(tmp_path_factory):
 
 
 def cli(*args, cwd=None, timeout=180, env=None, **kwargs):
-    """Run the command in a fresh interpreter, as a user would."""
+    """Run the command in a fresh interpreter, as a user would.
+
+    It runs outside the source tree by default: ``python -m`` puts the working
+    folder first on ``sys.path``, and in an unpacked sdist the bare source
+    (``recipes/`` and ``metal/`` not yet mapped into the package) would shadow
+    the installed package.
+    """
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     return subprocess.run(
         [sys.executable, "-m", "mlx_flash.finetune", *map(str, args)],
         capture_output=True,
         text=True,
-        cwd=cwd or REPO,
+        cwd=cwd or tempfile.gettempdir(),
         env=env,
         timeout=timeout,
         **kwargs,

@@ -357,7 +357,7 @@ def test_data_parallel_under_mlx_launch(quickstart, tmp_path):
     result = subprocess.run(
         [str(launcher), "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "mlx_flash.finetune",
          str(QUICKSTART), *FAST, "--set", "iters=2", "--set", "attention.compare=[manual]", "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=240,
+        capture_output=True, text=True, cwd=tmp_path, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     records = read_records(out / "manual" / "metrics.jsonl")
@@ -397,9 +397,11 @@ def test_lr_schedule_is_built_as_mlx_lm_does():
 
 
 def test_a_missing_path_is_not_replaced_by_a_shipped_recipe(tmp_path, monkeypatch):
+    from importlib.resources import files
+
     monkeypatch.chdir(tmp_path)
     # Bare names fall back to the shipped recipe...
-    assert Path(load_recipe("quickstart.yaml").recipe) == QUICKSTART
+    assert Path(load_recipe("quickstart.yaml").recipe) == Path(str(files("mlx_flash.recipes"))) / "quickstart.yaml"
     # ...a path with a folder part means that file only.
     for name in ("./quickstart.yaml", "foo/quickstart.yaml", "./recipes/quickstart.yaml", "recipes/quickstart",
                  str(tmp_path / "quickstart.yaml"), "nonesuch"):

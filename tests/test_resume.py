@@ -23,7 +23,7 @@ import pytest
 from mlx_flash.finetune.__main__ import main
 from mlx_flash.finetune.batches import Batches
 
-from finetune_runs import FAST, ONE, QUICKSTART, REPO, cache, cli, one_error_line, read_records  # noqa: F401
+from finetune_runs import FAST, ONE, QUICKSTART, cache, cli, one_error_line, read_records  # noqa: F401
 
 ITERS = 16
 PLAIN = [*FAST, *ONE, "--set", f"iters={ITERS}"]
@@ -70,7 +70,7 @@ def drive(tmp_path, mode, at, args, marker=None):
     script.write_text(DRIVER)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HANG_MARKER=str(marker or tmp_path / "marker"))
     command = [sys.executable, str(script), mode, str(at), *map(str, args)]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_sigterm_from_outside_saves_a_consistent_checkpoint(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_flash.finetune", str(QUICKSTART), *PLAIN, "--set", "iters=100000",
          "--out", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics = out / "manual" / "metrics.jsonl"
     deadline = time.time() + 120

@@ -288,8 +288,11 @@ def find_recipe(name: str) -> Path:
     if bare and not name.startswith("~") and path.suffix in ("", ".yaml"):
         from importlib.resources import files
 
-        shipped = Path(str(files("mlx_flash.recipes"))) / f"{path.stem if path.suffix else path.name}.yaml"
-        if shipped.is_file():
+        try:
+            shipped = Path(str(files("mlx_flash.recipes"))) / f"{path.stem if path.suffix else path.name}.yaml"
+        except ModuleNotFoundError:  # a bare source tree, where recipes/ is not yet mlx_flash.recipes
+            shipped = None
+        if shipped is not None and shipped.is_file():
             return shipped
     raise RecipeError(f"recipe file not found: {name}")
 
