@@ -139,8 +139,9 @@ def test_resume_adapter_file_starts_from_those_weights(tmp_path):
 
 def test_clear_cache_threshold_reads_sizes_as_mlx_lm_does():
     assert parse_size(123, "k") == 123
-    assert parse_size("2GB", "k") == 2 * 2**30 and parse_size("512 MiB", "k") == 512 * 2**20
-    assert load_recipe(str(QUICKSTART), ["clear_cache_threshold=1.5k"]).clear_cache_threshold == 1536
+    assert parse_size("2GB", "k") == parse_size("2G", "k") == 2 * 10**9 and parse_size("500M", "k") == 5 * 10**8
+    assert parse_size("512 MiB", "k") == 512 * 2**20
+    assert load_recipe(str(QUICKSTART), ["clear_cache_threshold=1.5k"]).clear_cache_threshold == 1500
     with pytest.raises(RecipeError, match="^clear_cache_threshold: expected a number of bytes"):
         load_recipe(str(QUICKSTART), ["clear_cache_threshold=lots"])
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Recipe keys follow mlx-lm's LoRA config (model, data, fine_tune_type, num_layers, "
             "batch_size, iters, learning_rate, lora_parameters, ...; an mlx-lm lora_config.yaml "
-            "runs as it is) plus 'attention' (variant, compare) and 'output' (dir, plot). "
+            "is a recipe too) plus 'attention' (variant, compare) and 'output' (dir, plot). "
             "Ctrl-C or SIGTERM stops after the iteration in progress and saves a checkpoint; "
             "--set resume=true continues exactly where it stopped. Shipped recipes: quickstart, "
             "tinyllama-1.1b-lora, qwen2.5-1.5b-lora."

@@ -340,17 +340,19 @@ def _resolve_file(name: str, base: Path, key: str) -> str:
     return str(path)
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
 def parse_size(value, key: str) -> int:
-    """Bytes from an integer or a size such as ``"512MB"`` or ``"2GiB"`` (powers of 1024, as mlx-lm reads them)."""
+    """Bytes from an integer or a size: ``"500MB"``, ``"2G"`` in powers of 1000,
+    as mlx-lm reads ``--clear-cache-threshold``; ``"2GiB"`` in powers of 1024."""
     if isinstance(value, int):
         return value
     match = _SIZE.match(value)
     if not match:
         raise RecipeError(f"{key}: expected a number of bytes or a size like 2GB, got {value!r}")
-    return int(float(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_"))
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(unit.lower() or " "))
 
 
 def model_config(model: str) -> Optional[dict]:
