@@ -19,7 +19,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) -m mlx_flash.bench --quick
+	$(PY) -m mlx_flash.bench --quick --overwrite
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import sys
 
 import mlx.core as mx
 import pytest
@@ -323,14 +324,32 @@ def test_bad_target_is_rejected():
         targets.validate({"name": "x", "metric": "peak_memory"})
 
 
-def test_committed_targets_file_declares_issue_2_targets():
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "targets.yaml")
-    declared = targets.load(path)
-    issue2 = [t for t in declared if t.get("source") == "issue 2"]
-    assert len(issue2) == 3
-    assert {t["metric"] for t in issue2} == {"peak_memory", "median_time"}
-    apple = [t for t in declared if t.get("source") == "issue 8"]
-    assert apple and all(t["when"]["backend"] == "metal" for t in apple)
+def test_shipped_targets_declare_the_cpu_memory_targets_and_metal_examples(tmp_path, monkeypatch):
+    declared = targets.load(targets.SHIPPED)
+    cpu = [t for t in declared if t["when"]["backend"] == "cpu"]
+    assert len(cpu) == 3
+    assert {t["metric"] for t in cpu} == {"peak_memory", "median_time"}
+    metal = [t for t in declared if t["when"]["backend"] == "metal"]
+    assert metal and len(cpu) + len(metal) == len(declared)
+    # Found from anywhere: the old checkout path falls back to the shipped file.
+    monkeypatch.chdir(tmp_path)
+    assert targets.load("bench/targets.yaml") == declared
+    with pytest.raises(ValueError, match="^--targets: cannot read elsewhere/targets.yaml"):
+        targets.load("elsewhere/targets.yaml")
+
+
+def test_reports_speak_of_what_they_measure():
+    # Targets and the reports rendered from them name the measurement, not how it was planned.
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    texts = [open(targets.SHIPPED).read()]
+    for name in ("linux-cpu-memory", "linux-cpu-matrix", "linux-cpu-decode"):
+        for file in ("report.md", "results.json"):
+            texts.append(open(os.path.join(root, "bench", name, file)).read())
+    texts.append(open(os.path.join(root, "bench", "README.md")).read())
+    for text in texts:
+        assert not re.search(r"\bissue[ -]?\d", text, re.IGNORECASE)
 
 
 def _write_targets(path, bound):
@@ -359,7 +378,7 @@ def test_command_exit_status_follows_targets(tmp_path):
     assert [t["status"] for t in results["targets"]] == ["PASS"]
 
 
-def test_memory_preset_matches_issue_2():
+def test_memory_preset_measures_fwdbwd_memory_of_manual_mlx_and_blockwise():
     chosen = cli.settings(cli.build_parser().parse_args(["--memory"]))
     assert chosen["seq"] == [512, 1024, 2048, 4096]
     assert chosen["variants"] == ["manual", "mlx", "blockwise"]
@@ -465,7 +484,7 @@ def test_structure_flags_build_the_mask_axis(argv, masks):
 @pytest.mark.parametrize(
     "name, message",
     [("causal+docs0", "1 <= A <= B"), ("none+window4", "needs 'causal'"), ("causal+dense", "unknown part"),
-     ("upper", "must start with")],
+     ("upper", "start with .none. or .causal.")],
 )
 def test_bad_mask_names_are_one_line_errors(name, message):
     with pytest.raises(ValueError, match=message):
@@ -482,3 +501,78 @@ def test_target_on_one_cells_own_metric():
     assert result["status"] == "PASS" and "ratio 1.50" in result["detail"]
     cell["peak_over_floor"] = 2.5
     assert targets.evaluate_one(target, [cell], CPU)["status"] == "FAIL"
+
+
+# The command line: bad input is one line and exit status 2, nothing written.
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seq", "0"], "--seq: must be at least 1, got 0"),
+        (["--batch", "2,-1"], "--batch: must be at least 1, got -1"),
+        (["--head-dim", "0"], "--head-dim: must be at least 1, got 0"),
+        (["--repeats", "0"], "--repeats: must be at least 1, got 0"),
+        (["--warmup", "0"], "--warmup: must be at least 1 (the first run is the correctness check)"),
+        (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
+        (["--variants", "manual,fastest"], "--variants: unknown variant 'fastest'"),
+        (["--mask", "sliding"], "--mask: unknown mask 'sliding'"),
+        (["--max-memory-gb", "0"], "--max-memory-gb: must be above 0"),
+        (["--targets", "nowhere.yaml"], "--targets: cannot read nowhere.yaml"),
+    ],
+)
+def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
+    assert cli.main(TINY + args + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mlx_flash.bench: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_or_holds_a_report(quick_run, tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("keep\n")
+    assert cli.main(TINY + ["--out", str(target)]) == 2
+    assert f"--out: {target} is a file, not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep\n"
+    # An earlier report is not replaced unless asked.
+    _, out, _ = quick_run
+    before = (out / "results.json").read_text()
+    assert cli.main(TINY + ["--out", str(out)]) == 2
+    assert "already holds a benchmark report: pass --overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "results.json").write_text(before)
+    assert cli.main(["--render", str(out / "results.json"), "--out", str(copy)]) == 2
+    assert cli.main(["--render", str(out / "results.json"), "--out", str(copy), "--overwrite"]) == 0
+
+
+def test_hours_long_run_asks_first(monkeypatch, capsys, tmp_path):
+    # 5 GFLOP/s, about this machine's: the full matrix is hours.
+    monkeypatch.setattr(cli, "matmul_rate", lambda: 5e9)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert "this benchmark is 630 cells, at least about" in err and "pass --yes to run it anyway" in err
+    assert not (tmp_path / "runs").exists()
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert cli.main(["--matrix"]) == 2
+    err = capsys.readouterr().err
+    assert "mlx_flash.bench: warning: this benchmark is 630 cells" in err and "not started" in err
+    # A small matrix starts without asking.
+    chosen = cli.settings(cli.build_parser().parse_args(TINY))
+    assert cli.estimated_seconds(cli.configs(chosen), chosen, 5e9) < 1
+
+
+def test_shipped_targets_with_no_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = TINY + ["--seq", "16", "--mode", "fwd", "--variants", "manual,mlx", "--targets", "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [t["name"] for t in results["targets"]] == [t["name"] for t in targets.load(targets.SHIPPED)]

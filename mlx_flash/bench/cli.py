@@ -9,11 +9,13 @@ Presets fill the axes; any axis flag given on the command line wins::
     python -m mlx_flash.bench --packed                 # packed documents of 512 tokens, L 2048..8192
     python -m mlx_flash.bench --window 1024            # a causal sliding window, L 2048..8192
     python -m mlx_flash.bench --sinks --seq 4096       # attention sinks (gpt-oss)
-    python -m mlx_flash.bench --quick --targets bench/targets.yaml --out runs/bench
-    python -m mlx_flash.bench --render runs/bench/results.json  # re-draw an earlier run
+    python -m mlx_flash.bench --quick --targets --out runs/bench   # with the shipped targets
+    python -m mlx_flash.bench --render runs/bench/results.json     # re-draw an earlier run
 
 Exit status 1 when a declared target FAILs or a cell fails its correctness
-check (or crashes).
+check (or crashes); 2 for bad arguments (one line, no traceback), an output
+folder that cannot be written or already holds a report (``--overwrite``), or
+a run estimated to take hours that was not confirmed (``--yes``).
 """
 
 import argparse
@@ -22,10 +24,17 @@ import json
 import os
 import shlex
 import sys
+import time
 from typing import List, Optional, Sequence
 
 from .. import machine
+from ..folders import unwritable
 from . import harness, masks, report, targets
+
+DEFAULT_OUT = os.path.join("runs", "bench")
+
+#: Runs estimated to take longer than this ask before they start.
+CONFIRM_ABOVE_S = 3600
 
 ALL_VARIANTS = ["manual", "mlx", "blockwise", "practical", "demo"]
 
@@ -52,7 +61,7 @@ PRESETS = {
         warmup=1,
         repeats=3,
     ),
-    # Issue 2's measurement: peak memory and time of forward + backward.
+    # Peak memory and time of forward + backward: what the O(L) backward saves.
     "memory": dict(
         batch=[1],
         seq=[512, 1024, 2048, 4096],
@@ -102,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark mlx-flash attention variants: correctness-checked time and peak memory.",
     )
     preset = parser.add_mutually_exclusive_group()
-    preset.add_argument("--matrix", action="store_true", help="the full default matrix (the default)")
+    preset.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the full default matrix (the default): hours on a CPU, where it asks first",
+    )
     preset.add_argument("--quick", action="store_true", help="a small matrix that runs in well under a minute")
     preset.add_argument(
         "--memory",
@@ -147,8 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-share", action="store_true",
                         help="measure variants that run the same implementation separately")
-    parser.add_argument("--targets", help="YAML file of targets to check (e.g. bench/targets.yaml)")
-    parser.add_argument("--out", help="directory for report.md, results.json/.csv, plots (default runs/bench)")
+    parser.add_argument(
+        "--targets",
+        nargs="?",
+        const=targets.SHIPPED,
+        metavar="YAML",
+        help="check declared targets: with no file, the targets shipped with mlx-flash "
+        "(mlx_flash/bench/targets.yaml)",
+    )
+    parser.add_argument("--out", help=f"folder for report.md, results.json/.csv, plots (default {DEFAULT_OUT})")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report already in the --out folder")
+    parser.add_argument("--yes", action="store_true", help="run a benchmark estimated to take hours without asking")
     parser.add_argument(
         "--render",
         metavar="RESULTS_JSON",
@@ -202,10 +224,32 @@ def settings(args: argparse.Namespace) -> dict:
     return chosen
 
 
+def _check(chosen: dict) -> None:
+    """Raise ``ValueError`` (one line naming the flag) for values no cell can take."""
+    for axis in ("batch", "seq", "head_dim", "heads", "kv_heads"):
+        for value in chosen.get(axis) or []:
+            if value < 1:
+                raise ValueError(f"--{axis.replace('_', '-')}: must be at least 1, got {value}")
+    if chosen["warmup"] < 1:
+        raise ValueError(f"--warmup: must be at least 1 (the first run is the correctness check), got {chosen['warmup']}")
+    if chosen["repeats"] < 1:
+        raise ValueError(f"--repeats: must be at least 1, got {chosen['repeats']}")
+    for dtype in chosen["dtype"]:
+        if dtype not in harness.DTYPES:
+            raise ValueError(f"--dtype: unknown dtype '{dtype}'; choose from {', '.join(harness.DTYPES)}")
+    for name in chosen["variants"]:
+        if name not in harness.VARIANTS:
+            raise ValueError(f"--variants: unknown variant '{name}'; choose from {', '.join(harness.VARIANTS)}")
+
+
 def configs(chosen: dict) -> List[harness.Config]:
+    _check(chosen)
     modes = {"both": ["fwd", "fwdbwd"]}.get(chosen["mode"], [chosen["mode"]])
     for mask in chosen["mask"]:
-        masks.check(mask)
+        try:
+            masks.check(mask)
+        except ValueError as e:
+            raise ValueError(f"--mask: {e}") from None
     result = []
     for mode, dtype, mask, heads, dim, batch in itertools.product(
         modes, chosen["dtype"], chosen["mask"], chosen["heads"], chosen["head_dim"], chosen["batch"]
@@ -226,18 +270,91 @@ def _variants_for(chosen: dict):
     return lambda config: baseline.get(config.mask, chosen["variants"])
 
 
+def attention_flops(config: harness.Config) -> float:
+    """Floating-point operations of one call's attention products: ``Q K^T`` and
+    ``P V`` forward (two per multiply-add); the backward adds about 2.5 times that."""
+    c = config
+    forward = 4 * c.batch * c.heads * c.q_len * c.seq * c.head_dim
+    return forward * (3.5 if c.mode == "fwdbwd" else 1.0)
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a 512 x 512 float32 matmul on the default device, measured here."""
+    import mlx.core as mx
+
+    a = mx.random.normal((512, 512))
+    mx.eval(a @ a)  # warm-up: allocation, kernel build
+    runs, start = 4, time.perf_counter()
+    for _ in range(runs):
+        mx.eval(a @ a)
+    return runs * 2 * 512**3 / max(time.perf_counter() - start, 1e-9)
+
+
+def estimated_seconds(cells: List[harness.Config], chosen: dict, rate: float) -> float:
+    """A rough lower bound on the run's time: its attention arithmetic at ``rate``
+    (attention runs slower than a plain matmul) for every variant and run."""
+    runs = chosen["warmup"] + chosen["repeats"]
+    variants_for = _variants_for(chosen)
+    return sum(attention_flops(c) * len(variants_for(c)) for c in cells) * runs / rate
+
+
+def _confirm_long_run(cells: List[harness.Config], chosen: dict, yes: bool) -> Optional[str]:
+    """None to go on; else why the run does not start (asked on a terminal)."""
+    if yes:
+        return None
+    rate = matmul_rate()
+    seconds = estimated_seconds(cells, chosen, rate)
+    if seconds <= CONFIRM_ABOVE_S:
+        return None
+    about = (
+        f"this benchmark is {sum(len(_variants_for(chosen)(c)) for c in cells)} cells, at least about {seconds / 3600:.1f} hours "
+        f"here ({machine.backend()} backend; estimated from a float32 matmul measured at {rate / 1e9:.1f} GFLOP/s, "
+        "and attention runs slower); --quick takes under a minute, --batch/--seq/--head-dim narrow the matrix"
+    )
+    if sys.stdin is not None and sys.stdin.isatty():
+        print(f"mlx_flash.bench: warning: {about}", file=sys.stderr)
+        try:
+            answer = input("run it anyway? [y/N] ")
+        except EOFError:
+            answer = ""
+        return None if answer.strip().lower() in ("y", "yes") else "not started"
+    return f"{about}; pass --yes to run it anyway"
+
+
+def _fail(message: str) -> int:
+    print(f"mlx_flash.bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _out_problem(out: str, overwrite: bool, source: Optional[str] = None) -> Optional[str]:
+    """Why the report cannot go to ``out``: unwritable, or holding another run's
+    report (``source``: the results being re-rendered, which may be replaced)."""
+    problem = unwritable(out)
+    if problem:
+        return f"--out: {problem}"
+    existing = os.path.join(out, "results.json")
+    if os.path.exists(existing) and not overwrite:
+        if source is None or not os.path.samefile(existing, source):
+            return f"--out: {out} already holds a benchmark report: pass --overwrite to replace it, or another --out"
+    return None
+
+
 def render(args: argparse.Namespace) -> int:
     """``--render``: the reports of an earlier run, from its JSON alone."""
+    out = args.out or os.path.dirname(os.path.abspath(args.render))
     try:
         with open(args.render) as f:
             results = json.load(f)
         if args.targets:
             results["targets"] = targets.evaluate(targets.load(args.targets), results["cells"], results["machine"])
-    except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paths = report.write_all(results, args.out or os.path.dirname(os.path.abspath(args.render)))
-    return _finish(results, paths)
+    except OSError as e:
+        return _fail(f"--render: cannot read {args.render} ({e.strerror or e})")
+    except (ValueError, KeyError, TypeError) as e:
+        return _fail(f"--render: {args.render}: {e}")
+    problem = _out_problem(out, args.overwrite, source=args.render)
+    if problem:
+        return _fail(problem)
+    return _finish(results, report.write_all(results, out))
 
 
 def _finish(results: dict, paths: dict) -> int:
@@ -248,6 +365,8 @@ def _finish(results: dict, paths: dict) -> int:
     for c in bad:
         print(f"{c['status']:>12}  {c['variant']} {c['mode']} L={c['seq']} B={c['batch']} D={c['head_dim']}: {c['detail']}")
     print("wrote " + ", ".join(paths.values()))
+    if not any(name.startswith("plot") for name in paths):
+        print("mlx_flash.bench: no plots: they need matplotlib (pip install 'mlx-flash-attention[plot]')", file=sys.stderr)
     return 1 if bad or targets.any_failed(results["targets"]) else 0
 
 
@@ -256,12 +375,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.render:
         return render(args)
     chosen = settings(args)
+    out = args.out or DEFAULT_OUT
     try:
         cells_to_run = configs(chosen)
         declared = targets.load(args.targets) if args.targets else []
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if args.max_memory_gb is not None and not args.max_memory_gb > 0:
+            raise ValueError(f"--max-memory-gb: must be above 0, got {args.max_memory_gb}")
+    except ValueError as e:
+        return _fail(str(e))
+    problem = _out_problem(out, args.overwrite) or _confirm_long_run(cells_to_run, chosen, args.yes)
+    if problem:
+        return _fail(problem)
     if args.max_memory_gb is not None:
         limit = int(args.max_memory_gb * 2**30)
     else:
@@ -285,8 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except ValueError as e:
         progress.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     progress.close()
     rows = [cell.to_dict() for cell in cells]
     try:
@@ -316,4 +439,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "cells": rows,
         "targets": targets.evaluate(declared, rows, about),
     }
-    return _finish(results, report.write_all(results, args.out or "runs/bench"))
+    return _finish(results, report.write_all(results, out))

@@ -30,7 +30,7 @@ def check(name: str) -> str:
     """``name`` if it is a valid mask name, else ``ValueError`` saying why."""
     parts = name.split("+")
     if parts[0] not in ("none", "causal"):
-        raise ValueError(f"mask '{name}': must start with 'none' or 'causal'")
+        raise ValueError(f"unknown mask '{name}': names start with 'none' or 'causal'")
     for part in parts[1:]:
         docs, window = _DOCS.match(part), _WINDOW.match(part)
         if docs:

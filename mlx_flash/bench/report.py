@@ -228,9 +228,14 @@ def markdown(results: dict, plots: List[str] = ()) -> str:
                      f"D={c['head_dim']}: {c['detail']}")
 
     if results.get("targets"):
-        lines += ["", "## Targets", "", "| target | source | result | measured |", "|---|---|---|---|"]
+        # A source column only where some target names where its bound comes from.
+        sourced = any(t.get("source") for t in results["targets"])
+        lines += ["", "## Targets", ""]
+        lines += ["| target | source | result | measured |", "|---|---|---|---|"] if sourced else [
+            "| target | result | measured |", "|---|---|---|"]  # fmt: skip
         for t in results["targets"]:
-            lines.append(f"| {t['name']} | {t.get('source', '')} | **{t['status']}** | {t['detail']} |")
+            source = f" {t.get('source', '')} |" if sourced else ""
+            lines.append(f"| {t['name']} |{source} **{t['status']}** | {t['detail']} |")
 
     groups: Dict[tuple, List[dict]] = {}
     for cell in cells:

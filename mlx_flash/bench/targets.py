@@ -4,6 +4,7 @@ A targets file is YAML with a list under ``targets``; each target is a bound
 on the ratio of one metric between two sets of cells::
 
     - name: blockwise fwd+bwd peak memory at L=4096 is at least 8x below mlx
+      source: the README's memory figure  # optional: where the bound comes from
       when: {backend: cpu}              # machines it applies to
       where: {mode: fwdbwd, seq: 4096, head_dim: 64, mask: causal}
       metric: peak_memory               # peak_memory, median_time or tokens_per_s
@@ -30,9 +31,13 @@ which a cell failed its correctness check FAILs the target: a wrong answer
 meets no target.
 """
 
+import os
 from typing import Dict, List, Optional
 
 import yaml
+
+#: The targets shipped with mlx-flash (``--targets`` with no file).
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets.yaml")
 
 AXES = ("mode", "batch", "seq", "heads", "kv_heads", "head_dim", "mask", "dtype", "variant")
 METRICS = {
@@ -44,10 +49,24 @@ METRICS = {
 MACHINE_KEYS = ("backend", "os", "chip")
 
 
+def find(path: str) -> str:
+    """``path``, or the shipped file where ``path`` is its old place in a checkout
+    (``bench/targets.yaml``) and no such file exists here."""
+    if not os.path.exists(path) and os.path.normpath(path) == os.path.join("bench", "targets.yaml"):
+        return SHIPPED
+    return path
+
+
 def load(path: str) -> List[dict]:
-    """The checked list of targets in the YAML file at ``path``."""
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    """The checked list of targets in the YAML file at ``path`` (see ``find``)."""
+    path = find(path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--targets: cannot read {path} ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--targets: {path} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     targets = data.get("targets") if isinstance(data, dict) else None
     if not isinstance(targets, list):
         raise ValueError(f"{path}: expected a mapping with a list under 'targets'")
@@ -120,7 +139,9 @@ def _label(cell: dict, axes) -> str:
 
 def evaluate_one(target: dict, cells: List[dict], machine: dict) -> dict:
     """The verdict on one target: ``status`` PASS, FAIL, SKIP or NOT MEASURED."""
-    result = {"name": target["name"], "source": target.get("source", ""), "pairs": []}
+    result = {"name": target["name"], "pairs": []}
+    if target.get("source"):
+        result["source"] = target["source"]
     why_not = applies(target, machine)
     if why_not:
         return {**result, "status": "SKIP", "detail": f"not applicable: {why_not}"}

@@ -7,6 +7,12 @@ Modules, one idea each:
 - ``builtin``: the offline built-in model (``model: builtin:tiny-llama``).
 - ``train``: one run with one attention variant on mlx-lm's LoRA pieces,
   timed per iteration.
+- ``data``: the data files, read and checked line by line.
+- ``batches``: mlx-lm's batching, in a seeded order a resumed run continues.
+- ``checkpoint``: crash-safe checkpoints (written whole or not at all).
+- ``resume``: whether a checkpoint may continue under a recipe; restoring it.
+- ``interrupts``: Ctrl-C and SIGTERM, deferred to the end of an iteration.
+- ``hub``: models from the Hugging Face hub, with timeouts and the cache.
 - ``report``: the comparison of variants (Markdown, JSON, PNG).
 - ``packing``: ``pack_sequences``, examples packed into full-length rows.
 - ``progress``: the stderr progress bar.
@@ -16,6 +22,7 @@ What a run writes, under ``output.dir`` (or ``--out``), per variant::
 
     <variant>/adapters/adapters.safetensors   mlx-lm adapter format
     <variant>/adapters/adapter_config.json
+    <variant>/checkpoints/                    the latest checkpoint (checkpoint.py)
     <variant>/metrics.jsonl                   one record per iteration: iteration,
                                               loss, tokens, wall_s, tokens_per_s,
                                               peak_memory_bytes, learning_rate
@@ -24,7 +31,9 @@ What a run writes, under ``output.dir`` (or ``--out``), per variant::
                                               peak memory, losses (final_train_loss:
                                               the last iteration's; train_loss_last10:
                                               the mean of the last 10), and the
-                                              attention implementation that ran
+                                              attention implementation that ran,
+                                              validation (or why it was skipped),
+                                              whether and from where it resumed
     compare.md, compare.json, compare.png     with two or more variants
 """
 

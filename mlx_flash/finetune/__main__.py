@@ -4,9 +4,10 @@
     python -m mlx_flash.finetune recipes/tinyllama-1.1b-lora.yaml --set iters=20 --out runs/tl
     mlx.launch --hosts host1,host2 -- python -m mlx_flash.finetune recipe.yaml   # data-parallel
 
-Exit status: 0 done, 2 a problem with the recipe or the command line (one
-line on stderr, no traceback), 130 interrupted by Ctrl-C (adapters and
-metrics saved first).
+Exit status: 0 done, 2 a problem with the recipe, its data or paths, or the
+command line (one line on stderr, no traceback), 130 stopped by Ctrl-C and
+143 by SIGTERM (after the iteration in progress, with a checkpoint saved;
+``--set resume=true`` continues).
 """
 
 import argparse
@@ -20,7 +21,6 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Recipe keys follow mlx-lm's LoRA config (model, data, fine_tune_type, num_layers, "
-            "batch_size, iters, learning_rate, lora_parameters, ...) plus 'attention' "
-            "(variant, compare) and 'output' (dir, plot). Shipped recipes: quickstart, "
+            "batch_size, iters, learning_rate, lora_parameters, ...; an mlx-lm lora_config.yaml "
+            "is a recipe too) plus 'attention' (variant, compare) and 'output' (dir, plot). "
+            "Ctrl-C or SIGTERM stops after the iteration in progress and saves a checkpoint; "
+            "--set resume=true continues exactly where it stopped. Shipped recipes: quickstart, "
             "tinyllama-1.1b-lora, qwen2.5-1.5b-lora."
         ),
     )
@@ -60,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="Replace the adapters and metrics of an earlier run in the same folder.",
+        help="Replace the adapters, checkpoints and metrics of an earlier run in the same folder.",
     )
     parser.add_argument(
         "--check",
         action="store_true",
-        help="Validate the recipe, print it with paths resolved, and exit without training.",
+        help=(
+            "Validate the recipe, its data, output and cache folders (and the checkpoint a resume "
+            "would continue), print it with paths resolved, and exit without training."
+        ),
     )
     return parser
 
@@ -75,28 +80,83 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _warn(message: str) -> None:
+    print(f"mlx_flash.finetune: warning: {message}", file=sys.stderr)
+
+
+def _earlier_run(run_dir: Path, adapters: Path) -> bool:
+    """Whether an earlier run left results in ``run_dir`` (or its adapter folder)."""
+    from .resume import CHECKPOINTS
+    from .train import ADAPTER_CONFIG, ADAPTER_FILE, METRICS_FILE
+
+    return any(p.exists() for p in (adapters / ADAPTER_FILE, adapters / ADAPTER_CONFIG,
+                                    run_dir / METRICS_FILE, run_dir / CHECKPOINTS))  # fmt: skip
+
+
 def _clear(run_dir: Path, adapters: Path) -> None:
     """Remove the files an earlier run wrote (and only those)."""
+    import shutil
+
+    from .resume import CHECKPOINTS
     from .train import ADAPTER_CONFIG, ADAPTER_FILE, METRICS_FILE, SUMMARY_FILE
 
     for path in [run_dir / METRICS_FILE, run_dir / SUMMARY_FILE, adapters / ADAPTER_CONFIG]:
         path.unlink(missing_ok=True)
     for path in adapters.glob(f"*{ADAPTER_FILE}"):
         path.unlink()
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+
+
+def _preflight(recipe, runs, args) -> list:
+    """What each run will do: ``[(variant, run_dir, adapters, resume point or None)]``.
+
+    Raises ``RecipeError`` for anything that would stop a run later: paths
+    that cannot be written, bad data, an earlier run in the way, a checkpoint
+    that cannot continue under this recipe.
+    """
+    from . import data, resume, train
+    from .config import RecipeError, check_paths
+
+    plans = []
+    for variant, run_dir in runs:
+        plans.append([variant, run_dir, train.adapter_dir(recipe, run_dir), None])
+    check_paths(recipe, [adapters for _, _, adapters, _ in plans])
+    _, warnings = data.check(recipe)
+    for warning in warnings:
+        _warn(warning)
+    for plan in plans:
+        variant, run_dir, adapters, _ = plan
+        earlier = _earlier_run(run_dir, adapters)
+        if recipe.resume:
+            plan[3] = resume.find(recipe, variant, run_dir, run_dir / train.METRICS_FILE)
+            if plan[3] is None and earlier:
+                raise RecipeError(
+                    f"resume: {run_dir} holds an earlier run but no checkpoint to continue from "
+                    "(it stopped before its first); pass --overwrite to start again"
+                )
+        elif earlier and not args.overwrite:
+            raise RecipeError(
+                f"{adapters} already holds adapters: pass --overwrite to replace them, or set resume: true"
+            )
+    return [tuple(plan) for plan in plans]
 
 
 def main(argv=None) -> int:
+    from . import interrupts
+
     args = build_parser().parse_args(argv)
     state = {"variant": None, "finished": 0, "out_dir": None}
-    try:
-        return _main(args, state)
-    except KeyboardInterrupt:
-        # Ctrl-C outside a training loop (which saves and reports itself):
-        # while importing, loading, or writing the report.
-        where = f" during the {state['variant']} run" if state["variant"] else ""
-        done = f"; {state['finished']} finished run(s) are under {state['out_dir']}" if state["finished"] else ""
-        print(f"mlx_flash.finetune: interrupted{where}{done}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with interrupts.raising():
+        try:
+            return _main(args, state)
+        except KeyboardInterrupt as e:
+            # Ctrl-C or SIGTERM outside a training loop (which saves and
+            # reports itself): while importing, loading, or writing the report.
+            signum = interrupts.signal_of(e)
+            where = f" during the {state['variant']} run" if state["variant"] else ""
+            done = f"; {state['finished']} finished run(s) are under {state['out_dir']}" if state["finished"] else ""
+            print(f"mlx_flash.finetune: {interrupts.NAMES[signum]}: stopped{where}{done}", file=sys.stderr)
+            return interrupts.EXIT_STATUS[signum]
 
 
 def _main(args, state: dict) -> int:
@@ -114,40 +174,46 @@ def _main(args, state: dict) -> int:
     out_dir = Path(recipe.output["dir"])
     state["out_dir"] = out_dir
     runs = [(variant, out_dir / variant) for variant in recipe.variants]
+    world = mx.distributed.init()
+    rank = world.rank()
+    if rank == 0:
+        for warning in recipe.warnings:
+            _warn(warning)
+    problem = None
+    try:
+        plans = _preflight(recipe, runs, args)
+    except RecipeError as e:
+        problem = str(e)
     if args.check:
+        if problem:
+            return _fail(problem)
         import yaml
 
         from .config import recipe_dict
 
         print(yaml.safe_dump(recipe_dict(recipe), sort_keys=False).rstrip())
         print(f"# recipe {recipe.recipe}: valid; runs {', '.join(recipe.variants)} into {out_dir}")
-        for variant, run_dir in runs:
-            print(f"# {variant}: metrics in {run_dir}, adapters in {train.adapter_dir(recipe, run_dir)}")
+        for variant, run_dir, adapters, point in plans:
+            resumes = f"; resumes from iteration {point.iteration} ({point.checkpoint.path})" if point else ""
+            print(f"# {variant}: metrics in {run_dir}, adapters in {adapters}{resumes}")
         return 0
 
-    problem = None
-    for variant, run_dir in runs:
-        adapters = train.adapter_dir(recipe, run_dir)
-        exists = (adapters / train.ADAPTER_FILE).exists() or (adapters / train.ADAPTER_CONFIG).exists()
-        if exists and not (recipe.resume or args.overwrite):
-            problem = f"{adapters} already holds adapters: pass --overwrite to replace them, or set resume: true"
-            break
-    world = mx.distributed.init()
     if world.size() > 1:
         # All ranks decide together, before rank 0 writes anything: a rank
         # that looked later would otherwise see this run's own new files.
         failed = mx.distributed.all_sum(mx.array(int(problem is not None)), stream=mx.cpu).item()
         if failed and problem is None:
-            problem = "another rank found existing adapters: pass --overwrite, or set resume: true"
+            problem = "another rank found a problem with the recipe, its data or its output folders"
     if problem:
         return _fail(problem)
-    rank = world.rank()
     if rank == 0:
-        for variant, run_dir in runs:
+        for variant, run_dir, adapters, point in plans:
             if args.overwrite and not recipe.resume:
-                _clear(run_dir, train.adapter_dir(recipe, run_dir))
+                _clear(run_dir, adapters)
+            if point:
+                print(f"[{variant}] resuming from iteration {point.iteration} ({point.checkpoint.path})", file=sys.stderr)
         print(
-            f"recipe {recipe.recipe}: model {recipe.model}, data {recipe.data}, "
+            f"recipe {recipe.recipe}: model {recipe.model}, data {recipe.data or 'hf_dataset'}, "
             f"{recipe.iters} iterations x {len(runs)} variant(s) ({', '.join(recipe.variants)}) -> {out_dir}",
             file=sys.stderr,
         )
@@ -166,6 +232,8 @@ def _main(args, state: dict) -> int:
                         f"train loss {summary['final_train_loss']:.3f} at the last iteration, "
                         f"{summary['train_loss_last10']:.3f} mean of the last 10"
                     )
+                if summary["validation"] != "ran":
+                    timing += f"; validation {summary['validation']}"
                 print(
                     f"[{variant}] ran {summary['attention_plan']}{timing}; adapters in {summary['adapter_path']}",
                     file=sys.stderr,
@@ -177,12 +245,16 @@ def _main(args, state: dict) -> int:
         return _fail(str(e))
     except train.Interrupted as e:
         print(f"mlx_flash.finetune: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        from .interrupts import EXIT_STATUS
+
+        return EXIT_STATUS[e.signal]
 
     if rank == 0 and len(runs) > 1:
         written = report.write(out_dir, recipe.name, summaries, metrics, draw=recipe.output["plot"])
         print((out_dir / report.COMPARE_MD).read_text())
         print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+        if recipe.output["plot"] and out_dir / report.COMPARE_PNG not in written:
+            _warn(f"no {report.COMPARE_PNG}: plotting needs matplotlib (pip install 'mlx-flash-attention[plot]')")
     return 0
 
 

@@ -111,6 +111,20 @@ def write_model(path: Path, config: dict, seed: int = SEED) -> Path:
     return path
 
 
+def _build_stamp(name: str) -> dict:
+    return {"name": name, "version": BUILD_VERSION, "seed": SEED}
+
+
+def cached(model: str) -> bool:
+    """Whether built-in ``model`` is already built in the cache (nothing to write)."""
+    name = model[len(PREFIX) :]
+    stamp = cache_root() / "builtin" / name / "mlx_flash_build.json"
+    try:
+        return json.loads(stamp.read_text()) == _build_stamp(name)
+    except (OSError, ValueError):
+        return False
+
+
 def ensure(model: str) -> Path:
     """The cache folder of built-in ``model`` (``"builtin:<name>"``), built if missing."""
     name = model[len(PREFIX) :]
@@ -118,8 +132,8 @@ def ensure(model: str) -> Path:
         raise KeyError(name)
     final = cache_root() / "builtin" / name
     stamp = final / "mlx_flash_build.json"
-    expected = {"name": name, "version": BUILD_VERSION, "seed": SEED}
-    if stamp.exists() and json.loads(stamp.read_text()) == expected:
+    expected = _build_stamp(name)
+    if cached(model):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the final folder and rename it into place, so a reader

@@ -28,6 +28,7 @@ working directory too.
 import copy
 import difflib
 import inspect
+import json
 import os
 import re
 import types
@@ -37,6 +38,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ..attention import VARIANTS
+from ..folders import unwritable
 from . import builtin
 
 
@@ -75,7 +77,8 @@ OUTPUT = {
 }
 SCHEMA = {
     "model": (str, _REQUIRED),
-    "data": (str, _REQUIRED),
+    "data": ((str, type(None)), None),  # required unless hf_dataset names the data
+    "train": (bool, True),
     "fine_tune_type": (str, "lora"),
     "optimizer": (str, "adam"),
     "optimizer_config": (dict, {}),
@@ -92,10 +95,14 @@ SCHEMA = {
     "steps_per_eval": (int, 200),
     "save_every": (int, 100),
     "adapter_path": (str, "adapters"),
+    "resume_adapter_file": ((str, type(None)), None),
     "max_seq_length": (int, 2048),
     "grad_checkpoint": (bool, False),
     "grad_accumulation_steps": (int, 1),
+    "clear_cache_threshold": ((int, str), 0),
     "mask_prompt": (bool, False),
+    "trust_remote_code": (bool, False),
+    "hf_dataset": ((dict, list, type(None)), None),
     # Not an mlx-lm key: lay examples end to end in max_seq_length rows (packing.py).
     "pack_sequences": (bool, False),
     "text_feature": (str, "text"),
@@ -104,14 +111,27 @@ SCHEMA = {
     "chat_feature": (str, "messages"),
     "lora_parameters": (dict, {}),
     "resume": (bool, False),
+    # mlx-lm keys that mean nothing here: accepted, and a warning says so (IGNORED).
+    "report_to": ((str, type(None)), None),
+    "project_name": ((str, type(None)), None),
+    "wandb": ((str, type(None)), None),
+    "config": ((str, type(None)), None),
     "attention": (dict, {}),
     "output": (dict, {}),
+}
+
+#: mlx-lm keys accepted but not acted on, and why; a warning names each one set.
+IGNORED = {
+    "report_to": "metrics go to metrics.jsonl and summary.json, not to wandb or swanlab",
+    "project_name": "it names a wandb or swanlab project, and nothing is reported there",
+    "wandb": "metrics go to metrics.jsonl and summary.json, not to wandb",
+    "config": "it is the file mlx-lm read its keys from; here the recipe is that file",
 }
 
 SECTIONS = {"lora_parameters": LORA_PARAMETERS, "attention": ATTENTION, "output": OUTPUT}
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
-OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
+OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
 POSITIVE = (
     "batch_size",
     "iters",
@@ -268,8 +288,11 @@ def find_recipe(name: str) -> Path:
     if bare and not name.startswith("~") and path.suffix in ("", ".yaml"):
         from importlib.resources import files
 
-        shipped = Path(str(files("mlx_flash.recipes"))) / f"{path.stem if path.suffix else path.name}.yaml"
-        if shipped.is_file():
+        try:
+            shipped = Path(str(files("mlx_flash.recipes"))) / f"{path.stem if path.suffix else path.name}.yaml"
+        except ModuleNotFoundError:  # a bare source tree, where recipes/ is not yet mlx_flash.recipes
+            shipped = None
+        if shipped is not None and shipped.is_file():
             return shipped
     raise RecipeError(f"recipe file not found: {name}")
 
@@ -301,16 +324,104 @@ def _resolve_model(model: str, base: Path, key: str = "model") -> str:
 def _resolve_data(data: str, base: Path, key: str = "data") -> str:
     path = (base / Path(data).expanduser()).resolve()
     if not path.is_dir():
+        if _looks_like_hub_id(data) and not data.startswith("."):
+            # A Hugging Face dataset, which mlx-lm's loader reads (data.py).
+            return data
         raise RecipeError(f"{key}: no such data folder {path} (expected train.jsonl, valid.jsonl, test.jsonl)")
     if not (path / "train.jsonl").is_file():
         raise RecipeError(f"{key}: missing data file {path / 'train.jsonl'}")
     return str(path)
 
 
+def _resolve_file(name: str, base: Path, key: str) -> str:
+    path = (base / Path(name).expanduser()).resolve()
+    if not path.is_file():
+        raise RecipeError(f"{key}: no such file {path}")
+    return str(path)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value, key: str) -> int:
+    """Bytes from an integer or a size: ``"500MB"``, ``"2G"`` in powers of 1000,
+    as mlx-lm reads ``--clear-cache-threshold``; ``"2GiB"`` in powers of 1024."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise RecipeError(f"{key}: expected a number of bytes or a size like 2GB, got {value!r}")
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(unit.lower() or " "))
+
+
+def model_config(model: str) -> Optional[dict]:
+    """The ``config.json`` of ``model``, read without loading weights, or None
+    where it is not at hand (a hub model not yet in the Hugging Face cache)."""
+    if builtin.is_builtin(model):
+        return builtin.MODELS.get(model[len(builtin.PREFIX) :])
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # noqa: BLE001 - not a repo id, or no cache: nothing to read
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _check_num_layers(model: str, num_layers: int) -> None:
+    config = model_config(model) or {}
+    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    if isinstance(layers, int) and num_layers > layers:
+        raise RecipeError(f"num_layers: {num_layers} but {model} has only {layers} layers (or -1 for all)")
+
+
+def check_paths(recipe, adapter_dirs: List[Path]) -> None:
+    """Raise ``RecipeError`` if a run could not write its output, adapters or
+    built-in model; checked before anything loads."""
+    problem = unwritable(Path(recipe.output["dir"]))
+    if problem:
+        raise RecipeError(f"output.dir: {problem}")
+    for path in adapter_dirs:
+        problem = unwritable(path)
+        if problem:
+            raise RecipeError(f"adapter_path: {problem}")
+    if builtin.is_builtin(recipe.model) and not builtin.cached(recipe.model):
+        problem = unwritable(builtin.cache_root())
+        if problem:
+            raise RecipeError(
+                f"MLX_FLASH_CACHE: {problem}; the built-in model is built there on first use, "
+                "so point MLX_FLASH_CACHE at a folder you can write"
+            )
+
+
 def _validate(values: dict) -> None:
+    if values["data"] is None and not values["hf_dataset"]:
+        raise RecipeError("missing required key 'data'")
+    if not values["train"]:
+        raise RecipeError(
+            "train: false asks mlx-lm to only evaluate; this command always trains "
+            "(evaluate adapters with mlx_lm.lora --test --adapter-path DIR)"
+        )
     for key in POSITIVE:
         if _get(values, key) < 1:
             raise RecipeError(f"{key}: must be at least 1, got {_get(values, key)}")
+    for key in ("val_batches", "test_batches"):
+        if values[key] < -1:
+            raise RecipeError(f"{key}: must be -1 (the whole set), 0 (none) or more, got {values[key]}")
+    if not values["learning_rate"] > 0:
+        raise RecipeError(f"learning_rate: must be above 0, got {values['learning_rate']}")
+    values["clear_cache_threshold"] = parse_size(values["clear_cache_threshold"], "clear_cache_threshold")
+    _check_hf_dataset(values["hf_dataset"])
     if values["fine_tune_type"] not in FINE_TUNE_TYPES:
         raise RecipeError(
             f"fine_tune_type: unknown value '{values['fine_tune_type']}' (choose from {', '.join(FINE_TUNE_TYPES)})"
@@ -345,10 +456,25 @@ def _validate(values: dict) -> None:
         try:
             build_optimizer(name, {name: options}, values["learning_rate"])
         except (TypeError, ValueError) as e:
-            raise RecipeError(f"optimizer_config.{name}: {_first_line(e)}") from None
+            raise RecipeError(f"optimizer_config.{name}: {first_line(e)}") from None
 
 
-def _first_line(error: Exception) -> str:
+def _check_hf_dataset(spec) -> None:
+    if spec is None:
+        return
+    for i, item in enumerate(spec if isinstance(spec, list) else [spec]):
+        where = f"hf_dataset[{i}]" if isinstance(spec, list) else "hf_dataset"
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise RecipeError(f"{where}: expected a mapping with the dataset's 'path' (as in mlx-lm), got {item!r}")
+
+
+def ignored_keys(values: dict) -> List[str]:
+    """One warning per mlx-lm key that is set but means nothing here (``IGNORED``)."""
+    return [f"{key}: {values[key]!r} is ignored: {why}" for key, why in IGNORED.items() if values.get(key) is not None]
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line error."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -381,7 +507,7 @@ def _check_schedule(schedule: Optional[dict]) -> None:
     try:
         build_schedule(schedule)(0)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"lr_schedule: cannot build {schedule['name']}: {_first_line(e)}") from None
+        raise RecipeError(f"lr_schedule: cannot build {schedule['name']}: {first_line(e)}") from None
 
 
 def build_schedule(schedule: dict):
@@ -395,7 +521,7 @@ def build_optimizer(name: str, options: dict, learning_rate, lr_schedule: Option
     """``mlx.optimizers`` optimizer ``name`` with ``options[name]`` as keywords."""
     import mlx.optimizers as optim
 
-    kind = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor}
+    kind = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD, "adafactor": optim.Adafactor}
     rate = build_schedule(lr_schedule) if lr_schedule else learning_rate
     return kind[name](learning_rate=rate, **(options.get(name) or {}))
 
@@ -415,8 +541,9 @@ def load_recipe(
 
     Returns:
         A namespace with every key of ``SCHEMA`` (sections as dicts), paths
-        resolved, plus ``recipe`` (the file), ``name`` (its stem) and
-        ``variants`` (the variants to run, in order).
+        resolved, plus ``recipe`` (the file), ``name`` (its stem),
+        ``variants`` (the variants to run, in order) and ``warnings`` (one
+        line per mlx-lm key that is set but ignored here).
     """
     path = find_recipe(name)
     values = read_yaml(path)
@@ -433,8 +560,15 @@ def load_recipe(
 
     here = Path.cwd()
     recipe_dir = path.resolve().parent
-    values["model"] = _resolve_model(values["model"], here if "model" in from_cli else recipe_dir)
-    values["data"] = _resolve_data(values["data"], here if "data" in from_cli else recipe_dir)
+    base = {key: here if key in from_cli else recipe_dir for key in ("model", "data", "resume_adapter_file")}
+    values["model"] = _resolve_model(values["model"], base["model"])
+    if values["data"] is not None:
+        values["data"] = _resolve_data(values["data"], base["data"])
+    if values["resume_adapter_file"]:
+        values["resume_adapter_file"] = _resolve_file(
+            values["resume_adapter_file"], base["resume_adapter_file"], "resume_adapter_file"
+        )
+    _check_num_layers(values["model"], values["num_layers"])
     out_dir = out or values["output"]["dir"] or str(Path("runs") / path.stem)
     values["output"]["dir"] = str((here / Path(out_dir).expanduser()).resolve())
 
@@ -442,6 +576,7 @@ def load_recipe(
     recipe.recipe = str(path)
     recipe.name = path.stem
     recipe.variants = list(values["attention"]["compare"]) or [values["attention"]["variant"]]
+    recipe.warnings = ignored_keys(values)
     return recipe
 
 

@@ -38,6 +38,15 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def sync_dir(path: Path) -> None:
+    """Make the names in folder ``path`` (files created, renamed) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text(path: Path, text: str) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -55,13 +64,19 @@ def write_safetensors(path: Path, arrays: Dict[str, mx.array]) -> None:
 
 
 def read_jsonl(path: Path) -> List[dict]:
-    """Complete records of a JSONL file; a torn last line is dropped."""
+    """Complete records of a JSONL file; a torn last line is dropped.
+
+    Raises ``ValueError`` naming the file and line for a line that is not JSON.
+    """
     records = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if not line.endswith("\n"):
                 break
-            records.append(json.loads(line))
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not a JSON record ({e.msg})") from None
     return records
 
 
@@ -79,6 +94,11 @@ class JsonlWriter:
         # One write() of the whole line: an interrupt lands before or after it.
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+
+    def sync(self) -> None:
+        """Flush and sync: the records written so far survive a crash."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
 
     def close(self) -> None:
         self.file.close()

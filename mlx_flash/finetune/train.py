@@ -1,23 +1,30 @@
 """One LoRA fine-tuning run with one attention variant, timed per iteration.
 
 The pieces are mlx-lm's: ``mlx_lm.utils.load`` for the model and tokenizer,
-``linear_to_lora_layers`` for the adapters, ``load_local_dataset`` and
-``CacheDataset`` for the data, ``iterate_batches``, ``default_loss`` and
-``evaluate`` from its trainer, and the same compiled step (gradients averaged
-across ranks with ``nn.average_gradients``). The loop is written out here
-rather than calling ``mlx_lm.tuner.trainer.train`` so that each iteration can
-be timed on its own, with its own peak memory, and so that an interrupt can
-save what was done.
+``linear_to_lora_layers`` for the adapters, ``create_dataset`` and
+``CacheDataset`` for the data, its batching (batches.py), ``default_loss``
+and ``evaluate`` from its trainer, and the same compiled step (gradients
+averaged across ranks with ``nn.average_gradients``). The loop is written out
+here rather than calling ``mlx_lm.tuner.trainer.train`` so that each
+iteration can be timed on its own, with its own peak memory, and so that a
+run can stop and resume exactly.
 
 A run writes into its folder::
 
     adapters/adapters.safetensors   mlx-lm's adapter format, with
     adapters/adapter_config.json    (mlx_lm.load(..., adapter_path=...))
+    checkpoints/                    the latest checkpoint (checkpoint.py)
     metrics.jsonl                   one record per iteration, flushed as it goes
     summary.json                    totals, median and p95 iteration time, losses
+
+A checkpoint is written every ``save_every`` iterations, after the last one,
+and when Ctrl-C or SIGTERM stops the run (after the iteration in progress);
+``resume: true`` continues from it (resume.py) along the same loss
+trajectory as a run that never stopped.
 """
 
-import json
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -27,13 +34,14 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from ..explain import explain
 from ..machine import describe
 from ..patch import patched
 from ..stats import percentile
-from . import builtin, files
+from . import builtin, checkpoint, data, files, hub, interrupts, resume
+from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer
 from .packing import PackedDataset
@@ -46,7 +54,12 @@ SUMMARY_FILE = "summary.json"
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C after saving; ``str()`` says what was saved where."""
+    """Training stopped by Ctrl-C or SIGTERM; ``str()`` says what was saved where,
+    ``signal`` which signal it was."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signal = signum
 
 
 def adapter_dir(recipe, run_dir: Path) -> Path:
@@ -60,9 +73,14 @@ def load_base(recipe):
     """The model, tokenizer and config.json dictionary the recipe names."""
     from mlx_lm.utils import load
 
-    path = str(builtin.ensure(recipe.model)) if builtin.is_builtin(recipe.model) else recipe.model
+    path = str(builtin.ensure(recipe.model)) if builtin.is_builtin(recipe.model) else hub.local_path(recipe.model)
     try:
-        model, tokenizer, config = load(path, return_config=True)
+        model, tokenizer, config = load(
+            path,
+            tokenizer_config={"trust_remote_code": recipe.trust_remote_code},
+            return_config=True,
+            trust_remote_code=recipe.trust_remote_code,
+        )
     except Exception as e:  # noqa: BLE001 - every load failure is reported the same way
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RecipeError(f"model: cannot load '{recipe.model}': {first_line}") from None
@@ -100,33 +118,14 @@ def attach_adapters(model: nn.Module, recipe) -> None:
 
 def load_data(recipe, tokenizer):
     """``(train, valid, test)`` as mlx-lm ``CacheDataset`` objects, or packed
-    into ``max_seq_length`` rows (``PackedDataset``) with ``pack_sequences``."""
-    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+    into ``max_seq_length`` rows (``PackedDataset``) with ``pack_sequences``;
+    a missing optional split is an empty list."""
+    from mlx_lm.tuner.datasets import CacheDataset
 
-    for name in ("train", "valid", "test"):
-        # mlx-lm reads the first record to tell the format, and fails on an
-        # empty file with an IndexError that names nothing.
-        path = Path(recipe.data) / f"{name}.jsonl"
-        if path.exists() and not _has_a_record(path):
-            raise RecipeError(f"data: {path} is empty")
-    try:
-        sets = load_local_dataset(Path(recipe.data), tokenizer, recipe)
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"data: {recipe.data}: cannot read ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        # mlx-lm's format message puts its link on a second line.
-        raise RecipeError(f"data: {recipe.data}: {' '.join(str(e).split())}") from None
-    except Exception as e:  # noqa: BLE001 - a malformed JSONL line, for example
-        raise RecipeError(f"data: {recipe.data}: cannot read ({type(e).__name__}: {e})") from None
-    sets = [CacheDataset(s) for s in sets]
+    sets = [CacheDataset(s) if len(s) else s for s in data.load(recipe, tokenizer)]
     if recipe.pack_sequences:
         sets = [PackedDataset(s, recipe.max_seq_length, recipe.batch_size) if len(s) else s for s in sets]
     return tuple(sets)
-
-
-def _has_a_record(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        return any(line.strip() for line in f)
 
 
 def build_optimizer(recipe):
@@ -182,17 +181,13 @@ def grad_checkpointing(layer: nn.Module, enabled: bool = True):
             del cls.__call__
 
 
-def _from_rank0(model: nn.Module, start: int, rank: int) -> int:
-    """Give every rank rank 0's trainable weights and start iteration.
+def _from_rank0(arrays: dict, rank: int) -> dict:
+    """Rank 0's value of every array in ``arrays`` (same keys and shapes on every rank).
 
     Ranks on other machines may not see rank 0's run folder, so a resumed
     run would otherwise start them from different weights or iterations.
     """
-    weights = tree_flatten(model.trainable_parameters())
-    summed = [(k, mx.distributed.all_sum(v if rank == 0 else mx.zeros_like(v), stream=mx.cpu)) for k, v in weights]
-    model.load_weights(summed, strict=False)
-    start = mx.distributed.all_sum(mx.array(start if rank == 0 else 0), stream=mx.cpu)
-    return int(start.item())
+    return {k: mx.distributed.all_sum(v if rank == 0 else mx.zeros_like(v), stream=mx.cpu) for k, v in arrays.items()}
 
 
 def compile_step() -> bool:
@@ -241,17 +236,45 @@ def environment() -> dict:
     return {"machine": describe(), "device": str(mx.default_device()), "mlx_lm": mlx_lm.__version__}
 
 
+def validation_skipped(recipe, valid_set) -> Optional[str]:
+    """Why this run validates nothing, or None when it validates."""
+    if recipe.val_batches == 0:
+        return "val_batches is 0"
+    if not len(valid_set):
+        return f"no validation data (no valid.jsonl in {recipe.data})" if data.is_local(recipe) else "no validation split"
+    if len(valid_set) < recipe.batch_size:
+        return f"the validation set has {len(valid_set)} examples, fewer than batch_size {recipe.batch_size}"
+    return None
+
+
+def _stop_notice(signum: int) -> None:
+    interrupts.announce(
+        signum,
+        f"stopping after the iteration in progress, to save a checkpoint ({interrupts.NAMES[signum]} again "
+        "stops at once, keeping only the last checkpoint)",
+    )
+
+
+def _any_rank_stopping(signum: Optional[int]) -> Optional[int]:
+    """The stop request of any rank, on every rank: all ranks stop at the same
+    iteration, or the others would wait forever for the one that stopped."""
+    asked = mx.array([int(signum == signal.SIGINT), int(signum == signal.SIGTERM)])
+    sigint, sigterm = mx.distributed.all_sum(asked, stream=mx.cpu).tolist()
+    return signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
+
+
 def run(recipe, variant: str, run_dir: Path) -> dict:
     """Fine-tune with attention ``variant``, writing into ``run_dir``.
 
     Every variant of a comparison starts from the same base weights, the same
     adapter initialisation (``mx.random.seed(recipe.seed)``) and the same
     batch order, so their losses differ only by the attention's arithmetic.
+    With ``recipe.resume`` the run continues from its latest checkpoint.
 
     Returns the summary dictionary (also written to ``summary.json``).
-    Raises ``Interrupted`` after saving if Ctrl-C stops training.
+    Raises ``Interrupted`` if Ctrl-C or SIGTERM stops training, after saving.
     """
-    from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
+    from mlx_lm.tuner.trainer import default_loss, evaluate
 
     started = time.perf_counter()
     world = mx.distributed.init()
@@ -259,6 +282,11 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     writer = rank == 0
     if recipe.batch_size % world_size != 0:
         raise RecipeError(f"batch_size: {recipe.batch_size} is not divisible by the {world_size} ranks")
+
+    adapters = adapter_dir(recipe, run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    checkpoints = run_dir / resume.CHECKPOINTS
+    resumed = resume.find(recipe, variant, run_dir, metrics_path) if recipe.resume and writer else None
 
     mx.random.seed(recipe.seed)
     np.random.seed(recipe.seed)
@@ -268,21 +296,26 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         raise RecipeError(f"batch_size: {recipe.batch_size} is more than the {len(train_set)} training examples")
     mx.random.seed(recipe.seed)
     attach_adapters(model, recipe)
-
-    adapters = adapter_dir(recipe, run_dir)
-    metrics_path = run_dir / METRICS_FILE
-    kept = []
-    if recipe.resume and (adapters / ADAPTER_FILE).exists():
-        model.load_weights(str(adapters / ADAPTER_FILE), strict=False)
-        if metrics_path.exists():
-            kept = [r for r in files.read_jsonl(metrics_path) if r["iteration"] <= recipe.iters]
-    start = kept[-1]["iteration"] + 1 if kept else 1
+    if recipe.resume_adapter_file:
+        model.load_weights(recipe.resume_adapter_file, strict=False)
+    optimizer = build_optimizer(recipe)
+    # Initialised now, not at the first update, so that a checkpoint's state
+    # can be put in place (and shared across ranks) before training.
+    optimizer.init(model.trainable_parameters())
+    grad = resume.restore(resumed.checkpoint, model, optimizer) if resumed else None
+    start = resumed.iteration + 1 if resumed else 1
     if world_size > 1:
-        start = _from_rank0(model, start, rank)
+        start, grad = _share_start(model, optimizer, grad, start, rank)
 
-    longest = max(train_set.itemlen(i) for i in range(len(train_set)))
-    # iterate_batches pads to one more than a multiple of 32; inputs drop one.
-    length = min(recipe.max_seq_length, 1 + 32 * ((longest + 31) // 32)) - 1
+    batches = Batches(train_set, recipe.batch_size, recipe.max_seq_length, recipe.seed, rank, world_size)
+    if writer and batches.truncated() and start == 1:
+        print(
+            f"mlx_flash.finetune: warning: {batches.truncated()} of {len(train_set)} training examples are longer "
+            f"than max_seq_length ({recipe.max_seq_length} tokens) and are truncated",
+            file=sys.stderr,
+        )
+    # Batches are padded to one more than a multiple of 32; inputs drop one.
+    length = min(recipe.max_seq_length, 1 + 32 * ((max(batches.lengths) + 31) // 32)) - 1
     plan = attention_plan(geometry(model, config), recipe.batch_size // world_size, length, variant)
 
     if writer:
@@ -290,17 +323,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         adapter_config.update(model=model_path, adapter_path=str(adapters))
         adapter_config["attention"] = {"variant": variant, "implementation": plan.implementation}
         files.write_json(adapters / ADAPTER_CONFIG, adapter_config)
-        metrics = files.JsonlWriter(metrics_path, kept)
+        metrics = files.JsonlWriter(metrics_path, resumed.records if resumed else ())
 
-    def save(iteration: Optional[int] = None) -> None:
-        if not writer:
-            return
-        weights = dict(tree_flatten(model.trainable_parameters()))
-        files.write_safetensors(adapters / ADAPTER_FILE, weights)
-        if iteration is not None:
-            files.write_safetensors(adapters / f"{iteration:07d}_{ADAPTER_FILE}", weights)
-
-    optimizer = build_optimizer(recipe)
     loss_and_grad = nn.value_and_grad(model, default_loss)
     accumulate = recipe.grad_accumulation_steps
     state = [model.state, optimizer.state, mx.random.state]
@@ -325,103 +349,170 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     if compiled:
         step = partial(mx.compile, inputs=state, outputs=state)(step)
 
-    def validate(dataset, batches) -> Optional[float]:
-        if len(dataset) < recipe.batch_size or batches == 0:
+    skipped = validation_skipped(recipe, valid_set)
+    validation_batches = evaluation_batches(recipe.seed)
+
+    def validate(dataset, batches_to_run) -> Optional[float]:
+        if len(dataset) < recipe.batch_size or batches_to_run == 0:
             return None
         loss = evaluate(
             model=model,
             dataset=dataset,
             batch_size=recipe.batch_size,
-            num_batches=batches,
+            num_batches=batches_to_run,
             max_seq_length=recipe.max_seq_length,
             loss=default_loss,
+            iterate_batches=validation_batches,
         )
         model.train()
         return loss
 
+    info = {
+        "trajectory": resume.trajectory(recipe, variant),
+        "initial_val_loss": resumed.checkpoint.state.get("initial_val_loss") if resumed else None,
+        "batches_per_epoch": len(batches),
+    }
+    saved = {"iteration": resumed.iteration if resumed else 0, "path": resumed.checkpoint.path if resumed else None}
+
+    def save(iteration: int) -> None:
+        if not writer or saved["iteration"] == iteration:
+            return
+        metrics.sync()  # the checkpoint never runs ahead of the metrics on disk
+        arrays = resume.capture(model, optimizer, grad)
+        saved["path"] = checkpoint.save(
+            checkpoints, iteration, arrays, {**info, "random_key": resume.random_key()}
+        )
+        saved["iteration"] = iteration
+        files.write_safetensors(adapters / ADAPTER_FILE, arrays["adapters"])
+        if iteration % recipe.save_every == 0:
+            files.write_safetensors(adapters / f"{iteration:07d}_{ADAPTER_FILE}", arrays["adapters"])
+
     progress = None
-    batches = iterate_batches(
-        dataset=train_set,
-        batch_size=recipe.batch_size,
-        max_seq_length=recipe.max_seq_length,
-        loop=True,
-        seed=recipe.seed,
-        comm_group=world,
-    )
-    records = list(kept)
+    records = list(resumed.records) if resumed else []
     extra = {"rank_count": world_size, "compiled_step": compiled, "attention_plan": plan.summary, **environment()}
-    interrupted = False
-    iteration = start - 1
+    stopped = None  # the signal that stopped the run
+    at_once = False  # stopped mid-iteration: only the last checkpoint is kept
+    done = start - 1  # the last iteration completed
     with patched(variant), grad_checkpointing(model.layers[0], recipe.grad_checkpoint):
         try:
-            # Skip what a resumed run already trained on, to keep the batch order.
-            for _ in range(start - 1):
-                next(batches)
-            extra["initial_val_loss"] = validate(valid_set, recipe.val_batches) if start == 1 else None
+            if start == 1:
+                info["initial_val_loss"] = validate(valid_set, recipe.val_batches)
             model.train()
             # Made here so that its clock (it/s) leaves out the initial validation.
             progress = Progress(recipe.iters, variant, every=recipe.steps_per_report, enabled=writer, first=start)
-            grad = None
-            for iteration in range(start, recipe.iters + 1):
-                batch, lengths = next(batches)
-                mx.reset_peak_memory()
-                tic = time.perf_counter()
-                loss, tokens, grad = step(batch, lengths, grad, iteration % accumulate == 0)
-                mx.eval(state, loss, tokens, grad)
-                wall = time.perf_counter() - tic
-                peak = mx.get_peak_memory()
-                if world_size > 1:
-                    loss = mx.distributed.all_sum(loss, stream=mx.cpu) / world_size
-                    tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
-                record = {
-                    "iteration": iteration,
-                    "loss": loss.item(),
-                    "tokens": int(tokens.item()),
-                    "wall_s": wall,
-                    "tokens_per_s": tokens.item() / wall,
-                    "peak_memory_bytes": int(peak),
-                    "learning_rate": float(optimizer.learning_rate.item()),
-                    "variant": variant,
-                }
-                if iteration == start:
-                    record["warmup"] = True
-                if iteration % recipe.steps_per_eval == 0 or iteration == recipe.iters:
-                    record["val_loss"] = validate(valid_set, recipe.val_batches)
-                records.append(record)
-                if writer:
-                    metrics.write(record)
-                if iteration % recipe.save_every == 0:
-                    save(iteration)
-                progress.update(iteration, record["loss"], record.get("val_loss"))
-            if recipe.test:
+            with interrupts.deferred(_stop_notice if writer else None) as stop:
+                for iteration in range(start, recipe.iters + 1):
+                    batch, lengths = batches.batch(iteration - 1)
+                    mx.reset_peak_memory()
+                    tic = time.perf_counter()
+                    loss, tokens, grad = step(batch, lengths, grad, iteration % accumulate == 0)
+                    mx.eval(state, loss, tokens, grad)
+                    wall = time.perf_counter() - tic
+                    peak = mx.get_peak_memory()
+                    if recipe.clear_cache_threshold and mx.get_cache_memory() > recipe.clear_cache_threshold:
+                        mx.clear_cache()
+                    if world_size > 1:
+                        loss = mx.distributed.all_sum(loss, stream=mx.cpu) / world_size
+                        tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
+                    record = {
+                        "iteration": iteration,
+                        "loss": loss.item(),
+                        "tokens": int(tokens.item()),
+                        "wall_s": wall,
+                        "tokens_per_s": tokens.item() / wall,
+                        "peak_memory_bytes": int(peak),
+                        "learning_rate": float(optimizer.learning_rate.item()),
+                        "variant": variant,
+                    }
+                    if iteration == start:
+                        record["warmup"] = True
+                    if iteration % recipe.steps_per_eval == 0 or iteration == recipe.iters:
+                        record["val_loss"] = validate(valid_set, recipe.val_batches)
+                    records.append(record)
+                    if writer:
+                        metrics.write(record)
+                    if iteration % recipe.save_every == 0 or iteration == recipe.iters:
+                        save(iteration)
+                    progress.update(iteration, record["loss"], record.get("val_loss"))
+                    done = iteration
+                    if world_size > 1:
+                        stop.signal = _any_rank_stopping(stop.signal)
+                    if stop:
+                        save(iteration)
+                        stopped = stop.signal
+                        break
+            if stopped is None and recipe.test:
                 extra["test_loss"] = validate(test_set, recipe.test_batches)
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as e:
+            stopped, at_once = interrupts.signal_of(e), True
         finally:
             if progress is not None:
                 progress.close()
-            save()
             if writer:
+                if at_once:
+                    # What the last checkpoint holds, and nothing newer: the
+                    # iteration in progress was cut off.
+                    records = [r for r in records if r["iteration"] <= saved["iteration"]]
+                    metrics.close()
+                    metrics = files.JsonlWriter(metrics_path, records)
                 metrics.close()
                 summary = summarize(
                     records,
                     variant=variant,
                     plan=plan,
                     iters=recipe.iters,
-                    interrupted=interrupted,
+                    interrupted=stopped is not None,
                     elapsed=time.perf_counter() - started,
                     extra={
                         "adapter_path": str(adapters),
                         "metrics": str(metrics_path),
                         "model": model_path,
+                        "initial_val_loss": info["initial_val_loss"],
+                        "validation": f"skipped: {skipped}" if skipped else "ran",
+                        "resumed": resumed is not None,
+                        "resumed_from_iteration": resumed.iteration if resumed else None,
+                        "checkpoint": str(saved["path"]) if saved["path"] else None,
+                        "checkpoint_iteration": saved["iteration"] or None,
+                        "stopped_by": interrupts.NAMES[stopped] if stopped else None,
                         **extra,
                     },
                 )
                 files.write_json(run_dir / SUMMARY_FILE, summary)
-    if interrupted:
-        done = records[-1]["iteration"] if records else 0
-        raise Interrupted(
-            f"interrupted after iteration {done}: adapters saved to {adapters}, "
-            f"metrics to {metrics_path}, summary to {run_dir / SUMMARY_FILE}"
-        )
+    if stopped is not None:
+        raise Interrupted(_stopped_message(stopped, at_once, done, recipe.iters, saved, adapters, metrics_path, run_dir), stopped)
     return summary if writer else {}
+
+
+def _stopped_message(signum, at_once, done, iters, saved, adapters, metrics_path, run_dir) -> str:
+    name = interrupts.NAMES[signum]
+    if at_once:
+        kept = (
+            f"the last checkpoint is iteration {saved['iteration']} ({saved['path']}) and metrics were cut back to it"
+            if saved["iteration"]
+            else "no checkpoint was written yet"
+        )
+        during = f"during iteration {done + 1}" if done < iters else "after the last iteration"
+        return f"{name}: stopped at once {during}; {kept}; summary in {run_dir / SUMMARY_FILE}"
+    return (
+        f"{name}: stopped after iteration {done}: checkpoint {saved['path']}, adapters in {adapters}, "
+        f"metrics in {metrics_path}, summary in {run_dir / SUMMARY_FILE}; --set resume=true continues"
+    )
+
+
+def _share_start(model, optimizer, grad, start: int, rank: int):
+    """Rank 0's weights, optimizer state, accumulated gradients, random key and
+    start iteration, on every rank."""
+    weights = _from_rank0(dict(tree_flatten(model.trainable_parameters())), rank)
+    model.load_weights(list(weights.items()), strict=False)
+    shared = _from_rank0(dict(tree_flatten(optimizer.state)), rank)
+    optimizer.state = tree_map_with_path(lambda path, _: shared[path], optimizer.state)
+    scalars = mx.array([start if rank == 0 else 0, int(grad is not None) if rank == 0 else 0], mx.int64)
+    key = mx.random.state[0]
+    key = mx.distributed.all_sum(key if rank == 0 else mx.zeros_like(key), stream=mx.cpu).tolist()
+    start, has_grad = (int(x) for x in mx.distributed.all_sum(scalars, stream=mx.cpu).tolist())
+    if has_grad:
+        zeros = tree_map(mx.zeros_like, model.trainable_parameters())
+        summed = _from_rank0(dict(tree_flatten(grad if rank == 0 else zeros)), rank)
+        grad = tree_map_with_path(lambda path, _: summed[path], zeros)
+    resume.set_random_key(key)
+    return start, grad
