@@ -192,9 +192,12 @@ def run_kernels(module, q, k, v, dout, scale, mask, sinks=None):
 
 
 def assert_lse_close(lse, expected, tolerance, what="lse"):
-    """Finite log-sum-exps close, ``+inf`` exactly where expected."""
+    """Finite log-sum-exps close, ``+inf`` exactly where expected (rows that
+    keep no key) and ``-inf`` exactly where expected (rows whose kept scores
+    are all ``-inf``, NaN in MLX)."""
     assert mx.array_equal(lse == mx.inf, expected == mx.inf).item(), f"{what}: +inf (empty row) pattern"
-    finite = expected != mx.inf
+    assert mx.array_equal(lse == -mx.inf, expected == -mx.inf).item(), f"{what}: -inf (NaN row) pattern"
+    finite = mx.isfinite(expected)
     assert_close(mx.where(finite, lse, 0.0), mx.where(finite, expected, 0.0), tolerance, what)
 
 
