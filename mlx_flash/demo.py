@@ -279,66 +279,58 @@ def _in_device_memory(name: str, x: mx.array) -> mx.array:
     return mx.pad(x, widths)
 
 
-def _launch(name, input_names, arrays, output_names, template, grid, threadgroup, shapes, dtype):
-    kernel = _kernel(name, input_names, output_names)
-    return kernels.launch(
-        kernel,
-        inputs=[_in_device_memory(n, x) for n, x in zip(input_names, arrays)],
-        template=template,
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=shapes,
-        output_dtypes=dtype,
-    )
-
-
-def _grid(n_rows: int, tile_rows: int, simdgroups: int, groups: int, batch: int):
-    """Grid and threadgroup for one threadgroup of ``simdgroups`` SIMD groups
-    per (tile of ``tile_rows`` of ``n_rows``, group of heads, batch); the
-    grid counts threads."""
-    threads = simdgroups * 32
-    return (math.ceil(n_rows / tile_rows) * threads, groups, batch), (threads, 1, 1)
-
-
-def _template(q, tile: Tuple[int, int]):
-    return [("T", q.dtype), ("D", q.shape[-1]), ("BQ", tile[0]), ("BK", tile[1])]
-
-
-def _query_tiled(name, q, k, v, scale, mask, sinks, tile, heads, backward, output_names, shapes, dtypes):
-    """Launch a kernel with one threadgroup per (query tile, ``heads``
-    query heads, batch): the forward and the dQ kernel."""
+def _query_grid(q, k, tile: Tuple[int, int], heads: int):
+    """Grid and threadgroup of the forward and dQ kernels: one threadgroup of
+    ``h * BQ / 8`` SIMD groups per (query tile, ``h`` query heads, batch),
+    ``h = heads_per_threadgroup(group, heads)``; the grid counts threads."""
     B, n_q_heads, q_len, _ = q.shape
-    inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=tile[0], k_tile=tile[1])
-    input_names = fused.KERNEL_INPUTS
-    if backward:
-        inputs += list(backward)
-        input_names = fused.BACKWARD_INPUTS
-    grid, threadgroup = _grid(q_len, tile[0], heads * tile[0] // 8, n_q_heads // heads, B)
-    return _launch(name, input_names, inputs, output_names, _template(q, tile), grid, threadgroup, shapes, dtypes)
+    h = heads_per_threadgroup(n_q_heads // k.shape[1], heads)
+    threads = h * tile[0] // 8 * 32
+    return (math.ceil(q_len / tile[0]) * threads, n_q_heads // h, B), (threads, 1, 1)
+
+
+def _key_grid(k, tile: Tuple[int, int]):
+    """Grid and threadgroup of the dK/dV kernel: one threadgroup of BK / 8
+    SIMD groups per (key tile, KV head, batch)."""
+    B, n_kv_heads, k_len, _ = k.shape
+    threads = tile[1] // 8 * 32
+    return (math.ceil(k_len / tile[1]) * threads, n_kv_heads, B), (threads, 1, 1)
+
+
+def _run(name, outputs, q, k, v, scale, mask, sinks, tile, grid, output_shapes, output_dtypes, backward=()):
+    """Launch ``metal/<name>.metal`` on ``kernel_inputs`` for ``tile`` (plus
+    dout, lse, delta for a backward kernel)."""
+    inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=tile[0], k_tile=tile[1]) + list(backward)
+    names = fused.BACKWARD_INPUTS if backward else fused.KERNEL_INPUTS
+    return kernels.launch(
+        _kernel(name, names, outputs),
+        inputs=[_in_device_memory(n, x) for n, x in zip(names, inputs)],
+        template=[("T", q.dtype), ("D", q.shape[-1]), ("BQ", tile[0]), ("BK", tile[1])],
+        grid=grid[0],
+        threadgroup=grid[1],
+        output_shapes=output_shapes,
+        output_dtypes=output_dtypes,
+    )
 
 
 def forward(q, k, v, scale: float, mask: StructuredMask, sinks=None):
     """``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, lse ``(B, Hq, Lq)``
     float32, natural log, ``+inf`` for rows that keep no key."""
-    B, n_q_heads, q_len, head_dim = q.shape
-    tiles = _tiles(head_dim)
-    heads = heads_per_threadgroup(n_q_heads // k.shape[1], tiles.heads)
-    out, lse = _query_tiled(
-        "demo_forward", q, k, v, scale, mask, sinks, tiles.forward, heads, None,
-        ("out", "lse"), [q.shape, (B, n_q_heads, q_len)], [q.dtype, mx.float32],
+    tiles = _tiles(q.shape[-1])
+    grid = _query_grid(q, k, tiles.forward, tiles.heads)
+    out, lse = _run(
+        "demo_forward", ("out", "lse"), q, k, v, scale, mask, sinks, tiles.forward, grid,
+        [q.shape, q.shape[:3]], [q.dtype, mx.float32],
     )
     return out, lse
 
 
 def dkdv(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
     """``(dk, dv)``, each ``(B, Hkv, Lk, D)`` in q's dtype."""
-    B, n_kv_heads, k_len, head_dim = k.shape
-    bq, bk = _tiles(head_dim).dkv
-    inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=bq, k_tile=bk) + [dout, lse, delta]
-    grid, threadgroup = _grid(k_len, bk, bk // 8, n_kv_heads, B)
-    dk, dv = _launch(
-        "demo_backward_dkv", fused.BACKWARD_INPUTS, inputs, ("dk", "dv"), _template(q, (bq, bk)),
-        grid, threadgroup, [k.shape, v.shape], [q.dtype, q.dtype],
+    tile = _tiles(q.shape[-1]).dkv
+    dk, dv = _run(
+        "demo_backward_dkv", ("dk", "dv"), q, k, v, scale, mask, sinks, tile, _key_grid(k, tile),
+        [k.shape, v.shape], [q.dtype, q.dtype], backward=(dout, lse, delta),
     )
     return dk, dv
 
@@ -346,10 +338,10 @@ def dkdv(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
 def dq(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
     """``dq``, ``(B, Hq, Lq, D)`` in q's dtype."""
     tiles = _tiles(q.shape[-1])
-    heads = heads_per_threadgroup(q.shape[1] // k.shape[1], tiles.heads)
-    (grad_q,) = _query_tiled(
-        "demo_backward_dq", q, k, v, scale, mask, sinks, tiles.dq, heads, (dout, lse, delta),
-        ("dq",), [q.shape], [q.dtype],
+    grid = _query_grid(q, k, tiles.dq, tiles.heads)
+    (grad_q,) = _run(
+        "demo_backward_dq", ("dq",), q, k, v, scale, mask, sinks, tiles.dq, grid,
+        [q.shape], [q.dtype], backward=(dout, lse, delta),
     )
     return grad_q
 

@@ -105,6 +105,7 @@ def _bias(kind, n_q, q_len, k_len, dtype, seed):
 STRUCTURED_CASES = [
     (1, 2, 2, 37, 37, 64, mx.float16, None, "one", None, False),
     (2, 8, 1, 70, 70, 128, mx.bfloat16, None, "many", None, False),
+    (1, 2, 1, 330, 330, 64, mx.float16, "causal", "many", None, False),
     (1, 2, 1, 45, 45, 80, mx.float16, None, "spanning", None, False),
     (1, 4, 2, 50, 50, 96, mx.bfloat16, None, "padding", None, False),
     (1, 2, 2, 41, 41, 64, mx.bfloat16, None, "unsorted", None, False),
@@ -113,7 +114,7 @@ STRUCTURED_CASES = [
     (1, 2, 1, 44, 44, 96, mx.bfloat16, "bool", "many", None, False),
     (1, 2, 1, 24, 56, 80, mx.bfloat16, None, "pair", None, False),
     (1, 2, 1, 33, 33, 64, mx.float16, "causal", None, 1, False),
-    (1, 4, 2, 21, 50, 96, mx.float16, "causal", None, 7, False),
+    (1, 4, 2, 21, 50, 96, mx.float16, "causal", "many", 7, False),
     (1, 2, 2, 150, 150, 64, mx.bfloat16, "causal", None, 128, False),
     (1, 2, 1, 150, 150, 128, mx.float16, "causal", None, 129, False),
     (1, 2, 1, 40, 40, 80, mx.float16, "causal", None, 200, False),
