@@ -85,8 +85,8 @@ for (int d = 0; d < DF; ++d) {
 }
 
 const int row_begin = flash_row_begin(m, k_start);
-const int row_end = flash_row_end(m, k_start + BK);
-const int2 k_range = m.segments ? demo_range(k_ranges, k_ranges_strides, batch, k_tile_index) : int2(0);
+const int row_end = flash_row_end(m, min(k_start + BK, m.k_len));
+const int2 k_range = m.segments ? flash_tile_range(k_ranges, k_ranges_strides, batch, k_tile_index) : int2(0);
 bool kept = false;  // unused: the forward's lse already says which rows keep nothing
 
 for (int g = 0; g < group; ++g) {
@@ -97,7 +97,7 @@ for (int g = 0; g < group; ++g) {
 
   for (int q_start = (row_begin / BQ) * BQ; q_start < row_end; q_start += BQ) {
     if (m.segments &&
-        !flash_ranges_meet(demo_range(q_ranges, q_ranges_strides, batch, q_start / BQ), k_range)) {
+        !flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q_start / BQ), k_range)) {
       continue;  // no query of the tile shares a document with a key of it
     }
     // Everyone is done with the previous q/dout tile (and the k tile is

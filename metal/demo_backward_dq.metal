@@ -93,12 +93,12 @@ for (int d = 0; d < DF; ++d) {
 
 const int key_begin = flash_key_begin(m, q_start);
 const int key_end = flash_key_end(m, q_start + BQ);
-const int2 q_range = m.segments ? demo_range(q_ranges, q_ranges_strides, batch, q_tile_index) : int2(0);
+const int2 q_range = m.segments ? flash_tile_range(q_ranges, q_ranges_strides, batch, q_tile_index) : int2(0);
 bool kept = false;  // unused: the forward's lse already says which rows keep nothing
 
 for (int k_start = (key_begin / BK) * BK; k_start < key_end; k_start += BK) {
   if (m.segments &&
-      !flash_ranges_meet(q_range, demo_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
+      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
     continue;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);

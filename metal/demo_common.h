@@ -112,14 +112,6 @@ inline void demo_stage(
   }
 }
 
-// One tile's segment range, (min, max) of its non-negative ids, from a
-// (B, T, 2) ranges input read through its strides.
-template <typename Ptr, typename StridePtr>
-inline int2 demo_range(Ptr ranges, StridePtr strides, int batch, int tile) {
-  const int64_t at = batch * strides[0] + tile * strides[1];
-  return int2(ranges[at], ranges[at + strides[2]]);
-}
-
 // The segment id at `pos` of row `batch` of a (B, L) ids input.
 template <typename Ptr, typename StridePtr>
 inline int demo_segment_id(Ptr ids, StridePtr strides, int batch, int pos) {

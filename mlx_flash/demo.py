@@ -117,7 +117,8 @@ class Tiles:
     ======  ==============  ==============  ==============
 
     (Before: 17,408 B forward and dq and 17,536 B dkv at D = 128, and dkv at
-    72 / 84 / 96 / 108 registers, holding k and v and two 16-query fragments.)
+    72 / 84 / 96 / 108 registers, with k and v fragments both held in
+    registers.)
 
     These are starting points chosen by those budgets, not by measurement on
     a Mac. To retune, assign ``mlx_flash.demo.TILES[dim] = Tiles(...)`` (it
