@@ -71,8 +71,8 @@ inline threadgroup T* demo_elements(threadgroup vec<T, 4>* storage) {
 }
 
 // Copy ROWS rows of a (rows, D) matrix with the given strides, starting at
-// row `first`, into a tile in threadgroup memory (row stride LD); rows at or past
-// `limit` are zero so tails add nothing to the products. The n_threads
+// row `first`, into a tile in threadgroup memory (row stride LD); rows at or
+// past `limit` are zero so tails add nothing to the products. The n_threads
 // threads of the group share the copy. `Ptr` is a device or constant
 // pointer: MLX picks the address space of an input by its size.
 //
@@ -123,7 +123,16 @@ inline int demo_segment_id(Ptr ids, StridePtr strides, int batch, int pos) {
 // keys are dropped by position anyway). `k` and `v` point at this batch and
 // KV head; k_strides / v_strides are the inputs' (rows at [2], columns at
 // [3]).
-template <typename T, int BK, int D, int LD, typename KPtr, typename VPtr, typename IdPtr, typename StridePtr, typename IdStridePtr>
+template <
+    typename T,
+    int BK,
+    int D,
+    int LD,
+    typename KPtr,
+    typename VPtr,
+    typename IdPtr,
+    typename StridePtr,
+    typename IdStridePtr>
 inline void demo_stage_keys(
     threadgroup T* k_tile,
     threadgroup T* v_tile,

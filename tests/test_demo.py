@@ -101,7 +101,7 @@ def _bias(kind, n_q, q_len, k_len, dtype, seed):
 # (B, Hq, Hkv, Lq, Lk, D, dtype, mask, segments, window, sinks): mask is
 # None, "causal", "bool", "bool_empty_row" or an additive kind of _bias;
 # segments a segment_layout kind (queries take the last Lq ids) or "pair"
-# (query ids of docs 0..3 only, key ids of docs 0..5).
+# (query ids capped at document 3, so later key documents meet no query).
 STRUCTURED_CASES = [
     (1, 2, 2, 37, 37, 64, mx.float16, None, "one", None, False),
     (2, 8, 1, 70, 70, 128, mx.bfloat16, None, "many", None, False),
@@ -177,22 +177,44 @@ def _poisoned(x, rows):
 # poisoned one. Tiles at D = 64: 32 x 32 everywhere; at D = 128: forward and
 # dq 32 queries x 16 keys, dK/dV 32 keys x 8 queries.
 _PACKED_IDS = (mx.array([[0] * 40 + [1] * 24 + [-1] * 32]), mx.array([[0] * 16 + [1] * 16 + [2] * 64]))
+ALL = (0, 96)
 SKIP_CASES = [
     # Keys 32..95 are a document no query belongs to, queries 64..95 padding.
-    ("segments", 64, 96, 96, dict(segments=_PACKED_IDS),
-     dict(q=(64, 96), k=(32, 96), v=(32, 96), dout=(64, 96)), dict(out=(0, 96), dq=(0, 96), dk=(0, 96), dv=(0, 96))),
+    (
+        "segments", 64, 96, 96, dict(segments=_PACKED_IDS),
+        dict(q=(64, 96), k=(32, 96), v=(32, 96), dout=(64, 96)),
+        dict(out=ALL, dq=ALL, dk=ALL, dv=ALL),
+    ),
     # Lk > Lq: no query sees a key below Lk - Lq - window + 1 = 65.
-    ("window-unseen-keys", 128, 20, 100, dict(mask="causal", window=16),
-     dict(k=(0, 64), v=(0, 64)), dict(out=(0, 20), dq=(0, 20), dk=(0, 100), dv=(0, 100))),
+    (
+        "window-unseen-keys", 128, 20, 100, dict(mask="causal", window=16),
+        dict(k=(0, 64), v=(0, 64)),
+        dict(out=(0, 20), dq=(0, 20), dk=(0, 100), dv=(0, 100)),
+    ),
     # Causal: query tiles below 64 never visit the key tile [64, 96) ...
-    ("causal-keys", 64, 96, 96, dict(mask="causal"), dict(k=(64, 96), v=(64, 96)), dict(out=(0, 64), dq=(0, 64))),
+    (
+        "causal-keys", 64, 96, 96, dict(mask="causal"),
+        dict(k=(64, 96), v=(64, 96)),
+        dict(out=(0, 64), dq=(0, 64)),
+    ),
     # ... and key tiles from 32 on never visit the query tile [0, 32).
-    ("causal-queries", 64, 96, 96, dict(mask="causal"), dict(q=(0, 32), dout=(0, 32)), dict(dk=(32, 96), dv=(32, 96))),
+    (
+        "causal-queries", 64, 96, 96, dict(mask="causal"),
+        dict(q=(0, 32), dout=(0, 32)),
+        dict(dk=(32, 96), dv=(32, 96)),
+    ),
     # Window 16: the query tile [64, 96) starts at key 49, past [0, 32) ...
-    ("window-keys", 128, 96, 96, dict(mask="causal", window=16), dict(k=(0, 32), v=(0, 32)), dict(out=(64, 96), dq=(64, 96))),
+    (
+        "window-keys", 128, 96, 96, dict(mask="causal", window=16),
+        dict(k=(0, 32), v=(0, 32)),
+        dict(out=(64, 96), dq=(64, 96)),
+    ),
     # ... and the key tile [0, 32) ends at query 47.
-    ("window-queries", 128, 96, 96, dict(mask="causal", window=16),
-     dict(q=(64, 96), dout=(64, 96)), dict(dk=(0, 32), dv=(0, 32))),
+    (
+        "window-queries", 128, 96, 96, dict(mask="causal", window=16),
+        dict(q=(64, 96), dout=(64, 96)),
+        dict(dk=(0, 32), dv=(0, 32)),
+    ),
 ]
 
 
