@@ -2,75 +2,79 @@
 //
 // Grid: one threadgroup per (key tile of BK keys, KV head, batch), with
 // BK / 8 SIMD groups; SIMD group g owns keys [8g, 8g + 8) of the tile: their
-// k and v fragments and the dk, dv accumulators stay in registers. The
-// threadgroup walks every query head that shares this KV head (GQA) and,
-// for each, the query tiles that can see the key tile (none below it under
-// causal), staging each q and dout tile once in threadgroup memory for all
-// SIMD groups. The products are taken transposed (keys as rows), so P^T and
-// dS^T come straight out of the accumulators and every key row is written
-// by exactly one lane: no atomics, deterministic.
+// v fragments and the dk, dv accumulators stay in registers, and the k tile
+// stays in threadgroup memory (reading its fragments there again for every
+// query tile keeps the lane's registers to the accumulators, see
+// mlx_flash.demo.Tiles). The threadgroup walks every query head that shares
+// this KV head (GQA) and, for each, the query tiles that can keep a key of
+// the tile: the causal / window band, and with segment ids only tiles whose
+// id range meets the key tile's, skipped before anything is staged. Each
+// q and dout tile is staged once for all SIMD groups. The products are taken
+// transposed (keys as rows), so P^T and dS^T come straight out of the
+// accumulators and every key row is written by exactly one lane: no atomics,
+// deterministic.
 //
 // Template constants: T, D, BQ (queries per staged tile), BK (keys per
-// threadgroup), MASK as in demo_forward.metal.
+// threadgroup).
 //
-// Inputs:  q, k, v, mask_array, params, fparams as in demo_forward.metal;
-//          dout (B, Hq, Lq, D) in T, any strides; lse and delta (B, Hq, Lq)
-//          float32, row-contiguous (see demo_backward_dq.metal).
-// Outputs: dk and dv (B, Hkv, Lk, D) in T.
+// Inputs and params: see flash_common.h (q_ranges per BQ queries, k_ranges
+// per BK keys); dout, lse and delta as in demo_backward_dq.metal.
+// Outputs: dk and dv (B, Hkv, Lk, D) in T, row-contiguous.
 
-constexpr int NSG = BK / 8;
-constexpr int NT = NSG * 32;
 constexpr int LD = D + DEMO_PAD;
 constexpr int DF = D / 8;
 constexpr int QF = BQ / 8;  // fragments across a query tile
-constexpr int TILE_ROWS = (BQ > BK) ? 2 * BQ : 2 * BK;
 
-// k and v are staged here once, then the space holds the q and dout tiles.
-threadgroup T smem[TILE_ROWS * LD];
-threadgroup T* q_tile = smem;
-threadgroup T* do_tile = smem + BQ * LD;
+// v is staged in the k tile's memory first; then it holds k for good.
+threadgroup vec<T, 4> k_storage[BK * LD / 4];
+threadgroup vec<T, 4> q_storage[BQ * LD / 4];
+threadgroup vec<T, 4> do_storage[BQ * LD / 4];
 threadgroup float lse_tile[BQ];
 threadgroup float delta_tile[BQ];
+threadgroup int q_ids[BQ];
+threadgroup T* k_tile = demo_elements<T>(k_storage);
+threadgroup T* q_tile = demo_elements<T>(q_storage);
+threadgroup T* do_tile = demo_elements<T>(do_storage);
 
+const FlashMask m = flash_read_mask(params);
 const uint tid = thread_index_in_threadgroup;
+const uint n_threads = threads_per_threadgroup.x;
 const ushort sg = simdgroup_index_in_threadgroup;
 const ushort lane = thread_index_in_simdgroup;
 
-const int q_len = params[0];
-const int k_len = params[1];
-const int n_q_heads = params[2];
-const int n_kv_heads = params[3];
 const int batch = threadgroup_position_in_grid.z;
 const int kv_head = threadgroup_position_in_grid.y;
-const int k_start = threadgroup_position_in_grid.x * BK;
-const int group = n_q_heads / n_kv_heads;
-const int causal_offset = k_len - q_len;
-const float scale2 = fparams[0] * DEMO_LOG2E;
-const float inv_k_len = 1.0f / float(k_len);
+const int k_tile_index = threadgroup_position_in_grid.x;
+const int k_start = k_tile_index * BK;
+const int group = m.n_q_heads / m.n_kv_heads;
+const float scale = fparams[0];
 
 const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
-const size_t key_offset = size_t(batch * n_kv_heads + kv_head) * k_len;
+const size_t key_offset = size_t(batch * m.n_kv_heads + kv_head) * m.k_len;
 
 // This lane's key (fragment row) and the first of its two query columns.
 const short2 coord = demo_frag_coord(lane);
 const int key = k_start + sg * 8 + coord.y;
 const int col = coord.x;
+const int k_id =
+    m.segments ? demo_segment_id(k_segments, k_segments_strides, batch, min(key, m.k_len - 1)) : 0;
 const int64_t msi = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
 const int64_t msj = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
 
-// k and v fragments (keys as rows), loaded once.
-demo_stage<T, BK, D, LD, NT>(smem, k + k_base, k_strides[2], k_strides[3], k_start, k_len, tid);
-demo_stage<T, BK, D, LD, NT>(
-    smem + BK * LD, v + v_base, v_strides[2], v_strides[3], k_start, k_len, tid);
+// v fragments (keys as rows), loaded once; then k, read from threadgroup
+// memory at every query tile.
+demo_stage<T, BK, D, LD>(
+    k_tile, v + v_base, v_strides[2], v_strides[3], k_start, m.k_len, tid, n_threads);
 threadgroup_barrier(mem_flags::mem_threadgroup);
-simdgroup_matrix<T, 8, 8> k_frag[DF];
 simdgroup_matrix<T, 8, 8> v_frag[DF];
 DEMO_UNROLL
 for (int d = 0; d < DF; ++d) {
-  simdgroup_load(k_frag[d], smem + (sg * 8) * LD + d * 8, LD);
-  simdgroup_load(v_frag[d], smem + (BK + sg * 8) * LD + d * 8, LD);
+  simdgroup_load(v_frag[d], k_tile + (sg * 8) * LD + d * 8, LD);
 }
+threadgroup_barrier(mem_flags::mem_threadgroup);
+demo_stage<T, BK, D, LD>(
+    k_tile, k + k_base, k_strides[2], k_strides[3], k_start, m.k_len, tid, n_threads);
 
 simdgroup_matrix<float, 8, 8> dk_acc[DF];
 simdgroup_matrix<float, 8, 8> dv_acc[DF];
@@ -80,31 +84,41 @@ for (int d = 0; d < DF; ++d) {
   dv_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
 
-// Causal: query i sees key j when i >= j - offset, so the first query that
-// sees any key of this tile is k_start - offset.
-int q_first = 0;
-if (MASK == DEMO_MASK_CAUSAL) {
-  q_first = (max(0, k_start - causal_offset) / BQ) * BQ;
-}
+const int row_begin = flash_row_begin(m, k_start);
+const int row_end = flash_row_end(m, min(k_start + BK, m.k_len));
+const int2 k_range = m.segments ? flash_tile_range(k_ranges, k_ranges_strides, batch, k_tile_index) : int2(0);
+bool kept = false;  // unused: the forward's lse already says which rows keep nothing
 
 for (int g = 0; g < group; ++g) {
   const int head = kv_head * group + g;
   const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
   const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
-  const size_t row_offset = size_t(batch * n_q_heads + head) * q_len;
-  const int64_t mask_head = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
-      head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
+  const int64_t mask_head = demo_mask_row(mask_array_shape, mask_array_strides, batch, head, 0);
 
-  for (int q_start = q_first; q_start < q_len; q_start += BQ) {
-    // Everyone is done with k/v staging or the previous q/dout tile.
+  for (int q_start = (row_begin / BQ) * BQ; q_start < row_end; q_start += BQ) {
+    if (m.segments &&
+        !flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q_start / BQ), k_range)) {
+      continue;  // no query of the tile shares a document with a key of it
+    }
+    // Everyone is done with the previous q/dout tile (and the k tile is
+    // staged, the first time).
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    demo_stage<T, BQ, D, LD, NT>(q_tile, q + q_base, q_strides[2], q_strides[3], q_start, q_len, tid);
-    demo_stage<T, BQ, D, LD, NT>(
-        do_tile, dout + do_base, dout_strides[2], dout_strides[3], q_start, q_len, tid);
-    for (int i = tid; i < BQ; i += NT) {
-      const bool inside = q_start + i < q_len;
-      lse_tile[i] = inside ? lse[row_offset + q_start + i] : 0.0f;
-      delta_tile[i] = inside ? delta[row_offset + q_start + i] : 0.0f;
+    demo_stage<T, BQ, D, LD>(
+        q_tile, q + q_base, q_strides[2], q_strides[3], q_start, m.q_len, tid, n_threads);
+    demo_stage<T, BQ, D, LD>(
+        do_tile, dout + do_base, dout_strides[2], dout_strides[3], q_start, m.q_len, tid, n_threads);
+    for (uint i = tid; i < uint(BQ); i += n_threads) {
+      // Queries past the end get lse +inf: their weights are exactly 0.
+      const int query = q_start + int(i);
+      const int safe = min(query, m.q_len - 1);
+      const bool inside = query < m.q_len;
+      lse_tile[i] =
+          inside ? lse[batch * lse_strides[0] + head * lse_strides[1] + safe * lse_strides[2]]
+                 : INFINITY;
+      delta_tile[i] = inside
+          ? delta[batch * delta_strides[0] + head * delta_strides[1] + safe * delta_strides[2]]
+          : 0.0f;
+      q_ids[i] = m.segments ? demo_segment_id(q_segments, q_segments_strides, batch, safe) : 0;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -118,19 +132,22 @@ for (int g = 0; g < group; ++g) {
     }
     DEMO_UNROLL
     for (int d = 0; d < DF; ++d) {
+      simdgroup_matrix<T, 8, 8> k_f;
+      simdgroup_load(k_f, k_tile + (sg * 8) * LD + d * 8, LD);
       DEMO_UNROLL
       for (int i = 0; i < QF; ++i) {
         simdgroup_matrix<T, 8, 8> q_t;
         simdgroup_matrix<T, 8, 8> do_t;
         simdgroup_load(q_t, q_tile + (i * 8) * LD + d * 8, LD, ulong2(0, 0), true);
         simdgroup_load(do_t, do_tile + (i * 8) * LD + d * 8, LD, ulong2(0, 0), true);
-        simdgroup_multiply_accumulate(s_t[i], k_frag[d], q_t, s_t[i]);
+        simdgroup_multiply_accumulate(s_t[i], k_f, q_t, s_t[i]);
         simdgroup_multiply_accumulate(dp_t[i], v_frag[d], do_t, dp_t[i]);
       }
     }
 
-    // P^T and dS^T = P^T * (dP^T - delta), zero for queries past the end
-    // and where a boolean or causal mask drops.
+    // P^T = exp(S^T - lse) (0 where dropped, for queries past the end and
+    // in rows that keep nothing) and dS^T = P^T * (dP^T - delta).
+    const bool full = demo_tile_full(m, q_start, q_start + BQ, k_start, k_start + BK);
     simdgroup_matrix<T, 8, 8> p_t[QF];
     simdgroup_matrix<T, 8, 8> ds_t[QF];
     DEMO_UNROLL
@@ -139,28 +156,21 @@ for (int g = 0; g < group; ++g) {
       for (int e = 0; e < 2; ++e) {
         const int qi = i * 8 + col + e;
         const int query = q_start + qi;
-        const int64_t mrow = mask_head + min(query, q_len - 1) * msi;
-        const float s2 = demo_mask_score<MASK>(
-            s_t[i].thread_elements()[e] * scale2,
+        const float score = demo_masked_score(
+            s_t[i].thread_elements()[e] * scale,
+            m,
+            full,
             query,
             key,
-            k_len,
-            causal_offset,
+            q_ids[qi],
+            k_id,
             mask_array,
-            mrow,
-            msj);
-        float w = demo_weight(s2, lse_tile[qi], inv_k_len);
-        float ds = w * (dp_t[i].thread_elements()[e] - delta_tile[qi]);
-        if (query >= q_len) {
-          w = 0.0f;
-          ds = 0.0f;
-        } else if (
-            key >= k_len ||
-            demo_mask_drops<MASK>(query, key, causal_offset, mask_array, mrow, msj)) {
-          ds = 0.0f;
-        }
+            mask_head + min(query, m.q_len - 1) * msi,
+            msj,
+            kept);
+        const float w = demo_exp2((score - lse_tile[qi]) * FLASH_LOG2E);
         p_t[i].thread_elements()[e] = T(w);
-        ds_t[i].thread_elements()[e] = T(ds);
+        ds_t[i].thread_elements()[e] = T(w * (dp_t[i].thread_elements()[e] - delta_tile[qi]));
       }
     }
 
@@ -180,15 +190,14 @@ for (int g = 0; g < group; ++g) {
   }
 }
 
-if (key < k_len) {
-  const float dk_scale = fparams[0];
+if (key < m.k_len) {
   device T* dk_row = dk + (key_offset + key) * D;
   device T* dv_row = dv + (key_offset + key) * D;
   DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
-    dk_row[d * 8 + col] = T(dk_acc[d].thread_elements()[0] * dk_scale);
-    dk_row[d * 8 + col + 1] = T(dk_acc[d].thread_elements()[1] * dk_scale);
-    dv_row[d * 8 + col] = T(dv_acc[d].thread_elements()[0]);
-    dv_row[d * 8 + col + 1] = T(dv_acc[d].thread_elements()[1]);
+    *reinterpret_cast<device vec<T, 2>*>(dk_row + d * 8 + col) = vec<T, 2>(
+        T(dk_acc[d].thread_elements()[0] * scale), T(dk_acc[d].thread_elements()[1] * scale));
+    *reinterpret_cast<device vec<T, 2>*>(dv_row + d * 8 + col) =
+        vec<T, 2>(T(dv_acc[d].thread_elements()[0]), T(dv_acc[d].thread_elements()[1]));
   }
 }

@@ -1,76 +1,88 @@
 // Demo backward, dQ: dq = scale * dS k, dS = P * (dP - delta), dP = dout v^T.
 //
-// Grid: one threadgroup per (query tile of BQ rows, query head, batch), with
-// BQ / 8 SIMD groups; SIMD group g owns query rows [8g, 8g + 8) of the tile:
-// its q and dout fragments and its dq accumulator stay in registers. The
-// threadgroup walks the key tiles (none above the causal diagonal), staging
-// each K and V tile once in threadgroup memory for all SIMD groups. Each
-// query row is written by exactly one lane: no atomics, deterministic.
+// Grid: as demo_forward.metal, one threadgroup per (query tile of BQ rows,
+// group of H query heads sharing a KV head, batch), H * BQ / 8 SIMD groups;
+// SIMD group g owns 8 query rows of one head: its q and dout fragments and
+// its dq accumulator stay in registers. The threadgroup walks the key tiles
+// the forward visits (the causal / window band, segment ranges that meet),
+// staging each K and V tile once for all its heads. Each query row is
+// written by exactly one lane: no atomics, deterministic.
 //
-// Template constants: T, D, BQ, BK, MASK as in demo_forward.metal.
+// Template constants: T, D, BQ, BK as in demo_forward.metal (2 BK >= BQ:
+// q and dout are staged through the K/V tiles' memory).
 //
-// Inputs:  q, k, v, mask_array, params, fparams as in demo_forward.metal;
-//          dout (B, Hq, Lq, D) in T, any strides; lse (B, Hq, Lq) float32
-//          from the forward (log2 units) and delta (B, Hq, Lq) float32,
-//          rowsum(dout * out), both row-contiguous.
-// Outputs: dq (B, Hq, Lq, D) in T.
+// Inputs and params: see flash_common.h; dout (B, Hq, Lq, D) in T; lse from
+// the forward (natural log, +inf for a row that keeps no key) and delta =
+// rowsum(dout * out), (B, Hq, Lq) float32; all read through their strides.
+// Outputs: dq (B, Hq, Lq, D) in T, row-contiguous.
 
-constexpr int NSG = BQ / 8;
-constexpr int NT = NSG * 32;
 constexpr int LD = D + DEMO_PAD;
 constexpr int DF = D / 8;
 constexpr int KF = BK / 8;
-constexpr int TILE_ROWS = (BQ > BK) ? 2 * BQ : 2 * BK;
+constexpr int QSG = BQ / 8;
 
-// Q and dout are staged here once, then the space holds the K and V tiles.
-threadgroup T smem[TILE_ROWS * LD];
-threadgroup T* k_tile = smem;
-threadgroup T* v_tile = smem + BK * LD;
+// The K tile, then the V tile; q and dout are staged here first.
+threadgroup vec<T, 4> kv_storage[2 * BK * LD / 4];
+threadgroup int k_ids[BK];
+threadgroup T* k_tile = demo_elements<T>(kv_storage);
+threadgroup T* v_tile = k_tile + BK * LD;
 
+const FlashMask m = flash_read_mask(params);
 const uint tid = thread_index_in_threadgroup;
+const uint n_threads = threads_per_threadgroup.x;
 const ushort sg = simdgroup_index_in_threadgroup;
 const ushort lane = thread_index_in_simdgroup;
 
-const int q_len = params[0];
-const int k_len = params[1];
-const int n_q_heads = params[2];
-const int n_kv_heads = params[3];
+const int heads_here = int(n_threads) / (QSG * 32);
 const int batch = threadgroup_position_in_grid.z;
-const int head = threadgroup_position_in_grid.y;
-const int q_start = threadgroup_position_in_grid.x * BQ;
-const int kv_head = head / (n_q_heads / n_kv_heads);
-const int causal_offset = k_len - q_len;
-const float scale2 = fparams[0] * DEMO_LOG2E;
-const float inv_k_len = 1.0f / float(k_len);
+const int q_tile_index = threadgroup_position_in_grid.x;
+const int q_start = q_tile_index * BQ;
+const int first_head = threadgroup_position_in_grid.y * heads_here;
+const int head_slot = sg / QSG;
+const int head = first_head + head_slot;
+const int kv_head = first_head / (m.n_q_heads / m.n_kv_heads);
+const float scale = fparams[0];
 
-const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
-const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
 const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
-const size_t row_offset = size_t(batch * n_q_heads + head) * q_len;
 
 const short2 coord = demo_frag_coord(lane);
-const int row = q_start + sg * 8 + coord.y;
+const int row = q_start + (sg % QSG) * 8 + coord.y;
 const int col = coord.x;
-const int safe_row = min(row, q_len - 1);
-const int64_t mrow = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
-    head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]) +
-    safe_row * flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
+const int safe_row = min(row, m.q_len - 1);
+const int64_t mrow = demo_mask_row(mask_array_shape, mask_array_strides, batch, head, safe_row);
 const int64_t msj = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
-const float row_lse = lse[row_offset + safe_row];
-const float row_delta = delta[row_offset + safe_row];
+const int q_id = m.segments ? demo_segment_id(q_segments, q_segments_strides, batch, safe_row) : 0;
+const float row_lse = lse[batch * lse_strides[0] + head * lse_strides[1] + safe_row * lse_strides[2]];
+const float row_delta =
+    delta[batch * delta_strides[0] + head * delta_strides[1] + safe_row * delta_strides[2]];
 
-// q and dout fragments, loaded once.
-demo_stage<T, BQ, D, LD, NT>(smem, q + q_base, q_strides[2], q_strides[3], q_start, q_len, tid);
-demo_stage<T, BQ, D, LD, NT>(
-    smem + BQ * LD, dout + do_base, dout_strides[2], dout_strides[3], q_start, q_len, tid);
-threadgroup_barrier(mem_flags::mem_threadgroup);
+// q and dout fragments, loaded once: each head's rows of each staged in turn.
 simdgroup_matrix<T, 8, 8> q_frag[DF];
 simdgroup_matrix<T, 8, 8> do_frag[DF];
-DEMO_UNROLL
-for (int d = 0; d < DF; ++d) {
-  simdgroup_load(q_frag[d], smem + (sg * 8) * LD + d * 8, LD);
-  simdgroup_load(do_frag[d], smem + (BQ + sg * 8) * LD + d * 8, LD);
+for (int h = 0; h < heads_here; ++h) {
+  const int64_t q_base = batch * q_strides[0] + (first_head + h) * q_strides[1];
+  const int64_t do_base = batch * dout_strides[0] + (first_head + h) * dout_strides[1];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  demo_stage<T, BQ, D, LD>(
+      k_tile, q + q_base, q_strides[2], q_strides[3], q_start, m.q_len, tid, n_threads);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (head_slot == h) {
+    DEMO_UNROLL
+    for (int d = 0; d < DF; ++d) {
+      simdgroup_load(q_frag[d], k_tile + ((sg % QSG) * 8) * LD + d * 8, LD);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  demo_stage<T, BQ, D, LD>(
+      k_tile, dout + do_base, dout_strides[2], dout_strides[3], q_start, m.q_len, tid, n_threads);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (head_slot == h) {
+    DEMO_UNROLL
+    for (int d = 0; d < DF; ++d) {
+      simdgroup_load(do_frag[d], k_tile + ((sg % QSG) * 8) * LD + d * 8, LD);
+    }
+  }
 }
 
 simdgroup_matrix<float, 8, 8> dq_acc[DF];
@@ -79,15 +91,20 @@ for (int d = 0; d < DF; ++d) {
   dq_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
 
-int k_end = k_len;
-if (MASK == DEMO_MASK_CAUSAL) {
-  k_end = min(k_len, q_start + BQ + causal_offset);
-}
+const int key_begin = flash_key_begin(m, q_start);
+const int key_end = flash_key_end(m, q_start + BQ);
+const int2 q_range = m.segments ? flash_tile_range(q_ranges, q_ranges_strides, batch, q_tile_index) : int2(0);
+bool kept = false;  // unused: the forward's lse already says which rows keep nothing
 
-for (int k_start = 0; k_start < k_end; k_start += BK) {
+for (int k_start = (key_begin / BK) * BK; k_start < key_end; k_start += BK) {
+  if (m.segments &&
+      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
+    continue;
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  demo_stage<T, BK, D, LD, NT>(k_tile, k + k_base, k_strides[2], k_strides[3], k_start, k_len, tid);
-  demo_stage<T, BK, D, LD, NT>(v_tile, v + v_base, v_strides[2], v_strides[3], k_start, k_len, tid);
+  demo_stage_keys<T, BK, D, LD>(
+      k_tile, v_tile, k_ids, k + k_base, k_strides, v + v_base, v_strides, k_segments,
+      k_segments_strides, m, batch, k_start, tid, n_threads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   // S = q K^T and dP = dout V^T: (8, D) x (D, BK) each.
@@ -111,26 +128,29 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
     }
   }
 
-  // dS = P * (dP - delta), zero where a boolean or causal mask drops.
+  // P = exp(S - lse) (0 where dropped and in rows that keep nothing) and
+  // dS = P * (dP - delta).
+  const bool full = demo_tile_full(m, q_start, q_start + BQ, k_start, k_start + BK);
   simdgroup_matrix<T, 8, 8> ds[KF];
   DEMO_UNROLL
   for (int j = 0; j < KF; ++j) {
     DEMO_UNROLL
     for (int e = 0; e < 2; ++e) {
-      const int key = k_start + j * 8 + col + e;
-      const float s2 = demo_mask_score<MASK>(
-          s[j].thread_elements()[e] * scale2,
+      const int key_in_tile = j * 8 + col + e;
+      const float score = demo_masked_score(
+          s[j].thread_elements()[e] * scale,
+          m,
+          full,
           row,
-          key,
-          k_len,
-          causal_offset,
+          k_start + key_in_tile,
+          q_id,
+          m.segments ? k_ids[key_in_tile] : 0,
           mask_array,
           mrow,
-          msj);
-      const float w = demo_weight(s2, row_lse, inv_k_len);
-      const bool dropped =
-          key >= k_len || demo_mask_drops<MASK>(row, key, causal_offset, mask_array, mrow, msj);
-      ds[j].thread_elements()[e] = T(dropped ? 0.0f : w * (dp[j].thread_elements()[e] - row_delta));
+          msj,
+          kept);
+      const float w = demo_exp2((score - row_lse) * FLASH_LOG2E);
+      ds[j].thread_elements()[e] = T(w * (dp[j].thread_elements()[e] - row_delta));
     }
   }
 
@@ -146,12 +166,11 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
   }
 }
 
-if (row < q_len) {
-  const float dq_scale = fparams[0];
-  device T* dq_row = dq + (row_offset + row) * D;
+if (row < m.q_len) {
+  device T* dq_row = dq + (size_t(batch * m.n_q_heads + head) * m.q_len + row) * D;
   DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
-    dq_row[d * 8 + col] = T(dq_acc[d].thread_elements()[0] * dq_scale);
-    dq_row[d * 8 + col + 1] = T(dq_acc[d].thread_elements()[1] * dq_scale);
+    *reinterpret_cast<device vec<T, 2>*>(dq_row + d * 8 + col) = vec<T, 2>(
+        T(dq_acc[d].thread_elements()[0] * scale), T(dq_acc[d].thread_elements()[1] * scale));
   }
 }

@@ -1,73 +1,84 @@
 // Demo forward: out = softmax(scale * q k^T + mask) v, one pass, O(L) memory.
 //
-// Grid: one threadgroup per (query tile of BQ rows, query head, batch), with
-// BQ / 8 SIMD groups; SIMD group g owns query rows [8g, 8g + 8) of the tile
-// from start to end: its Q fragments, its output accumulator and its softmax
-// statistics stay in registers. The threadgroup walks the key tiles; each
-// K and V tile is staged once in threadgroup memory and read by every SIMD
-// group. Key tiles entirely above the causal diagonal are never visited.
+// Grid: one threadgroup per (query tile of BQ rows, group of H query heads,
+// batch), with H * BQ / 8 SIMD groups; H (threads / (BQ * 4)) divides the
+// GQA group, so the H heads share one KV head. SIMD group g serves head
+// g / (BQ / 8) and owns its query rows [8 (g % (BQ / 8)), + 8) of the tile
+// from start to end: its Q fragments, output accumulator and softmax
+// statistics stay in registers. The threadgroup walks the key tiles, and each K
+// and V tile is staged once in threadgroup memory and read by every SIMD
+// group, of every head.
+//
+// Only key tiles the causal / window band of the query tile reaches are
+// visited, and with segment ids a key tile whose id range cannot meet the
+// query tile's is skipped before it is staged, so a packed row costs the
+// sum of its documents' squared lengths and a window O(L * window).
 //
 // Template constants: T (half or bfloat), D (head dim of q, k and v), BQ
-// (query rows per threadgroup, a multiple of 8), BK (keys per tile, a
-// multiple of 8), MASK (DEMO_MASK_*).
+// (query rows per head, a multiple of 8), BK (keys per tile, a multiple of
+// 8, 2 BK >= BQ: Q is staged through the K/V tiles' memory).
 //
-// Inputs:  q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D) in T, any strides;
-//          mask_array: rank 4, broadcastable to (B, Hq, Lq, Lk), read through its
-//          shape and strides (a placeholder when MASK is none or causal);
-//          params int32 [Lq, Lk, Hq, Hkv]; fparams float32 [scale].
-// Outputs: out (B, Hq, Lq, D) in T; lse (B, Hq, Lq) float32, the row's
-//          log-sum-exp of the scaled, masked scores in log2 units.
+// Inputs and params: see flash_common.h. q_ranges / k_ranges are per BQ
+// queries and per BK keys.
+// Outputs: out (B, Hq, Lq, D) in T, row-contiguous; lse (B, Hq, Lq) float32,
+// the natural log-sum-exp of the kept scores (sink included), +inf for a row
+// that keeps no key (its output is 0).
 
-constexpr int NSG = BQ / 8;
-constexpr int NT = NSG * 32;
 constexpr int LD = D + DEMO_PAD;
 constexpr int DF = D / 8;   // fragments across the head dim
 constexpr int KF = BK / 8;  // fragments across a key tile
-constexpr int TILE_ROWS = (BQ > 2 * BK) ? BQ : 2 * BK;
+constexpr int QSG = BQ / 8; // SIMD groups per query head
 
-// Q is staged here once, then the space holds the K tile and the V tile.
-threadgroup T smem[TILE_ROWS * LD];
-threadgroup T* k_tile = smem;
-threadgroup T* v_tile = smem + BK * LD;
+// The K tile, then the V tile; Q is staged here first, one head at a time.
+threadgroup vec<T, 4> kv_storage[2 * BK * LD / 4];
+threadgroup int k_ids[BK];
+threadgroup T* k_tile = demo_elements<T>(kv_storage);
+threadgroup T* v_tile = k_tile + BK * LD;
 
+const FlashMask m = flash_read_mask(params);
 const uint tid = thread_index_in_threadgroup;
+const uint n_threads = threads_per_threadgroup.x;
 const ushort sg = simdgroup_index_in_threadgroup;
 const ushort lane = thread_index_in_simdgroup;
 
-const int q_len = params[0];
-const int k_len = params[1];
-const int n_q_heads = params[2];
-const int n_kv_heads = params[3];
+const int heads_here = int(n_threads) / (QSG * 32);
 const int batch = threadgroup_position_in_grid.z;
-const int head = threadgroup_position_in_grid.y;
-const int q_start = threadgroup_position_in_grid.x * BQ;
-const int kv_head = head / (n_q_heads / n_kv_heads);
-const int causal_offset = k_len - q_len;
-const float scale2 = fparams[0] * DEMO_LOG2E;
+const int q_tile_index = threadgroup_position_in_grid.x;
+const int q_start = q_tile_index * BQ;
+const int first_head = threadgroup_position_in_grid.y * heads_here;
+const int head_slot = sg / QSG;
+const int head = first_head + head_slot;
+const int kv_head = first_head / (m.n_q_heads / m.n_kv_heads);
+const float scale = fparams[0];
 
-const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
 const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
 
 // This lane's row of the tile, and the first of its two columns in every
-// fragment.
+// fragment. Rows past the end are computed but never stored; their mask
+// and id reads use the last row so they stay in bounds.
 const short2 coord = demo_frag_coord(lane);
-const int row = q_start + sg * 8 + coord.y;
+const int row = q_start + (sg % QSG) * 8 + coord.y;
 const int col = coord.x;
-// Rows past the end are computed but never stored; their mask reads use the
-// last row so they stay in bounds.
-const int64_t mrow = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
-    head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]) +
-    min(row, q_len - 1) * flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
+const int safe_row = min(row, m.q_len - 1);
+const int64_t mrow = demo_mask_row(mask_array_shape, mask_array_strides, batch, head, safe_row);
 const int64_t msj = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
+const int q_id = m.segments ? demo_segment_id(q_segments, q_segments_strides, batch, safe_row) : 0;
 
-// Q fragments, loaded once.
-demo_stage<T, BQ, D, LD, NT>(smem, q + q_base, q_strides[2], q_strides[3], q_start, q_len, tid);
-threadgroup_barrier(mem_flags::mem_threadgroup);
+// Q fragments, loaded once: each head's rows staged in turn.
 simdgroup_matrix<T, 8, 8> q_frag[DF];
-DEMO_UNROLL
-for (int d = 0; d < DF; ++d) {
-  simdgroup_load(q_frag[d], smem + (sg * 8) * LD + d * 8, LD);
+for (int h = 0; h < heads_here; ++h) {
+  const int64_t q_base = batch * q_strides[0] + (first_head + h) * q_strides[1];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  demo_stage<T, BQ, D, LD>(
+      k_tile, q + q_base, q_strides[2], q_strides[3], q_start, m.q_len, tid, n_threads);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (head_slot == h) {
+    DEMO_UNROLL
+    for (int d = 0; d < DF; ++d) {
+      simdgroup_load(q_frag[d], k_tile + ((sg % QSG) * 8) * LD + d * 8, LD);
+    }
+  }
 }
 
 simdgroup_matrix<float, 8, 8> o_acc[DF];
@@ -75,20 +86,26 @@ DEMO_UNROLL
 for (int d = 0; d < DF; ++d) {
   o_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
-float row_max = -INFINITY;
-float row_sum = 0.0f;
+// A sink is one more key of logit `sink` and value 0: the softmax starts
+// from it.
+float row_max = m.sinks ? float(sinks[head]) : -INFINITY;
+float row_sum = m.sinks ? 1.0f : 0.0f;
+bool kept = false;
 
-// Causal: the last row of the tile sees keys up to q_start + BQ - 1 + offset.
-int k_end = k_len;
-if (MASK == DEMO_MASK_CAUSAL) {
-  k_end = min(k_len, q_start + BQ + causal_offset);
-}
+const int key_begin = flash_key_begin(m, q_start);
+const int key_end = flash_key_end(m, q_start + BQ);
+const int2 q_range = m.segments ? flash_tile_range(q_ranges, q_ranges_strides, batch, q_tile_index) : int2(0);
 
-for (int k_start = 0; k_start < k_end; k_start += BK) {
+for (int k_start = (key_begin / BK) * BK; k_start < key_end; k_start += BK) {
+  if (m.segments &&
+      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
+    continue;  // no query of the tile shares a document with a key of it
+  }
   // Everyone is done with Q (first tile) or the previous K/V tile.
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  demo_stage<T, BK, D, LD, NT>(k_tile, k + k_base, k_strides[2], k_strides[3], k_start, k_len, tid);
-  demo_stage<T, BK, D, LD, NT>(v_tile, v + v_base, v_strides[2], v_strides[3], k_start, k_len, tid);
+  demo_stage_keys<T, BK, D, LD>(
+      k_tile, v_tile, k_ids, k + k_base, k_strides, v + v_base, v_strides, k_segments,
+      k_segments_strides, m, batch, k_start, tid, n_threads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   // S = Q K^T for this SIMD group's 8 rows: (8, D) x (D, BK).
@@ -108,38 +125,44 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
   }
 
   // Scale, mask, and the tile's row max.
+  const bool full = demo_tile_full(m, q_start, q_start + BQ, k_start, k_start + BK);
   float tile_max = -INFINITY;
   DEMO_UNROLL
   for (int j = 0; j < KF; ++j) {
     DEMO_UNROLL
     for (int e = 0; e < 2; ++e) {
-      const float s2 = demo_mask_score<MASK>(
-          s[j].thread_elements()[e] * scale2,
+      const int key_in_tile = j * 8 + col + e;
+      const float score = demo_masked_score(
+          s[j].thread_elements()[e] * scale,
+          m,
+          full,
           row,
-          k_start + j * 8 + col + e,
-          k_len,
-          causal_offset,
+          k_start + key_in_tile,
+          q_id,
+          m.segments ? k_ids[key_in_tile] : 0,
           mask_array,
           mrow,
-          msj);
-      s[j].thread_elements()[e] = s2;
-      tile_max = max(tile_max, s2);
+          msj,
+          kept);
+      s[j].thread_elements()[e] = score;
+      tile_max = max(tile_max, score);
     }
   }
   const float new_max = max(row_max, demo_row_max(tile_max));
   // A row that has seen only -inf so far subtracts 0 instead of -inf, so its
   // weights are exp2(-inf) = 0 rather than NaN and later tiles still count.
   const float shift = (new_max == -INFINITY) ? 0.0f : new_max;
-  const float correction = fast::exp2(row_max - shift);
+  // Exactly 0 after a row of -inf, exactly 1 when the max did not move.
+  const float correction = precise::exp2((row_max - shift) * FLASH_LOG2E);
 
-  // P = exp2(S - max), rounded to T for the P V product.
+  // P = exp(S - max), rounded to T for the P V product.
   simdgroup_matrix<T, 8, 8> p[KF];
   float tile_sum = 0.0f;
   DEMO_UNROLL
   for (int j = 0; j < KF; ++j) {
     DEMO_UNROLL
     for (int e = 0; e < 2; ++e) {
-      const float w = fast::exp2(s[j].thread_elements()[e] - shift);
+      const float w = demo_exp2((s[j].thread_elements()[e] - shift) * FLASH_LOG2E);
       tile_sum += w;
       p[j].thread_elements()[e] = T(w);
     }
@@ -161,16 +184,21 @@ for (int k_start = 0; k_start < k_end; k_start += BK) {
   }
 }
 
-// A row of -inf scores has row_sum 0 and gives NaN, as MLX does.
-if (row < q_len) {
-  const float inv_sum = 1.0f / row_sum;
-  device T* out_row = out + (size_t(batch * n_q_heads + head) * q_len + row) * D;
+// A row that kept a key divides by its sum (0 for a row of -inf scores:
+// NaN, as MLX gives); one that kept none is 0 with lse +inf.
+const bool row_kept = demo_row_any(kept);
+if (row < m.q_len) {
+  const float inv_sum = row_kept ? 1.0f / row_sum : 0.0f;
+  const size_t row_index = size_t(batch * m.n_q_heads + head) * m.q_len + row;
+  device T* out_row = out + row_index * D;
   DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
-    out_row[d * 8 + col] = T(o_acc[d].thread_elements()[0] * inv_sum);
-    out_row[d * 8 + col + 1] = T(o_acc[d].thread_elements()[1] * inv_sum);
+    // col is even and rows are D (a multiple of 8) elements: 4-byte aligned.
+    *reinterpret_cast<device vec<T, 2>*>(out_row + d * 8 + col) = vec<T, 2>(
+        T(o_acc[d].thread_elements()[0] * inv_sum), T(o_acc[d].thread_elements()[1] * inv_sum));
   }
   if (col == 0) {
-    lse[size_t(batch * n_q_heads + head) * q_len + row] = row_max + log2(row_sum);
+    const float base = (row_max == -INFINITY) ? 0.0f : row_max;
+    lse[row_index] = row_kept ? base + precise::log(row_sum) : INFINITY;
   }
 }

@@ -1,37 +1,70 @@
 """The ``demo`` variant: flash attention on ``simdgroup_matrix`` tiles.
 
 Same contract and custom-op wrapping as ``practical`` (see
-``mlx_flash.fused``); a different engine inside. Every product (``S = Q K^T``
-and ``O += P V`` forward; ``dV += P^T dO``, ``dP = dO V^T``, ``dQ += dS K``,
-``dK += dS^T Q`` backward) is an 8x8 ``simdgroup_multiply_accumulate`` with
-half or bfloat16 operands and float32 accumulators that stay in registers.
-The kernels are ``metal/demo_forward.metal``, ``metal/demo_backward_dq.metal``
-and ``metal/demo_backward_dkv.metal`` with ``metal/demo_common.h``.
+``mlx_flash.fused`` and ``metal/flash_common.h``); a different engine
+inside. Every product (``S = Q K^T`` and ``O += P V`` forward;
+``dV += P^T dO``, ``dP = dO V^T``, ``dQ += dS K``, ``dK += dS^T Q``
+backward) is an 8x8 ``simdgroup_multiply_accumulate`` with half or bfloat16
+operands and float32 accumulators that stay in registers. The kernels are
+``metal/demo_forward.metal``, ``metal/demo_backward_dq.metal`` and
+``metal/demo_backward_dkv.metal`` with ``metal/demo_common.h``.
+
+Masks arrive as their structure (``mlx_flash.masks.StructuredMask``): causal,
+sliding window, segment ids, an optional boolean or additive array and sinks
+compose inside the kernels, exactly, and no ``L x L`` mask is ever built. Key
+tiles outside a query tile's causal / window band are never visited (and
+query tiles outside a key tile's, in the dK/dV kernel), and with segment ids
+a tile pair whose id ranges cannot meet is skipped before anything is staged,
+so a packed row costs the sum of its documents' squared lengths and a
+windowed layer ``O(L * window)``. The structure is read at run time from
+``params`` (uniform branches, no template constant), so one compiled
+pipeline per dtype, head dim and tile shape serves every mask: fewer Metal
+compiles on a Mac and fewer emulator builds in CI. The lse is natural-log,
+``+inf`` for a row that keeps no key (whose output is zero).
 
 The demo kernels take the shapes that matter for fine-tuning: head dims 64,
-80, 96 and 128 with ``Dv == D``, float16 and bfloat16, every mask kind, GQA,
-any length. ``unsupported_reason`` says why anything else goes to
+80, 96 and 128 with ``Dv == D``, float16 and bfloat16, every mask, GQA, any
+length. ``unsupported_reason`` says why anything else goes to
 ``practical``; ``mlx_flash.explain`` reports it.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import mlx.core as mx
 
 from . import fused, kernels
+from .masks import StructuredMask
 
 #: Head dims the demo kernels are built for (``D == Dv``).
 HEAD_DIMS = (64, 80, 96, 128)
 
 #: Metal's limits per threadgroup on Apple GPUs: threadgroup memory in bytes
-#: and threads.
+#: and threads. A retuned tile may go up to them.
 MAX_THREADGROUP_BYTES = 32 * 1024
 MAX_THREADS = 1024
+
+#: What the shipped tiles stay within: threadgroup memory per threadgroup
+#: (half of Metal's limit, so more threadgroups fit per GPU core; MLX's own
+#: attention takes 14,848 bytes at D = 128) and 32-bit registers per lane
+#: for fragments and accumulators (``Tiles.registers``; addresses, indices
+#: and loop state add some 20 more, which keeps the total under 128).
+THREADGROUP_BYTES_BUDGET = 16 * 1024
+REGISTER_BUDGET = 96
+
+#: Elements added to every staged row (``DEMO_PAD`` in metal/demo_common.h).
+ROW_PAD = 8
 
 #: Input dtypes the demo kernels run. float32 goes to ``practical``: float32
 #: operands double the threadgroup memory of every tile and halve what fits.
 DTYPES = (mx.float16, mx.bfloat16)
+
+
+def _aligned(*blocks: int) -> int:
+    """Bytes of threadgroup arrays of the given sizes: each one starts at a
+    16-byte boundary, the granularity Metal allocates in."""
+    return sum(-(-b // 16) * 16 for b in blocks)
 
 
 @dataclass(frozen=True)
@@ -40,27 +73,52 @@ class Tiles:
 
     Every tile size is a multiple of 8 (one ``simdgroup_matrix``). A SIMD
     group owns 8 rows (queries, or keys in the dK/dV kernel) of its
-    threadgroup's tile, so the threadgroup has ``rows / 8`` SIMD groups.
+    threadgroup's tile.
 
-    * ``forward = (BQ, BK)``: BQ query rows per threadgroup, BK keys per
-      staged K/V tile.
-    * ``dq = (BQ, BK)``: the same for the dQ kernel.
+    * ``forward = (BQ, BK)``: BQ query rows per head and threadgroup, BK keys
+      per staged K/V tile (``BQ <= 2 BK``: Q is staged through that memory).
+    * ``dq = (BQ, BK)``: the same for the dQ kernel (q and dout staged there
+      one after the other).
     * ``dkv = (BQ, BK)``: BK keys per threadgroup, BQ queries per staged
       q/dout tile.
+    * ``heads``: query heads of one GQA group per forward / dQ threadgroup
+      (the largest divisor of the group up to this many): their SIMD groups
+      share every staged K/V tile, so each is staged once per ``heads`` query
+      heads and ``heads * BQ`` rows, while causal, window and segment
+      skipping keep the granularity of BQ queries.
 
-    Budgets, for ``LD = D + 8`` elements per staged row (2 bytes each):
+    Budgets, for ``LD = D + 8`` elements per staged row (2 bytes each), each
+    array rounded up to 16 bytes (``threadgroup_bytes``):
 
-    * threadgroup memory, at most 32 KB: forward ``max(BQ, 2 BK) * LD * 2``;
-      dq and dkv ``2 * max(BQ, BK) * LD * 2`` (dkv adds ``8 * BQ``). Less
-      memory per threadgroup leaves room for more threadgroups per core.
-    * registers, in 32-bit words per lane (an 8x8 fragment is 2 elements per
-      lane: 1 word in half, 2 in float): forward ``3 D/8 + 3 BK/8``;
-      dq ``4 D/8 + 5 BK/8``; dkv ``6 D/8 + 6 BQ/8``. Fewer live registers
-      keep more SIMD groups resident to hide memory latency, so the largest
-      head dim gets the shorter inner tile.
-    * 4 SIMD groups (128 threads) per threadgroup: each staged tile is read
-      by 4 SIMD groups, and the grid still has ``L / 32`` threadgroups per
-      head to fill the GPU at fine-tuning lengths.
+    * threadgroup memory: forward and dq ``2 BK LD * 2 + 4 BK`` (the K and V
+      tiles and the key tile's segment ids); dkv ``(BK + 2 BQ) LD * 2 +
+      12 BQ`` (the k tile, kept for the whole kernel, the q and dout tiles,
+      and lse, delta and segment ids of the query tile).
+    * registers, 32-bit words per lane for fragments and accumulators (an
+      8x8 fragment is 2 elements per lane: 1 word in half, 2 in float):
+      forward ``3 D/8 + 3 BK/8`` (Q, O; S, P); dq ``4 D/8 + 5 BK/8`` (q,
+      dout, dQ; S, dP, dS); dkv ``5 D/8 + 6 BQ/8`` (v, dK, dV; S^T, dP^T,
+      P^T, dS^T). The dK/dV kernel reads its k fragments from threadgroup
+      memory at every query tile instead of holding them: D/8 more words
+      would take it to 102 at D = 128.
+    * 4 SIMD groups per kernel and head: each staged tile is read by at least
+      4 SIMD groups, and the grid still has ``L / 32`` threadgroups per head
+      to fill the GPU at fine-tuning lengths.
+
+    The shipped ``TILES`` (bytes; registers per lane):
+
+    ======  ==============  ==============  ==============
+    D       forward         dq              dkv
+    ======  ==============  ==============  ==============
+    64       9,344 B;  36    9,344 B;  52   14,208 B;  64
+    80      11,392 B;  42   11,392 B;  60   11,456 B;  62
+    96      13,440 B;  48   13,440 B;  68   13,504 B;  72
+    128      8,768 B;  54    8,768 B;  74   13,152 B;  86
+    ======  ==============  ==============  ==============
+
+    (Before: 17,408 B forward and dq and 17,536 B dkv at D = 128, and dkv at
+    72 / 84 / 96 / 108 registers, with k and v fragments both held in
+    registers.)
 
     These are starting points chosen by those budgets, not by measurement on
     a Mac. To retune, assign ``mlx_flash.demo.TILES[dim] = Tiles(...)`` (it
@@ -71,39 +129,59 @@ class Tiles:
     forward: Tuple[int, int]
     dq: Tuple[int, int]
     dkv: Tuple[int, int]
+    heads: int = 2
 
     def __post_init__(self):
         for name in ("forward", "dq", "dkv"):
             sizes = getattr(self, name)
             if len(sizes) != 2 or any(s <= 0 or s % 8 for s in sizes):
                 raise ValueError(f"{name} tile sizes must be two positive multiples of 8, got {sizes}")
-        for name, threads in self.threads().items():
+        for name in ("forward", "dq"):
+            bq, bk = getattr(self, name)
+            if bq > 2 * bk:
+                raise ValueError(
+                    f"{name} tile {(bq, bk)}: BQ must be at most 2 BK (queries are staged "
+                    f"through the K/V tiles' memory)"
+                )
+        if self.heads < 1:
+            raise ValueError(f"heads must be at least 1, got {self.heads}")
+        for name, threads in self.threads(self.heads).items():
             if threads > MAX_THREADS:
                 raise ValueError(
                     f"demo {name} tile {getattr(self, name)} needs {threads} threads per "
                     f"threadgroup; Metal allows at most {MAX_THREADS}"
                 )
 
-    def threads(self) -> dict:
+    def threads(self, heads: int = 1) -> dict:
         """Threads per threadgroup of each kernel: 32 per SIMD group, one SIMD
-        group per 8 rows it owns (queries, or keys in dkv)."""
+        group per 8 rows it owns (queries of each of ``heads`` heads, or keys
+        in dkv)."""
         return {
-            "forward": self.forward[0] // 8 * 32,
-            "dq": self.dq[0] // 8 * 32,
+            "forward": heads * self.forward[0] // 8 * 32,
+            "dq": heads * self.dq[0] // 8 * 32,
             "dkv": self.dkv[1] // 8 * 32,
         }
 
     def threadgroup_bytes(self, head_dim: int) -> dict:
-        """Threadgroup memory of each kernel at ``head_dim``, in bytes (at most
-        32 KB on Apple GPUs)."""
-        row = (head_dim + 8) * 2
-        forward_bq, forward_bk = self.forward
-        dq_bq, dq_bk = self.dq
+        """Threadgroup memory each kernel declares at ``head_dim``, in bytes."""
+        row = (head_dim + ROW_PAD) * 2
+        _, forward_bk = self.forward
+        _, dq_bk = self.dq
         dkv_bq, dkv_bk = self.dkv
         return {
-            "forward": max(forward_bq, 2 * forward_bk) * row,
-            "dq": 2 * max(dq_bq, dq_bk) * row,
-            "dkv": 2 * max(dkv_bq, dkv_bk) * row + 8 * dkv_bq,
+            "forward": _aligned(2 * forward_bk * row, 4 * forward_bk),
+            "dq": _aligned(2 * dq_bk * row, 4 * dq_bk),
+            "dkv": _aligned(dkv_bk * row, dkv_bq * row, dkv_bq * row, 4 * dkv_bq, 4 * dkv_bq, 4 * dkv_bq),
+        }
+
+    def registers(self, head_dim: int) -> dict:
+        """Estimated 32-bit registers per lane that each kernel's fragments and
+        accumulators take at ``head_dim`` (see the class docstring)."""
+        dim = head_dim // 8
+        return {
+            "forward": 3 * dim + 3 * self.forward[1] // 8,
+            "dq": 4 * dim + 5 * self.dq[1] // 8,
+            "dkv": 5 * dim + 6 * self.dkv[0] // 8,
         }
 
     def check(self, head_dim: int):
@@ -118,25 +196,23 @@ class Tiles:
                 )
 
 
-# Budgets per kernel (threadgroup memory; registers per lane), from the
-# formulas above:
-#   D    forward         dq              dkv
-#   64    9 KB;  36      9 KB;  52       9 KB;  72
-#   80   11 KB;  42     11 KB;  60      11 KB;  84
-#   96   13 KB;  48     13 KB;  68      13 KB;  96
-#   128  17 KB;  60     17 KB;  74      17 KB; 108
-# At D = 128 the backward kernels take a 16-wide inner tile (dq BK, dkv BQ):
-# 32 would cost 84 and 120 registers per lane.
+#: Tiles per head dim (budgets in the ``Tiles`` docstring). At D = 128 the
+#: forward and dq key tiles are 16 keys (32 would need 17,408 bytes) and the
+#: dkv query tile 8 queries (16 would cost 92 registers per lane).
 TILES = {
     64: Tiles(forward=(32, 32), dq=(32, 32), dkv=(32, 32)),
-    80: Tiles(forward=(32, 32), dq=(32, 32), dkv=(32, 32)),
-    96: Tiles(forward=(32, 32), dq=(32, 32), dkv=(32, 32)),
-    128: Tiles(forward=(32, 32), dq=(32, 16), dkv=(16, 32)),
+    80: Tiles(forward=(32, 32), dq=(32, 32), dkv=(16, 32)),
+    96: Tiles(forward=(32, 32), dq=(32, 32), dkv=(16, 32)),
+    128: Tiles(forward=(32, 16), dq=(32, 16), dkv=(8, 32)),
 }
 
 
-def unsupported_reason(q, k, v, mask) -> Optional[str]:
-    """Why the demo kernels cannot run these (normalised) inputs, or None."""
+def unsupported_reason(q, k, v, mask: StructuredMask) -> Optional[str]:
+    """Why the demo kernels cannot run these (normalised) inputs, or None.
+
+    Every ``StructuredMask`` is supported (causal with ``Lq <= Lk``, as the
+    dispatcher sends it); the reasons are dtype and head dim.
+    """
     if q.dtype not in DTYPES:
         return f"{_dtype_name(q.dtype)} inputs: demo runs float16 and bfloat16"
     head_dim, value_dim = q.shape[-1], v.shape[-1]
@@ -161,90 +237,112 @@ def _kernel(name: str, inputs: Tuple[str, ...], outputs: Tuple[str, ...]):
     return kernels.build(name, inputs, outputs, f"{name}.metal", _HEADERS)
 
 
-def _common_inputs(q, k, v, scale, mask: fused.MaskSpec):
-    params = mx.array([q.shape[2], k.shape[2], q.shape[1], k.shape[1]], dtype=mx.int32)
-    fparams = mx.array([scale], dtype=mx.float32)
-    return [q, k, v, mask.array, params, fparams]
-
-
-def _template(q, rows: int, cols: int, mask: fused.MaskSpec):
-    return [("T", q.dtype), ("D", q.shape[-1]), ("BQ", rows), ("BK", cols), ("MASK", mask.kind)]
-
-
 def _tiles(head_dim: int) -> Tiles:
     tiles = TILES[head_dim]
     tiles.check(head_dim)
     return tiles
 
 
-def _grid(n_rows: int, tile_rows: int, heads: int, batch: int):
-    """Grid and threadgroup for one threadgroup of ``tile_rows / 8`` SIMD
-    groups per (tile of ``n_rows``, head, batch); the grid counts threads."""
-    threads = (tile_rows // 8) * 32
-    tiles = -(-n_rows // tile_rows)
-    return (tiles * threads, heads, batch), (threads, 1, 1)
+def heads_per_threadgroup(group: int, heads: int) -> int:
+    """Query heads of a GQA group of ``group`` heads that one forward / dQ
+    threadgroup serves: the largest divisor of ``group`` up to ``heads``."""
+    return max(h for h in range(1, min(group, heads) + 1) if group % h == 0)
 
 
-# Kernel input names, in the order of ``_common_inputs``. The mask is
-# ``mask_array`` so that ``k_shape`` never occurs inside ``mask_shape`` (MLX
-# would give k an unused shape buffer; see metal/flash_common.h).
-_FORWARD_INPUTS = ("q", "k", "v", "mask_array", "params", "fparams")
+# MLX passes an input of fewer than 8 elements in the constant address space
+# and a larger one in device memory, and the source it generates (so the
+# pipeline compiled from it) says which. Small inputs get padding the kernels
+# never read, so that one source per dtype, head dim and tile shape serves
+# every mask layout and size: the axis to pad for each input that can be small.
+_MIN_DEVICE_SIZE = 8
+_PAD_AXIS = {
+    "mask_array": 3,
+    "q_segments": 1,
+    "k_segments": 1,
+    "q_ranges": 1,
+    "k_ranges": 1,
+    "sinks": 0,
+    "lse": 2,
+    "delta": 2,
+}
 
 
-def forward(q, k, v, scale: float, mask: fused.MaskSpec):
+def _in_device_memory(name: str, x: mx.array) -> mx.array:
+    """``x``, padded to at least 8 elements if it is smaller (see above)."""
+    if x.size >= _MIN_DEVICE_SIZE or name not in _PAD_AXIS:
+        return x
+    axis = _PAD_AXIS[name]
+    if name == "mask_array" and x.shape[axis] == 1:
+        # A broadcast key axis stays one (zero-stride) element for every key.
+        return mx.broadcast_to(x, x.shape[:3] + (_MIN_DEVICE_SIZE,))
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, _MIN_DEVICE_SIZE)
+    return mx.pad(x, widths)
+
+
+def _query_grid(q, k, tile: Tuple[int, int], heads: int):
+    """Grid and threadgroup of the forward and dQ kernels: one threadgroup of
+    ``h * BQ / 8`` SIMD groups per (query tile, ``h`` query heads, batch),
+    ``h = heads_per_threadgroup(group, heads)``; the grid counts threads."""
+    B, n_q_heads, q_len, _ = q.shape
+    h = heads_per_threadgroup(n_q_heads // k.shape[1], heads)
+    threads = h * tile[0] // 8 * 32
+    return (math.ceil(q_len / tile[0]) * threads, n_q_heads // h, B), (threads, 1, 1)
+
+
+def _key_grid(k, tile: Tuple[int, int]):
+    """Grid and threadgroup of the dK/dV kernel: one threadgroup of BK / 8
+    SIMD groups per (key tile, KV head, batch)."""
+    B, n_kv_heads, k_len, _ = k.shape
+    threads = tile[1] // 8 * 32
+    return (math.ceil(k_len / tile[1]) * threads, n_kv_heads, B), (threads, 1, 1)
+
+
+def _run(name, outputs, q, k, v, scale, mask, sinks, tile, grid, output_shapes, output_dtypes, backward=()):
+    """Launch ``metal/<name>.metal`` on ``kernel_inputs`` for ``tile`` (plus
+    dout, lse, delta for a backward kernel)."""
+    inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=tile[0], k_tile=tile[1]) + list(backward)
+    names = fused.BACKWARD_INPUTS if backward else fused.KERNEL_INPUTS
+    return kernels.launch(
+        _kernel(name, names, outputs),
+        inputs=[_in_device_memory(n, x) for n, x in zip(names, inputs)],
+        template=[("T", q.dtype), ("D", q.shape[-1]), ("BQ", tile[0]), ("BK", tile[1])],
+        grid=grid[0],
+        threadgroup=grid[1],
+        output_shapes=output_shapes,
+        output_dtypes=output_dtypes,
+    )
+
+
+def forward(q, k, v, scale: float, mask: StructuredMask, sinks=None):
     """``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, lse ``(B, Hq, Lq)``
-    float32 in log2 units (read only by the demo backward kernels)."""
-    B, n_q_heads, q_len, head_dim = q.shape
-    bq, bk = _tiles(head_dim).forward
-    grid, threadgroup = _grid(q_len, bq, n_q_heads, B)
-    kernel = _kernel("demo_forward", _FORWARD_INPUTS, ("out", "lse"))
-    out, lse = kernels.launch(
-        kernel,
-        inputs=_common_inputs(q, k, v, scale, mask),
-        template=_template(q, bq, bk, mask),
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[q.shape, (B, n_q_heads, q_len)],
-        output_dtypes=[q.dtype, mx.float32],
+    float32, natural log, ``+inf`` for rows that keep no key."""
+    tiles = _tiles(q.shape[-1])
+    grid = _query_grid(q, k, tiles.forward, tiles.heads)
+    out, lse = _run(
+        "demo_forward", ("out", "lse"), q, k, v, scale, mask, sinks, tiles.forward, grid,
+        [q.shape, q.shape[:3]], [q.dtype, mx.float32],
     )
     return out, lse
 
 
-_BACKWARD_INPUTS = _FORWARD_INPUTS + ("dout", "lse", "delta")
-
-
-def dkdv(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
+def dkdv(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
     """``(dk, dv)``, each ``(B, Hkv, Lk, D)`` in q's dtype."""
-    B, n_kv_heads, k_len, head_dim = k.shape
-    bq, bk = _tiles(head_dim).dkv
-    grid, threadgroup = _grid(k_len, bk, n_kv_heads, B)
-    kernel = _kernel("demo_backward_dkv", _BACKWARD_INPUTS, ("dk", "dv"))
-    dk, dv = kernels.launch(
-        kernel,
-        inputs=_common_inputs(q, k, v, scale, mask) + [dout, lse, delta],
-        template=_template(q, bq, bk, mask),
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[k.shape, v.shape],
-        output_dtypes=[q.dtype, q.dtype],
+    tile = _tiles(q.shape[-1]).dkv
+    dk, dv = _run(
+        "demo_backward_dkv", ("dk", "dv"), q, k, v, scale, mask, sinks, tile, _key_grid(k, tile),
+        [k.shape, v.shape], [q.dtype, q.dtype], backward=(dout, lse, delta),
     )
     return dk, dv
 
 
-def dq(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
+def dq(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
     """``dq``, ``(B, Hq, Lq, D)`` in q's dtype."""
-    B, n_q_heads, q_len, head_dim = q.shape
-    bq, bk = _tiles(head_dim).dq
-    grid, threadgroup = _grid(q_len, bq, n_q_heads, B)
-    kernel = _kernel("demo_backward_dq", _BACKWARD_INPUTS, ("dq",))
-    (grad_q,) = kernels.launch(
-        kernel,
-        inputs=_common_inputs(q, k, v, scale, mask) + [dout, lse, delta],
-        template=_template(q, bq, bk, mask),
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[q.shape],
-        output_dtypes=[q.dtype],
+    tiles = _tiles(q.shape[-1])
+    grid = _query_grid(q, k, tiles.dq, tiles.heads)
+    (grad_q,) = _run(
+        "demo_backward_dq", ("dq",), q, k, v, scale, mask, sinks, tiles.dq, grid,
+        [q.shape], [q.dtype], backward=(dout, lse, delta),
     )
     return grad_q
 
@@ -252,7 +350,7 @@ def dq(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
 LAUNCHERS = fused.Launchers(forward=forward, dkdv=dkdv, dq=dq)
 
 
-def attention(q, k, v, scale: float, mask) -> mx.array:
+def attention(q, k, v, scale: float, mask: StructuredMask, sinks=None):
     """``softmax(scale * q @ k^T + mask) @ v`` on the demo kernels, with the
     fused backward under ``mx.grad``.
 
@@ -261,10 +359,12 @@ def attention(q, k, v, scale: float, mask) -> mx.array:
             ``(B, Hkv, Lk, D)``, one dtype, float16 or bfloat16, ``D`` one of
             ``HEAD_DIMS``.
         scale: multiplies ``q @ k^T``.
-        mask: ``None``, ``"causal"`` (``Lq <= Lk``, bottom-right) or a rank-4
-            boolean / additive array broadcastable to ``(B, Hq, Lq, Lk)``.
+        mask: the ``StructuredMask`` (causal only with ``Lq <= Lk``).
+        sinks: optional ``(Hq,)`` sink logits.
 
     Returns:
-        ``(B, Hq, Lq, D)`` in q's dtype.
+        ``(out, lse)``: ``(B, Hq, Lq, D)`` in q's dtype and the ``(B, Hq, Lq)``
+        float32 natural log-sum-exp (``+inf`` where a row keeps no key, whose
+        output is zero).
     """
-    return fused.attention(LAUNCHERS, q, k, v, scale, mask)
+    return fused.attention(LAUNCHERS, q, k, v, scale, mask, sinks)
