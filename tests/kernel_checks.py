@@ -165,7 +165,7 @@ def oracle_lse(q, k, scale, mask, sinks=None):
         scores = scores + np.broadcast_to(np.array(mask.array.astype(mx.float32), np.float64), scores.shape)
     scores = np.where(keep, scores, -np.inf)
     if sinks is not None:
-        sink = np.broadcast_to(np.array(sinks, np.float64)[None, :, None, None], (B, n_q, q_len, 1))
+        sink = np.broadcast_to(np.array(sinks.astype(mx.float32), np.float64)[None, :, None, None], (B, n_q, q_len, 1))
         scores = np.concatenate([sink, scores], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         peak = np.max(scores, axis=-1, keepdims=True)
@@ -192,9 +192,12 @@ def run_kernels(module, q, k, v, dout, scale, mask, sinks=None):
 
 
 def assert_lse_close(lse, expected, tolerance, what="lse"):
-    """Finite log-sum-exps close, ``+inf`` exactly where expected."""
+    """Finite log-sum-exps close, ``+inf`` (a row that keeps no key) and
+    ``-inf`` (a row whose kept scores are all ``-inf``) exactly where
+    expected."""
     assert mx.array_equal(lse == mx.inf, expected == mx.inf).item(), f"{what}: +inf (empty row) pattern"
-    finite = expected != mx.inf
+    assert mx.array_equal(lse == -mx.inf, expected == -mx.inf).item(), f"{what}: -inf (all -inf row) pattern"
+    finite = mx.abs(expected) != mx.inf
     assert_close(mx.where(finite, lse, 0.0), mx.where(finite, expected, 0.0), tolerance, what)
 
 
