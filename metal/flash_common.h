@@ -1,30 +1,151 @@
-// Helpers shared by the flash-attention kernels (practical and demo).
+// Helpers shared by the flash-attention kernels (practical and demo), and the
+// contract of their inputs.
 //
-// Everything here takes and returns plain values, never pointers: MLX gives an
+// Inputs, in the order of mlx_flash.fused.KERNEL_INPUTS:
+//   q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): any strides.
+//   mask_array: rank 4, broadcastable to (B, Hq, Lq, Lk), bool or q's dtype,
+//     any strides (a size-1 axis is read at index 0: flash_axis_stride); a
+//     placeholder, never read, unless params[4] says otherwise. It is called
+//     `mask_array`, not `mask`: MLX gives an input a shape buffer whenever
+//     `<name>_shape` occurs in the body, and `mask_shape` contains `k_shape`.
+//   q_segments (B, Lq), k_segments (B, Lk): int32 document ids, any strides
+//     (views are not copied); placeholders unless params[7].
+//   q_ranges (B, ceil(Lq / q_tile), 2), k_ranges (B, ceil(Lk / k_tile), 2):
+//     int32 (min, max) of the non-negative ids of each tile of q_tile query
+//     (k_tile key) positions, the tile sizes the launcher passed to
+//     fused.kernel_inputs; (INT_MAX, -1) for a tile with none, which meets
+//     nothing. Placeholders unless params[7].
+//   sinks (Hq,): float32 logits in natural units; a placeholder unless
+//     params[8].
+//   params (int32): [q_len, k_len, n_q_heads, n_kv_heads, array_kind, causal,
+//                    window, has_segments, has_sinks], window 0 = none.
+//   fparams (float32): [scale].
+//   Backward kernels also take dout (B, Hq, Lq, Dv), any strides, and lse,
+//   delta (B, Hq, Lq) float32, row-contiguous.
+//
+// The keep rule. With offset = k_len - q_len (causal is bottom-right
+// aligned), score (i, j) of query position i and key position j is kept iff
+//   j < k_len,
+//   causal: j <= i + offset,
+//   window (only with causal): j > i + offset - window,
+//   segments: q_id(i) >= 0 && q_id(i) == k_id(j),
+//   bool array: True.
+// A dropped score weighs exactly 0 and gets no gradient: it is -inf, never the
+// dtype's lowest value. An additive array is added as it is, -inf included,
+// so a row whose kept scores are all -inf is NaN, as in MLX.
+//
+// Rows. The forward writes o = softmax(scale * q k^T + mask) v and lse, the
+// natural-log log-sum-exp of the kept scaled scores (sink included); a kernel
+// that works in log2 units converts when it writes lse and when it reads it
+// back. A row that keeps no key (tracked by a per-row "kept any" flag) gets
+// o = 0 and lse = +inf, so the backward's p = exp(s - lse) is 0 there.
+//
+// Sinks: a key of logit sinks[h] and value zero. The forward's online softmax
+// starts from m = sink (m = sink * log2(e) in log2 units) and l = 1 instead of
+// m = -inf, l = 0. The backward kernels never read them; their gradient is
+// mlx_flash.fused.sink_grad.
+//
+// Tile skipping. A (query tile, key tile) pair is never visited when the
+// causal and window rules keep none of it (flash_key_begin / flash_key_end
+// bound a query tile's key loop, flash_row_begin / flash_row_end a key
+// tile's query loop) or when its segment ranges cannot meet
+// (flash_ranges_meet). Every input of those decisions is the same for every
+// thread of a threadgroup, so skipping never splits a threadgroup at a
+// barrier.
+//
+// Helpers take values, or pointers through a template parameter: MLX gives an
 // input the `device` or the `constant` address space depending on its size,
-// so a helper that took a pointer would only compile for one of the two.
-//
-// Conventions the kernels share:
-//   * `params` (int32):   [q_len, k_len, n_q_heads, n_kv_heads, mask_kind]
-//   * `fparams` (float32): [scale, lowest], `lowest` being the most negative
-//     finite value of the input dtype (what a dropped score becomes).
-//   * Causal masks are aligned bottom-right: query i sees key j iff
-//     j <= i + (k_len - q_len).
-//   * The mask input is called `mask_array`, not `mask`: MLX gives an input
-//     a shape buffer whenever `<name>_shape` occurs anywhere in the kernel
-//     body, and `mask_shape` contains `k_shape`, so `k` would get an unused
-//     one.
+// so a helper with a fixed pointer type would only compile for one of the two.
 //
 // MLX puts its own preamble (metal_stdlib, `using namespace metal`, bfloat16)
 // in front of the header, so none is included here.
 
-// What the `mask` input of a kernel means; the value is params[4].
-enum FlashMaskKind : int {
-  FLASH_MASK_NONE = 0, // `mask` is a placeholder, never read
-  FLASH_MASK_CAUSAL = 1, // `mask` is a placeholder, never read
-  FLASH_MASK_BOOL = 2, // True keeps the score, False replaces it by `lowest`
-  FLASH_MASK_ADD = 3, // added to the score as it is
+// What the mask_array input holds; the value is params[4] and matches
+// mlx_flash.fused.ARRAY_*.
+enum FlashArrayKind : int {
+  FLASH_ARRAY_NONE = 0, // a placeholder, never read
+  FLASH_ARRAY_BOOL = 1, // True keeps the score
+  FLASH_ARRAY_ADD = 2, // added to the scaled score as it is
 };
+
+// The structure of one attention call, read once from params.
+struct FlashMask {
+  int q_len;
+  int k_len;
+  int offset; // k_len - q_len: query i's causal diagonal is key i + offset
+  int n_q_heads;
+  int n_kv_heads;
+  int array_kind; // FlashArrayKind
+  bool causal;
+  int window; // 0: none; only meaningful with causal
+  bool segments;
+  bool sinks;
+};
+
+template <typename P>
+inline FlashMask flash_read_mask(P params) {
+  FlashMask mask;
+  mask.q_len = params[0];
+  mask.k_len = params[1];
+  mask.offset = params[1] - params[0];
+  mask.n_q_heads = params[2];
+  mask.n_kv_heads = params[3];
+  mask.array_kind = params[4];
+  mask.causal = params[5] != 0;
+  mask.window = params[5] != 0 ? params[6] : 0;
+  mask.segments = params[7] != 0;
+  mask.sinks = params[8] != 0;
+  return mask;
+}
+
+// The first key that any query row at or after `row_begin` can see by the
+// causal and window rules.
+inline int flash_key_begin(FlashMask mask, int row_begin) {
+  return mask.window > 0 ? max(0, row_begin + mask.offset - mask.window + 1) : 0;
+}
+
+// One past the last key that any query row before `row_end` can see by the
+// causal rule (k_len without it).
+inline int flash_key_end(FlashMask mask, int row_end) {
+  return mask.causal ? clamp(row_end + mask.offset, 0, mask.k_len) : mask.k_len;
+}
+
+// The first query row that can see some key at or after `key_begin`.
+inline int flash_row_begin(FlashMask mask, int key_begin) {
+  return mask.causal ? clamp(key_begin - mask.offset, 0, mask.q_len) : 0;
+}
+
+// One past the last query row that can see some key before `key_end`.
+inline int flash_row_end(FlashMask mask, int key_end) {
+  return mask.window > 0
+      ? clamp(key_end - 1 - mask.offset + mask.window, 0, mask.q_len)
+      : mask.q_len;
+}
+
+// Whether query row `row` sees key `key` by the position rules: the key
+// exists, causal, window. Segments and the array are separate tests.
+inline bool flash_position_keeps(FlashMask mask, int row, int key) {
+  return key >= flash_key_begin(mask, row) && key < flash_key_end(mask, row + 1);
+}
+
+// Whether a query of id `q_id` sees a key of id `k_id`: same document, and
+// the query is not padding (a negative id).
+inline bool flash_segments_keep(int q_id, int k_id) {
+  return q_id >= 0 && q_id == k_id;
+}
+
+// Entry `tile` of a (B, T, 2) q_ranges / k_ranges input: (min, max) id.
+template <typename P, typename S>
+inline int2 flash_tile_range(P ranges, S strides, int batch, int tile) {
+  const int64_t at = batch * strides[0] + tile * strides[1];
+  return int2(ranges[at], ranges[at + strides[2]]);
+}
+
+// Whether two tiles' id ranges can hold an equal id. A tile with no
+// non-negative id has the range (INT_MAX, -1), which meets nothing.
+inline bool flash_ranges_meet(int2 q_range, int2 k_range) {
+  return q_range.x <= k_range.y && k_range.x <= q_range.y;
+}
 
 // Stride of a broadcast axis: a size-1 axis is read at index 0 whatever the
 // stride of the underlying array says.
@@ -32,15 +153,16 @@ inline int64_t flash_axis_stride(int size, int64_t stride) {
   return size == 1 ? 0 : stride;
 }
 
-// exp(x) as one exp2, cheaper than a precise exp. The factor is applied to
-// the difference of two scores rather than folded into the scale, so masks
-// stay in natural units: scaling an additive mask of the dtype's lowest value
-// by log2(e) would overflow to -inf and turn a fully masked row's uniform
-// weights into NaN. exp2(-inf) is 0 and exp2(0) is 1 exactly, as for exp.
+// exp(x) as one exp2, cheaper than exp. The factor is applied to the
+// difference of two scores rather than folded into the scale, so masks stay
+// in natural units: scaling an additive mask of float32's lowest value by
+// log2(e) would overflow to -inf. precise:: because the softmax relies on
+// exp2(-inf) == 0 (dropped scores) and exp2(0) == 1 exactly, which fast math
+// does not promise.
 constant constexpr float FLASH_LOG2E = 1.44269504088896340736f;
 
 inline float flash_exp(float x) {
-  return exp2(x * FLASH_LOG2E);
+  return precise::exp2(x * FLASH_LOG2E);
 }
 
 // The maximum to subtract before exponentiating. A running maximum of -inf
@@ -49,34 +171,4 @@ inline float flash_exp(float x) {
 // whose scores are all -inf cannot poison the rest of its row.
 inline float flash_exp_base(float running_max) {
   return running_max == -INFINITY ? 0.0f : running_max;
-}
-
-// Whether causal attention lets query `row` see key `key`.
-inline bool flash_causal_keeps(int row, int key, int q_len, int k_len) {
-  return key <= row + (k_len - q_len);
-}
-
-// One past the last key that any of the query rows [row_begin, row_end) can
-// see under a causal mask: the key loop of a query tile stops here.
-inline int flash_causal_key_end(int row_end, int q_len, int k_len) {
-  return min(k_len, row_end + (k_len - q_len));
-}
-
-// The first query row that can see key `key` under a causal mask: the query
-// loop of a key tile starts at or before this row.
-inline int flash_causal_row_begin(int key, int q_len, int k_len) {
-  return max(0, key - (k_len - q_len));
-}
-
-// Softmax weight of a dropped (boolean-masked or causal-masked) score, given
-// the row's log-sum-exp. A row that keeps nothing has every score equal to
-// `lowest`, so its weights are uniform, 1 / k_len. Its log-sum-exp,
-// lowest + log(k_len), is not representable next to `lowest` in float32,
-// which is why such a row is recognised by its log-sum-exp lying within
-// log(k_len) + 1 of `lowest`: a row with any kept (finite) score has a
-// log-sum-exp at least that score, far above `lowest`.
-inline float flash_dropped_weight(float lse, float lowest, int k_len) {
-  float uniform_lse_gap = log(float(k_len)) + 1.0f;
-  return (lse - lowest <= uniform_lse_gap) ? 1.0f / float(k_len)
-                                           : flash_exp(lowest - lse);
 }
