@@ -43,17 +43,14 @@ const float scale = fparams[0];
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
 const int sg = simdgroup_index_in_threadgroup;
-const int block = threadgroup_position_in_grid.x;
+const int key_block = threadgroup_position_in_grid.x;
 const int kv_head = threadgroup_position_in_grid.y;
 const int batch = threadgroup_position_in_grid.z;
 const int group = mask.n_q_heads / mask.n_kv_heads;
-const int key_begin = block * BKV;
+const int key_begin = key_block * BKV;
 const int key_end = min(key_begin + BKV, mask.k_len);
 
-const int64_t m_batch = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]);
-const int64_t m_head = flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
-const int64_t m_row = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
-const int64_t m_key = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
+const PracticalArrayStrides array = practical_array_strides(mask_array_shape, mask_array_strides);
 
 practical_stage<T, BKV, D4, NT>(
     k_block, k, batch * k_strides[0] + kv_head * k_strides[1], 0, k_strides[2],
@@ -66,14 +63,10 @@ practical_stage<T, BKV, DV4, NT>(
 const int lk = lane / BQ;
 const int i = lane % BQ;
 int key[KL];
-int k_id[KL]; // -2 for padding and keys past the end: equal to no query id
+int k_id[KL];
 for (int u = 0; u < KL; ++u) {
   key[u] = key_begin + sg * KPS + lk + LK * u;
-  k_id[u] = -2;
-  if (mask.segments && key[u] < mask.k_len) {
-    const int id = k_segments[batch * k_segments_strides[0] + key[u] * k_segments_strides[1]];
-    k_id[u] = id >= 0 ? id : -2;
-  }
+  k_id[u] = practical_key_id(mask, k_segments, k_segments_strides, batch, key[u]);
 }
 
 float dk_acc[KPS][DT];
@@ -91,7 +84,7 @@ for (int c = 0; c < KPS; ++c) {
 const int row_begin = flash_row_begin(mask, key_begin);
 const int row_end = flash_row_end(mask, key_end);
 const int2 k_range = mask.segments
-    ? flash_tile_range(k_ranges, k_ranges_strides, batch, block)
+    ? flash_tile_range(k_ranges, k_ranges_strides, batch, key_block)
     : int2(0, 0);
 
 for (int g = 0; g < group; ++g) {
@@ -113,34 +106,20 @@ for (int g = 0; g < group; ++g) {
         do_tile, dout, do_base, 0, dout_strides[2], dout_strides[3], 1, BQ, q0, mask.q_len, DV, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
-    // Query i of the tile: its position rules, id, lse and delta.
-    const int row = q0 + i;
-    const bool valid = row < mask.q_len;
-    const int key_lo = valid ? flash_key_begin(mask, row) : 0;
-    const int key_hi = valid ? flash_key_end(mask, row + 1) : 0;
-    int q_id = -1;
-    if (valid && mask.segments) {
-      q_id = max(q_segments[batch * q_segments_strides[0] + row * q_segments_strides[1]], -1);
-    }
-    const int64_t m_base = m_batch + head * m_head + row * m_row;
-    const float row_lse = valid ? lse[stat_base + row] : INFINITY;
-    const float row_delta = valid ? delta[stat_base + row] : 0.0f;
+    // Query i of the tile: its part of the mask, lse and delta.
+    const int pos = q0 + i;
+    const bool valid = pos < mask.q_len;
+    const PracticalRow row = practical_row(mask, array, q_segments, q_segments_strides, batch, head, pos, valid);
+    const float row_lse = valid ? lse[stat_base + pos] : INFINITY;
+    const float row_delta = valid ? delta[stat_base + pos] : 0.0f;
 
     float s[KL];
     float dp[KL];
     practical_dots<T, KL, D4>(s, k_block + (sg * KPS + lk) * D4, LK * D4, q_tile + i * D4);
     practical_dots<T, KL, DV4>(dp, v_block + (sg * KPS + lk) * DV4, LK * DV4, do_tile + i * DV4);
     for (int u = 0; u < KL; ++u) {
-      bool keep = key[u] >= key_lo && key[u] < key_hi;
-      if (mask.segments) {
-        keep = keep && q_id == k_id[u];
-      }
-      float x = s[u] * scale;
-      if (mask.array_kind == FLASH_ARRAY_BOOL) {
-        keep = keep && float(mask_array[m_base + key[u] * m_key]) != 0.0f;
-      } else if (mask.array_kind == FLASH_ARRAY_ADD && keep) {
-        x += float(mask_array[m_base + key[u] * m_key]);
-      }
+      bool keep;
+      const float x = practical_masked_score(mask, row, key[u], k_id[u], mask_array, array.key, s[u] * scale, keep);
       // A dropped score is a constant: no weight, no gradient.
       const float p = keep ? flash_exp(x - row_lse) : 0.0f;
       const int at = (sg * KPS + lk + LK * u) * BQ + i;

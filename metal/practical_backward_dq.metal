@@ -30,51 +30,32 @@ threadgroup float ds_tile[BQ * BK];
 
 const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
-
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
 const int sg = simdgroup_index_in_threadgroup;
 const int batch = threadgroup_position_in_grid.z;
-const int heads = mask.n_q_heads / int(threadgroups_per_grid.y);
-const int first_head = threadgroup_position_in_grid.y * heads;
-const int kv_head = first_head / (mask.n_q_heads / mask.n_kv_heads);
-const int positions = BQ / heads;
-const int rows_used = heads * positions;
-const int pos_begin = threadgroup_position_in_grid.x * positions;
-const int pos_end = min(pos_begin + positions, mask.q_len);
-
-const int64_t m_batch = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]);
-const int64_t m_head = flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
-const int64_t m_row = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
-const int64_t m_key = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
+const PracticalQueryTile tile =
+    practical_query_tile(mask, threadgroup_position_in_grid, threadgroups_per_grid, BQ);
+const PracticalArrayStrides array = practical_array_strides(mask_array_shape, mask_array_strides);
 
 practical_stage<T, BQ, D4, NT>(
-    q_tile, q, batch * q_strides[0] + first_head * q_strides[1], q_strides[1],
-    q_strides[2], q_strides[3], heads, rows_used, pos_begin, mask.q_len, D, tid);
+    q_tile, q, batch * q_strides[0] + tile.first_head * q_strides[1], q_strides[1],
+    q_strides[2], q_strides[3], tile.heads, tile.rows_used, tile.pos_begin, mask.q_len, D, tid);
 practical_stage<T, BQ, DV4, NT>(
-    do_tile, dout, batch * dout_strides[0] + first_head * dout_strides[1], dout_strides[1],
-    dout_strides[2], dout_strides[3], heads, rows_used, pos_begin, mask.q_len, DV, tid);
+    do_tile, dout, batch * dout_strides[0] + tile.first_head * dout_strides[1], dout_strides[1],
+    dout_strides[2], dout_strides[3], tile.heads, tile.rows_used, tile.pos_begin, mask.q_len, DV, tid);
 
 const int lr = lane / BK;
 const int j = lane % BK;
-int key_lo[RL];
-int key_hi[RL];
-int q_id[RL];
-int64_t m_base[RL];
+PracticalRow rows[RL];
 float row_lse[RL];
 float row_delta[RL];
 for (int u = 0; u < RL; ++u) {
   const int f = sg * R + lr + LR * u;
-  const int pos = pos_begin + f / heads;
-  const int head = first_head + f % heads;
-  const bool valid = f < rows_used && pos < mask.q_len;
-  key_lo[u] = valid ? flash_key_begin(mask, pos) : 0;
-  key_hi[u] = valid ? flash_key_end(mask, pos + 1) : 0;
-  q_id[u] = -1;
-  if (valid && mask.segments) {
-    q_id[u] = max(q_segments[batch * q_segments_strides[0] + pos * q_segments_strides[1]], -1);
-  }
-  m_base[u] = m_batch + head * m_head + pos * m_row;
+  const int pos = tile.pos_begin + f / tile.heads;
+  const int head = tile.first_head + f % tile.heads;
+  const bool valid = f < tile.rows_used && pos < mask.q_len;
+  rows[u] = practical_row(mask, array, q_segments, q_segments_strides, batch, head, pos, valid);
   const int64_t stat = (int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos;
   row_lse[u] = valid ? lse[stat] : INFINITY;
   row_delta[u] = valid ? delta[stat] : 0.0f;
@@ -87,13 +68,13 @@ for (int r = 0; r < R; ++r) {
   }
 }
 
-const int key_begin = flash_key_begin(mask, pos_begin);
-const int key_end = flash_key_end(mask, pos_end);
+const int key_begin = flash_key_begin(mask, tile.pos_begin);
+const int key_end = flash_key_end(mask, tile.pos_end);
 const int2 q_range = mask.segments
     ? flash_tile_range(q_ranges, q_ranges_strides, batch, threadgroup_position_in_grid.x)
     : int2(0, 0);
-const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
-const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
+const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
+const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
 
 for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
   if (mask.segments &&
@@ -108,26 +89,14 @@ for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   const int key = k0 + j;
-  int k_id = -2;
-  if (mask.segments && key < mask.k_len) {
-    const int id = k_segments[batch * k_segments_strides[0] + key * k_segments_strides[1]];
-    k_id = id >= 0 ? id : -2;
-  }
+  const int k_id = practical_key_id(mask, k_segments, k_segments_strides, batch, key);
   float s[RL];
   float dp[RL];
   practical_dots<T, RL, D4>(s, q_tile + (sg * R + lr) * D4, LR * D4, k_tile + j * D4);
   practical_dots<T, RL, DV4>(dp, do_tile + (sg * R + lr) * DV4, LR * DV4, v_tile + j * DV4);
   for (int u = 0; u < RL; ++u) {
-    bool keep = key >= key_lo[u] && key < key_hi[u];
-    if (mask.segments) {
-      keep = keep && q_id[u] == k_id;
-    }
-    float x = s[u] * scale;
-    if (mask.array_kind == FLASH_ARRAY_BOOL) {
-      keep = keep && float(mask_array[m_base[u] + key * m_key]) != 0.0f;
-    } else if (mask.array_kind == FLASH_ARRAY_ADD && keep) {
-      x += float(mask_array[m_base[u] + key * m_key]);
-    }
+    bool keep;
+    const float x = practical_masked_score(mask, rows[u], key, k_id, mask_array, array.key, s[u] * scale, keep);
     // A dropped score is a constant: no weight, no gradient.
     const float p = keep ? flash_exp(x - row_lse[u]) : 0.0f;
     ds_tile[(sg * R + lr + LR * u) * BK + j] = p * (dp[u] - row_delta[u]);
@@ -139,9 +108,9 @@ for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
 
 for (int r = 0; r < R; ++r) {
   const int f = sg * R + r;
-  const int pos = pos_begin + f / heads;
-  if (f < rows_used && pos < mask.q_len) {
-    const int head = first_head + f % heads;
+  const int pos = tile.pos_begin + f / tile.heads;
+  if (f < tile.rows_used && pos < mask.q_len) {
+    const int head = tile.first_head + f % tile.heads;
     const int64_t out_row = ((int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos) * D;
     for (int t = 0; t < DT; ++t) {
       const int d = lane + 32 * t;

@@ -134,3 +134,103 @@ inline void practical_accumulate(
     }
   }
 }
+
+// The query tile of a forward or dQ threadgroup: `heads` query heads of one
+// KV head side by side (heads = Hq / threadgroups_per_grid.y, a divisor of
+// the GQA group), `positions` = rows / heads query positions each. Tile row
+// f is head first_head + f % heads at position pos_begin + f / heads; rows
+// at or past rows_used are padding.
+struct PracticalQueryTile {
+  int heads;
+  int first_head;
+  int kv_head;
+  int rows_used;
+  int pos_begin;
+  int pos_end; // exclusive, at most q_len
+};
+
+inline PracticalQueryTile practical_query_tile(FlashMask mask, uint3 tg, uint3 n_tg, int rows) {
+  PracticalQueryTile tile;
+  tile.heads = mask.n_q_heads / int(n_tg.y);
+  tile.first_head = int(tg.y) * tile.heads;
+  tile.kv_head = tile.first_head / (mask.n_q_heads / mask.n_kv_heads);
+  const int positions = rows / tile.heads;
+  tile.rows_used = tile.heads * positions;
+  tile.pos_begin = int(tg.x) * positions;
+  tile.pos_end = min(tile.pos_begin + positions, mask.q_len);
+  return tile;
+}
+
+// Strides of mask_array's axes, broadcast (size-1) axes 0.
+struct PracticalArrayStrides {
+  int64_t batch;
+  int64_t head;
+  int64_t row;
+  int64_t key;
+};
+
+template <typename SH, typename ST>
+inline PracticalArrayStrides practical_array_strides(SH shape, ST strides) {
+  PracticalArrayStrides s;
+  s.batch = flash_axis_stride(shape[0], strides[0]);
+  s.head = flash_axis_stride(shape[1], strides[1]);
+  s.row = flash_axis_stride(shape[2], strides[2]);
+  s.key = flash_axis_stride(shape[3], strides[3]);
+  return s;
+}
+
+// One query row's part of the mask: the keys its position rules keep,
+// [key_lo, key_hi) (empty for a padding row), its document id (-1 for
+// padding and for padding rows: equal to no key's practical_key_id) and
+// where its row of mask_array starts.
+struct PracticalRow {
+  int key_lo;
+  int key_hi;
+  int q_id;
+  int64_t array_base;
+};
+
+template <typename P, typename S>
+inline PracticalRow practical_row(
+    FlashMask mask, PracticalArrayStrides array, P q_segments, S q_segments_strides,
+    int batch, int head, int pos, bool valid) {
+  PracticalRow row;
+  row.key_lo = valid ? flash_key_begin(mask, pos) : 0;
+  row.key_hi = valid ? flash_key_end(mask, pos + 1) : 0;
+  row.q_id = -1;
+  if (valid && mask.segments) {
+    row.q_id = max(q_segments[batch * q_segments_strides[0] + pos * q_segments_strides[1]], -1);
+  }
+  row.array_base = batch * array.batch + head * array.head + pos * array.row;
+  return row;
+}
+
+// A key's document id for the comparison with PracticalRow::q_id: -2 for
+// padding and for keys past the end, so that it equals no query's id (a
+// query's is >= -1). With it, flash_segments_keep is one compare.
+template <typename P, typename S>
+inline int practical_key_id(FlashMask mask, P k_segments, S k_segments_strides, int batch, int key) {
+  if (!mask.segments || key >= mask.k_len) {
+    return -2;
+  }
+  const int id = k_segments[batch * k_segments_strides[0] + key * k_segments_strides[1]];
+  return id >= 0 ? id : -2;
+}
+
+// The masked score of (row, key): `scaled` (scale * q . k) plus an additive
+// array, or -inf where the mask drops it; `keep` says which.
+template <typename M>
+inline float practical_masked_score(
+    FlashMask mask, PracticalRow row, int key, int k_id, M mask_array, int64_t key_stride,
+    float scaled, thread bool& keep) {
+  keep = key >= row.key_lo && key < row.key_hi;
+  if (mask.segments) {
+    keep = keep && row.q_id == k_id;
+  }
+  if (mask.array_kind == FLASH_ARRAY_BOOL) {
+    keep = keep && float(mask_array[row.array_base + key * key_stride]) != 0.0f;
+  } else if (mask.array_kind == FLASH_ARRAY_ADD && keep) {
+    scaled += float(mask_array[row.array_base + key * key_stride]);
+  }
+  return keep ? scaled : -INFINITY;
+}

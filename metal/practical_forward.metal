@@ -4,15 +4,15 @@
 // Inputs and the mask rule: flash_common.h. Outputs: o (B, Hq, Lq, DV) in T,
 // lse (B, Hq, Lq) float32 (natural log; +inf for a row that keeps no key).
 // Grid: threadgroups (ceil(Lq / positions), Hq / heads, B) of NSG * 32
-// threads, heads = Hq / threadgroups_per_grid.y query heads of one KV head
-// (a divisor of the GQA group) and positions = BQ / heads query positions.
+// threads (PracticalQueryTile: heads query heads of one KV head, positions
+// = BQ / heads query positions).
 //
 // Template constants: T, D, DV, NSG (simdgroups), R (query rows per
 // simdgroup), BK (keys per tile: 32, 16 or 8).
 //
-// A query tile is BQ = NSG * R rows: row f is head f % heads at position
-// first + f / heads, so the heads of a GQA group share each staged K/V tile.
-// Simdgroup s owns rows [s R, s R + R). Per key tile of BK keys:
+// The query tile is BQ = NSG * R rows, the heads of a GQA group side by
+// side, so they share each staged K/V tile; simdgroup s owns rows
+// [s R, s R + R). Per key tile of BK keys:
 //   1. scores: lane (r, j) of the simdgroup's LR x BK lanes computes the
 //      score of key j against rows r, r + LR, ... (RL = R / LR of them), a
 //      full dot product over the Q and K tiles: each score once, by one
@@ -39,35 +39,22 @@ threadgroup float row_scale[BQ];
 
 const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
-
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
 const int sg = simdgroup_index_in_threadgroup;
 const int batch = threadgroup_position_in_grid.z;
-const int heads = mask.n_q_heads / int(threadgroups_per_grid.y);
-const int first_head = threadgroup_position_in_grid.y * heads;
-const int kv_head = first_head / (mask.n_q_heads / mask.n_kv_heads);
-const int positions = BQ / heads;
-const int rows_used = heads * positions;
-const int pos_begin = threadgroup_position_in_grid.x * positions;
-const int pos_end = min(pos_begin + positions, mask.q_len);
-
-const int64_t m_batch = batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]);
-const int64_t m_head = flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
-const int64_t m_row = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
-const int64_t m_key = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
+const PracticalQueryTile tile =
+    practical_query_tile(mask, threadgroup_position_in_grid, threadgroups_per_grid, BQ);
+const PracticalArrayStrides array = practical_array_strides(mask_array_shape, mask_array_strides);
 
 practical_stage<T, BQ, D4, NT>(
-    q_tile, q, batch * q_strides[0] + first_head * q_strides[1], q_strides[1],
-    q_strides[2], q_strides[3], heads, rows_used, pos_begin, mask.q_len, D, tid);
+    q_tile, q, batch * q_strides[0] + tile.first_head * q_strides[1], q_strides[1],
+    q_strides[2], q_strides[3], tile.heads, tile.rows_used, tile.pos_begin, mask.q_len, D, tid);
 
 // Score-phase rows of this lane: simdgroup row lr + LR * u.
 const int lr = lane / BK;
 const int j = lane % BK;
-int key_lo[RL]; // the row's keys by the position rules: [key_lo, key_hi)
-int key_hi[RL];
-int q_id[RL]; // -1 for padding and for rows past the tile
-int64_t m_base[RL];
+PracticalRow rows[RL];
 // Running maximum, natural units. It starts at -FLT_MAX rather than -inf:
 // every later maximum is then finite, so exp(x - m) and the correction need
 // no -inf guard (flash_exp_base), and while nothing is kept l and O are 0
@@ -78,16 +65,10 @@ float l[RL]; // this lane's part of the running sum
 bool kept[RL]; // whether this lane kept any score of the row
 for (int u = 0; u < RL; ++u) {
   const int f = sg * R + lr + LR * u;
-  const int pos = pos_begin + f / heads;
-  const int head = first_head + f % heads;
-  const bool valid = f < rows_used && pos < mask.q_len;
-  key_lo[u] = valid ? flash_key_begin(mask, pos) : 0;
-  key_hi[u] = valid ? flash_key_end(mask, pos + 1) : 0;
-  q_id[u] = -1;
-  if (valid && mask.segments) {
-    q_id[u] = max(q_segments[batch * q_segments_strides[0] + pos * q_segments_strides[1]], -1);
-  }
-  m_base[u] = m_batch + head * m_head + pos * m_row;
+  const int pos = tile.pos_begin + f / tile.heads;
+  const int head = tile.first_head + f % tile.heads;
+  const bool valid = f < tile.rows_used && pos < mask.q_len;
+  rows[u] = practical_row(mask, array, q_segments, q_segments_strides, batch, head, pos, valid);
   // A sink starts the row: m = sink, l = 1 (held by the lane-row's lane 0).
   const bool sink = valid && mask.sinks;
   m[u] = sink ? sinks[head] : -FLT_MAX;
@@ -103,13 +84,13 @@ for (int r = 0; r < R; ++r) {
 }
 
 // Key tiles that the causal and window rules leave to some row of the tile.
-const int key_begin = flash_key_begin(mask, pos_begin);
-const int key_end = flash_key_end(mask, pos_end);
+const int key_begin = flash_key_begin(mask, tile.pos_begin);
+const int key_end = flash_key_end(mask, tile.pos_end);
 const int2 q_range = mask.segments
     ? flash_tile_range(q_ranges, q_ranges_strides, batch, threadgroup_position_in_grid.x)
     : int2(0, 0);
-const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
-const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
+const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
+const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
 
 for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
   // Documents that cannot meet: skipped before anything is staged (the
@@ -128,25 +109,12 @@ for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
 
   // 1-2. Scores of key j, masked; online softmax of each row.
   const int key = k0 + j;
-  int k_id = -2; // never equal to a query's id (>= -1)
-  if (mask.segments && key < mask.k_len) {
-    const int id = k_segments[batch * k_segments_strides[0] + key * k_segments_strides[1]];
-    k_id = id >= 0 ? id : -2;
-  }
+  const int k_id = practical_key_id(mask, k_segments, k_segments_strides, batch, key);
   float s[RL];
   practical_dots<T, RL, D4>(s, q_tile + (sg * R + lr) * D4, LR * D4, k_tile + j * D4);
   for (int u = 0; u < RL; ++u) {
-    bool keep = key >= key_lo[u] && key < key_hi[u];
-    if (mask.segments) {
-      keep = keep && q_id[u] == k_id;
-    }
-    float x = s[u] * scale;
-    if (mask.array_kind == FLASH_ARRAY_BOOL) {
-      keep = keep && float(mask_array[m_base[u] + key * m_key]) != 0.0f;
-    } else if (mask.array_kind == FLASH_ARRAY_ADD && keep) {
-      x += float(mask_array[m_base[u] + key * m_key]);
-    }
-    x = keep ? x : -INFINITY;
+    bool keep;
+    const float x = practical_masked_score(mask, rows[u], key, k_id, mask_array, array.key, s[u] * scale, keep);
     kept[u] = kept[u] || keep;
     const float m_new = max(m[u], practical_group_max<BK>(x));
     const float p = flash_exp(x - m_new);
@@ -184,12 +152,12 @@ for (int u = 0; u < RL; ++u) {
   const float row_sum = practical_group_sum<BK>(l[u]);
   const bool row_kept = practical_group_max<BK>(kept[u] ? 1 : 0) != 0;
   const int f = sg * R + lr + LR * u;
-  const int pos = pos_begin + f / heads;
+  const int pos = tile.pos_begin + f / tile.heads;
   if (j == 0) {
     // -inf (never 1 / l, which is >= 0 or NaN) marks a row that kept nothing.
     row_scale[f] = row_kept ? 1.0f / row_sum : -INFINITY;
-    if (f < rows_used && pos < mask.q_len) {
-      const int head = first_head + f % heads;
+    if (f < tile.rows_used && pos < mask.q_len) {
+      const int head = tile.first_head + f % tile.heads;
       lse[(int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos] =
           row_kept ? m[u] + log(row_sum) : INFINITY;
     }
@@ -198,9 +166,9 @@ for (int u = 0; u < RL; ++u) {
 simdgroup_barrier(mem_flags::mem_threadgroup);
 for (int r = 0; r < R; ++r) {
   const int f = sg * R + r;
-  const int pos = pos_begin + f / heads;
-  if (f < rows_used && pos < mask.q_len) {
-    const int head = first_head + f % heads;
+  const int pos = tile.pos_begin + f / tile.heads;
+  if (f < tile.rows_used && pos < mask.q_len) {
+    const int head = tile.first_head + f % tile.heads;
     const float inv_sum = row_scale[f];
     const int64_t out_row = ((int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos) * DV;
     for (int t = 0; t < DVT; ++t) {

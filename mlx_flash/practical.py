@@ -176,7 +176,8 @@ class Tiles:
     simdgroup (KPS, dK/dV); ``tile``: keys per staged tile (BK) or query
     positions per staged tile (BQ). ``threadgroup_bytes`` is what the kernel
     declares; ``registers`` an estimate of a lane's float32 registers
-    (accumulators, per-row state and temporaries), not a compiler count.
+    (accumulators, per-row state and temporaries), not a compiler count;
+    ``accumulators`` the float32 accumulators among them.
     """
 
     simdgroups: int
@@ -184,6 +185,7 @@ class Tiles:
     tile: int
     threadgroup_bytes: int
     registers: int
+    accumulators: int
 
 
 def _vectors(n: int, padded: bool) -> int:
@@ -195,45 +197,33 @@ def _per_lane(n: int) -> int:
     return -(-n // 32)
 
 
-def _forward_tiles(dim, value_dim, size, simdgroups, rows, tile) -> Tiles:
-    q_rows = simdgroups * rows
-    d4, dv4 = _vectors(dim, True), _vectors(value_dim, False)
-    nbytes = size * 4 * (q_rows * d4 + tile * d4 + tile * dv4) + 4 * (q_rows * tile + q_rows)
-    per_lane_rows = rows * tile // 32
-    dvt = _per_lane(value_dim)
-    registers = rows * dvt + 9 * per_lane_rows + 5 * dvt + 8 + 16
-    return Tiles(simdgroups, rows, tile, nbytes, registers)
-
-
-def _dq_tiles(dim, value_dim, size, simdgroups, rows, tile) -> Tiles:
-    q_rows = simdgroups * rows
+def _configuration(kernel: str, dim: int, value_dim: int, size: int, simdgroups: int, rows: int, tile: int) -> Tiles:
+    """The threadgroup memory and register estimate of one candidate, as the
+    kernel declares them: staged tiles of 4-vectors (``size``-byte
+    elements; rows read by different lanes padded) and float32 weights."""
+    shared = simdgroups * rows  # query rows (keys for dK/dV) sharing each staged tile
     d4, dv4 = _vectors(dim, True), _vectors(value_dim, True)
-    nbytes = size * 4 * (q_rows + tile) * (d4 + dv4) + 4 * q_rows * tile
-    per_lane_rows = rows * tile // 32
-    dt = _per_lane(dim)
-    registers = rows * dt + 9 * per_lane_rows + 5 * dt + 8 + 16
-    return Tiles(simdgroups, rows, tile, nbytes, registers)
-
-
-def _dkdv_tiles(dim, value_dim, size, simdgroups, rows, tile) -> Tiles:
-    keys = simdgroups * rows
-    d4, dv4 = _vectors(dim, True), _vectors(value_dim, True)
-    nbytes = size * 4 * (keys + tile) * (d4 + dv4) + 2 * 4 * keys * tile
-    per_lane_keys = rows * tile // 32
     dt, dvt = _per_lane(dim), _per_lane(value_dim)
-    registers = rows * (dt + dvt) + 4 * per_lane_keys + 5 * max(dt, dvt) + 8 + 24
-    return Tiles(simdgroups, rows, tile, nbytes, registers)
+    slots = rows * tile // 32  # pairs per lane in the score phase
+    if kernel == "forward":  # Q; K, V (V read along columns only); P, corrections
+        vectors = shared * d4 + tile * (d4 + _vectors(value_dim, False))
+        floats = shared * tile + shared
+        accumulators, columns, state, fixed = rows * dvt, dvt, 9, 24
+    elif kernel == "dq":  # Q, dO; K, V; dS
+        vectors = (shared + tile) * (d4 + dv4)
+        floats = shared * tile
+        accumulators, columns, state, fixed = rows * dt, dt, 9, 24
+    else:  # K, V; Q, dO; P, dS
+        vectors = (shared + tile) * (d4 + dv4)
+        floats = 2 * shared * tile
+        accumulators, columns, state, fixed = rows * (dt + dvt), max(dt, dvt), 4, 32
+    # Per score slot: its row's (or key's) bounds, id and statistics; per
+    # output column: the accumulation's four staged values and its index.
+    registers = accumulators + state * slots + 5 * columns + fixed
+    return Tiles(simdgroups, rows, tile, size * 4 * vectors + 4 * floats, registers, accumulators)
 
 
-def _accumulators(kernel: str, rows: int, dim: int, value_dim: int) -> int:
-    if kernel == "forward":
-        return rows * _per_lane(value_dim)
-    if kernel == "dq":
-        return rows * _per_lane(dim)
-    return rows * (_per_lane(dim) + _per_lane(value_dim))
-
-
-_CONFIGURATIONS = {"forward": _forward_tiles, "dq": _dq_tiles, "dkdv": _dkdv_tiles}
+_KERNELS = ("forward", "dq", "dkdv")
 
 
 def tile_sizes(kernel: str, head_dim: int, value_dim: int, dtype) -> Tiles:
@@ -253,10 +243,9 @@ def tile_sizes(kernel: str, head_dim: int, value_dim: int, dtype) -> Tiles:
     """
     if max(head_dim, value_dim) > MAX_HEAD_DIM:
         raise ValueError(f"head dims {head_dim} and {value_dim}: the practical kernels take at most {MAX_HEAD_DIM}")
-    build = _CONFIGURATIONS[kernel]
     size = mx.finfo(dtype).bits // 8
     candidates = [
-        build(head_dim, value_dim, size, simdgroups, rows, tile)
+        _configuration(kernel, head_dim, value_dim, size, simdgroups, rows, tile)
         for simdgroups in (4, 2, 1)
         for rows in (8, 4, 2, 1)
         for tile in (32, 16, 8)
@@ -274,7 +263,7 @@ def tile_sizes(kernel: str, head_dim: int, value_dim: int, dtype) -> Tiles:
             for t in candidates
             if t.threadgroup_bytes <= limit
             and least <= t.simdgroups * t.rows <= most
-            and _accumulators(kernel, t.rows, head_dim, value_dim) <= accumulators
+            and t.accumulators <= accumulators
         ]
         if fitting:
             # Within the preferred budget the longest tile; past it the least memory.
@@ -292,7 +281,7 @@ def tile_table(dims=(32, 64, 80, 96, 128, 256)) -> list:
     for dim in dims:
         for value_dim in sorted({dim, 64}):
             for dtype in _DTYPES:
-                for kernel in _CONFIGURATIONS:
+                for kernel in _KERNELS:
                     table.append((dim, value_dim, dtype, kernel, tile_sizes(kernel, dim, value_dim, dtype)))
     return table
 

@@ -105,6 +105,34 @@ def _problem(case: Case, seed: int = 0):
     return q, k, v, dout, structure, sinks
 
 
+def _assert_grads_close(grads, expected, dtype):
+    for grad, want, name in zip(grads, expected, ("dq", "dk", "dv", "dsinks")):
+        kernel_checks.assert_close(grad, want, TOLERANCES[dtype], name)
+
+
+def _check_op_against_manual(backend, q, k, v, dout, sinks=None, **op_args):
+    """The public op with ``variant="practical"`` on ``backend`` under
+    ``mx.value_and_grad`` (dispatch, custom function, vjp, kernels, the
+    sinks' gradient) against ``variant="manual"``."""
+    primals = [q, k, v] + ([sinks] if sinks is not None else [])
+
+    def value_and_grads(variant):
+        def loss(q, k, v, *sinks):
+            out = mlx_flash.scaled_dot_product_attention(
+                q, k, v, sinks=sinks[0] if sinks else None, variant=variant, **op_args
+            )
+            return mx.sum(out.astype(mx.float32) * dout.astype(mx.float32))
+
+        return mx.value_and_grad(loss, argnums=tuple(range(len(primals))))(*primals)
+
+    with on_backend(backend):
+        value, grads = value_and_grads("practical")
+        mx.eval(value, grads)
+    want_value, want_grads = value_and_grads("manual")
+    kernel_checks.assert_close(value, want_value, TOLERANCES[q.dtype], "loss")
+    _assert_grads_close(grads, want_grads, q.dtype)
+
+
 F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
 
 # Structure cases share float32 at D = Dv = 32 (one set of instantiations);
@@ -246,57 +274,23 @@ def test_tiles_outside_the_mask_are_never_read():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_end_to_end_with_structured_masks(backend):
-    # The public op under mx.grad (dispatch, custom function, vjp, kernels,
-    # the sinks' gradient) against the unfused reference.
-    dtype = mx.float32
     B, hq, hkv, length, dim = 2, 4, 2, 40, 32
-    q, k, v, dout = random_inputs(B, hq, hkv, length, length, dim, dim, dtype, seed=7)
+    q, k, v, dout = random_inputs(B, hq, hkv, length, length, dim, dim, mx.float32, seed=7)
     ids = segment_layout("padding", B, length, seed=7)
     sinks = mx.random.normal((hq,), key=mx.random.key(7))
-    scale = dim**-0.5
-
-    def grad(variant):
-        def loss(q, k, v, sinks):
-            out = mlx_flash.scaled_dot_product_attention(
-                q, k, v, scale=scale, mask="causal", segment_ids=ids, window=11, sinks=sinks, variant=variant
-            )
-            return mx.sum(out * dout)
-
-        return mx.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
-
+    structure = dict(mask="causal", segment_ids=ids, window=11)
     with on_backend(backend):
-        plan = mlx_flash.explain(q, k, v, mask="causal", segment_ids=ids, window=11, sinks=sinks, variant="practical")
-        value, grads = grad("practical")
-        mx.eval(value, grads)
+        plan = mlx_flash.explain(q, k, v, sinks=sinks, variant="practical", **structure)
     assert plan.implementation == "practical"
-    want_value, want_grads = grad("manual")
-    kernel_checks.assert_close(value, want_value, TOLERANCES[dtype], "loss")
-    for got, want, name in zip(grads, want_grads, ("dq", "dk", "dv", "dsinks")):
-        kernel_checks.assert_close(got, want, TOLERANCES[dtype], name)
+    _check_op_against_manual(backend, q, k, v, dout, sinks, scale=dim**-0.5, **structure)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_end_to_end_causal_more_queries_than_keys(backend):
     # Lq > Lk under causal: the dispatcher gives the first Lq - Lk queries
     # MLX's uniform weights and sends the rest to the kernels.
-    dtype = mx.float32
-    q, k, v, dout = random_inputs(1, 4, 2, 21, 13, 32, 32, dtype, seed=7)
-    scale = 32**-0.5
-
-    def grad(variant):
-        def loss(q, k, v):
-            out = mlx_flash.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal", variant=variant)
-            return mx.sum(out * dout)
-
-        return mx.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-    with on_backend(backend):
-        value, grads = grad("practical")
-        mx.eval(value, grads)
-    want_value, want_grads = grad("manual")
-    kernel_checks.assert_close(value, want_value, TOLERANCES[dtype], "loss")
-    for got, want, name in zip(grads, want_grads, ("dq", "dk", "dv")):
-        kernel_checks.assert_close(got, want, TOLERANCES[dtype], name)
+    q, k, v, dout = random_inputs(1, 4, 2, 21, 13, 32, 32, mx.float32, seed=7)
+    _check_op_against_manual(backend, q, k, v, dout, scale=32**-0.5, mask="causal")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -368,8 +362,7 @@ def test_strided_inputs(backend):
     with on_backend(backend):
         out, _, grads = run_kernels(practical, q_t, k_t, v_t, do_t, 0.25, mask)
     kernel_checks.assert_close(out, expected_out, TOLERANCES[dtype], "output")
-    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
-        kernel_checks.assert_close(grad, expected, TOLERANCES[dtype], name)
+    _assert_grads_close(grads, expected_grads, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
