@@ -68,9 +68,9 @@ excess is the forward's correction, computed by every lane that holds part
 of a row's sum, and exp2's conversion to log2 units. The forward also
 rescales its output, ``Dv / BK`` multiplies per pair as in a scalar kernel,
 and skips that for a row whose maximum did not change in the tile (a
-uniform branch). Memory
-operations per pair: one threadgroup store of P (or dS) and a quarter of a
-broadcast load in the accumulation, against a register shuffle before.
+uniform branch). Memory operations per pair: one threadgroup store of P
+(or dS) and a quarter of a broadcast load in the accumulation, against a
+register shuffle before.
 
 Tile sizes (``tile_sizes``; template constants) keep threadgroup memory
 within 16 KB where possible and always within Metal's 32 KB, with about 32
@@ -78,10 +78,12 @@ float32 accumulators per lane (64 where nothing else fits: float32 dK/dV at
 head dim 256). Tiles are staged in the input dtype (a half or bfloat16 tile
 takes half the bytes of a float32 one) and converted on read; the forward
 and dQ also stage their query rows, which the lane-per-key scores read as
-broadcasts. Compared with the float32 staging before, half and bfloat16
-tiles share each staged K/V tile among twice the query rows (32 instead of
-16 at D = 64 and 128, 16 instead of 8 at D = 256): half the K/V traffic
-from device memory. ``registers`` is an estimate of a lane's float32
+broadcasts. Compared with the float32 staging before, the half and
+bfloat16 forward shares each staged K/V tile among twice the query rows
+(32 instead of 16 at D = 64 and 128, 16 instead of 8 at D = 256), which
+halves its K/V traffic from device memory; dQ and dK/dV share theirs among
+32 rows (keys) at D = 64, 16 at D = 128 (as before) and 16 / 8 at D = 256.
+``registers`` is an estimate of a lane's float32
 registers (accumulators, per-row state, temporaries), not a compiler count.
 bfloat16 is as float16. ``NSG/R/BK`` reads ``NSG/KPS/BQ`` for dK/dV.
 
