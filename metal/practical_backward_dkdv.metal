@@ -50,7 +50,8 @@ const int group = mask.n_q_heads / mask.n_kv_heads;
 const int key_begin = key_block * BKV;
 const int key_end = min(key_begin + BKV, mask.k_len);
 
-const PracticalArrayStrides array = practical_array_strides(mask_array_shape, mask_array_strides);
+const PracticalArrayStrides array_strides =
+    practical_array_strides(mask_array_shape, mask_array_strides);
 
 practical_stage<T, BKV, D4, NT>(
     k_block, k, batch * k_strides[0] + kv_head * k_strides[1], 0, k_strides[2],
@@ -109,7 +110,8 @@ for (int g = 0; g < group; ++g) {
     // Query i of the tile: its part of the mask, lse and delta.
     const int pos = q0 + i;
     const bool valid = pos < mask.q_len;
-    const PracticalRow row = practical_row(mask, array, q_segments, q_segments_strides, batch, head, pos, valid);
+    const PracticalRow row = practical_row(
+        mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
     const float row_lse = valid ? lse[stat_base + pos] : INFINITY;
     const float row_delta = valid ? delta[stat_base + pos] : 0.0f;
 
@@ -119,7 +121,8 @@ for (int g = 0; g < group; ++g) {
     practical_dots<T, KL, DV4>(dp, v_block + (sg * KPS + lk) * DV4, LK * DV4, do_tile + i * DV4);
     for (int u = 0; u < KL; ++u) {
       bool keep;
-      const float x = practical_masked_score(mask, row, key[u], k_id[u], mask_array, array.key, s[u] * scale, keep);
+      const float x = practical_masked_score(
+          mask, row, key[u], k_id[u], mask_array, array_strides.key, s[u] * scale, keep);
       // A dropped score is a constant: no weight, no gradient.
       const float p = keep ? flash_exp(x - row_lse) : 0.0f;
       const int at = (sg * KPS + lk + LK * u) * BQ + i;

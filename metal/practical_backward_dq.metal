@@ -36,7 +36,8 @@ const int sg = simdgroup_index_in_threadgroup;
 const int batch = threadgroup_position_in_grid.z;
 const PracticalQueryTile tile =
     practical_query_tile(mask, threadgroup_position_in_grid, threadgroups_per_grid, BQ);
-const PracticalArrayStrides array = practical_array_strides(mask_array_shape, mask_array_strides);
+const PracticalArrayStrides array_strides =
+    practical_array_strides(mask_array_shape, mask_array_strides);
 
 practical_stage<T, BQ, D4, NT>(
     q_tile, q, batch * q_strides[0] + tile.first_head * q_strides[1], q_strides[1],
@@ -55,7 +56,8 @@ for (int u = 0; u < RL; ++u) {
   const int pos = tile.pos_begin + f / tile.heads;
   const int head = tile.first_head + f % tile.heads;
   const bool valid = f < tile.rows_used && pos < mask.q_len;
-  rows[u] = practical_row(mask, array, q_segments, q_segments_strides, batch, head, pos, valid);
+  rows[u] = practical_row(
+      mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
   const int64_t stat = (int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos;
   row_lse[u] = valid ? lse[stat] : INFINITY;
   row_delta[u] = valid ? delta[stat] : 0.0f;
@@ -96,7 +98,8 @@ for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
   practical_dots<T, RL, DV4>(dp, do_tile + (sg * R + lr) * DV4, LR * DV4, v_tile + j * DV4);
   for (int u = 0; u < RL; ++u) {
     bool keep;
-    const float x = practical_masked_score(mask, rows[u], key, k_id, mask_array, array.key, s[u] * scale, keep);
+    const float x = practical_masked_score(
+        mask, rows[u], key, k_id, mask_array, array_strides.key, s[u] * scale, keep);
     // A dropped score is a constant: no weight, no gradient.
     const float p = keep ? flash_exp(x - row_lse[u]) : 0.0f;
     ds_tile[(sg * R + lr + LR * u) * BK + j] = p * (dp[u] - row_delta[u]);

@@ -45,7 +45,8 @@ const int sg = simdgroup_index_in_threadgroup;
 const int batch = threadgroup_position_in_grid.z;
 const PracticalQueryTile tile =
     practical_query_tile(mask, threadgroup_position_in_grid, threadgroups_per_grid, BQ);
-const PracticalArrayStrides array = practical_array_strides(mask_array_shape, mask_array_strides);
+const PracticalArrayStrides array_strides =
+    practical_array_strides(mask_array_shape, mask_array_strides);
 
 practical_stage<T, BQ, D4, NT>(
     q_tile, q, batch * q_strides[0] + tile.first_head * q_strides[1], q_strides[1],
@@ -68,7 +69,8 @@ for (int u = 0; u < RL; ++u) {
   const int pos = tile.pos_begin + f / tile.heads;
   const int head = tile.first_head + f % tile.heads;
   const bool valid = f < tile.rows_used && pos < mask.q_len;
-  rows[u] = practical_row(mask, array, q_segments, q_segments_strides, batch, head, pos, valid);
+  rows[u] = practical_row(
+      mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
   // A sink starts the row: m = sink, l = 1 (held by the lane-row's lane 0).
   const bool sink = valid && mask.sinks;
   m[u] = sink ? sinks[head] : -FLT_MAX;
@@ -114,7 +116,8 @@ for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
   practical_dots<T, RL, D4>(s, q_tile + (sg * R + lr) * D4, LR * D4, k_tile + j * D4);
   for (int u = 0; u < RL; ++u) {
     bool keep;
-    const float x = practical_masked_score(mask, rows[u], key, k_id, mask_array, array.key, s[u] * scale, keep);
+    const float x = practical_masked_score(
+        mask, rows[u], key, k_id, mask_array, array_strides.key, s[u] * scale, keep);
     kept[u] = kept[u] || keep;
     const float m_new = max(m[u], practical_group_max<BK>(x));
     const float p = flash_exp(x - m_new);
