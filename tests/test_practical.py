@@ -441,6 +441,55 @@ def test_flash_exp_keeps_exps_special_values(backend):
         assert math.isclose(value, math.exp(want), rel_tol=2e-6), (want, value)
 
 
+_BOUNDS_PROBE = """
+const FlashMask mask = flash_read_mask(params);
+const int i = thread_position_in_grid.x;
+if (i < mask.q_len) {
+  bounds[4 * i + 0] = flash_key_begin(mask, i);
+  bounds[4 * i + 1] = flash_key_end(mask, i + 1);
+  for (int j = 0; j < mask.k_len; ++j) {
+    keeps[i * mask.k_len + j] = flash_position_keeps(mask, i, j) ? 1 : 0;
+  }
+}
+if (i < mask.k_len) {
+  bounds[4 * i + 2] = flash_row_begin(mask, i);
+  bounds[4 * i + 3] = flash_row_end(mask, i + 1);
+}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flash_common_bounds_match_masks(backend):
+    # The shared header's position rule and loop bounds are masks.py's, for
+    # causal with and without a window and Lq <= Lk (bottom-right).
+    kernel = mx.fast.metal_kernel(
+        name="flash_bounds_probe",
+        input_names=["params"],
+        output_names=["bounds", "keeps"],
+        source=_BOUNDS_PROBE,
+        header=kernels.source("flash_common.h"),
+    )
+    layouts = [(9, 9, False, None), (9, 9, True, None), (7, 12, True, None), (9, 9, True, 1), (7, 12, True, 4)]
+    for q_len, k_len, causal, window in layouts:
+        mask = masks.StructuredMask(q_len, k_len, causal, window)
+        params = mx.array([q_len, k_len, 1, 1, 0, int(causal), window or 0, 0, 0], mx.int32)
+        size = max(q_len, k_len)
+        with on_backend(backend):
+            bounds, keeps = kernels.launch(
+                kernel, inputs=[params], grid=(size, 1, 1), threadgroup=(size, 1, 1),
+                output_shapes=[(size, 4), (q_len, k_len)], output_dtypes=[mx.int32, mx.int32],
+                init_value=-7,
+            )
+        bounds = np.array(bounds)
+        dense = mask.dense_keep()
+        expected = np.ones((q_len, k_len), bool) if dense is None else np.array(dense)
+        assert (np.array(keeps) == 1).tolist() == expected.tolist(), (q_len, k_len, causal, window)
+        for i in range(q_len):
+            assert tuple(bounds[i, :2]) == mask.key_bounds((i, i + 1)), ("keys of row", i)
+        for j in range(k_len):
+            assert tuple(bounds[j, 2:]) == mask.row_bounds((j, j + 1)), ("rows of key", j)
+
+
 def test_signatures_have_no_unused_shape_buffers(monkeypatch):
     # MLX adds an `x_shape` (`_strides`, `_ndim`) buffer for input x whenever
     # that text occurs anywhere in the body, even inside a longer name (a
