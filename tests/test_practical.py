@@ -22,7 +22,7 @@ import pytest
 import kernel_checks
 import mlx_flash
 from kernel_checks import BACKENDS, on_backend, random_inputs, random_mask, run_kernels, segment_layout, structured
-from mlx_flash import emulator, fused, kernels, masks, practical, reference
+from mlx_flash import fused, kernels, masks, practical, reference
 from mlx_flash.emulator.source import generated_source
 
 # max |actual - expected| <= ATOL + RTOL * max |expected|, per dtype: float32
