@@ -1,184 +1,153 @@
 // Practical flash-attention backward, dK and dV (FlashAttention-2): a
-// threadgroup owns a tile of keys of one KV head and walks every query tile
-// of every query head that shares that KV head, accumulating in registers
+// threadgroup owns a block of keys of one KV head and walks the query tiles
+// that can see it, of every query head sharing that KV head, accumulating
 //   P  = exp(scale * Q K^T + mask - lse)       (recomputed, never stored)
 //   dV += P^T dO
 //   dS = P * (dO V^T - delta)
 //   dK += scale * dS^T Q
 // so dK and dV are written once, with no atomics and in a fixed order.
 //
-// Inputs:  q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, DV),
-//          dout (B, Hq, Lq, DV), any strides; lse, delta (B, Hq, Lq) float32
-//          contiguous; mask_array, params, fparams as in practical_forward.metal.
+// Inputs: flash_common.h (the backward's dout, lse, delta included).
 // Outputs: dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, DV) in T.
-// Grid:    threadgroup (NSG * 32, 1, 1) per (key tile, KV head, batch).
+// Grid: threadgroups (ceil(Lk / (NSG * KPS)), Hkv, B) of NSG * 32 threads.
 //
 // Template constants: T, D, DV, NSG, KPS (keys per simdgroup), BQ (query
-// rows per staged tile).
+// positions per staged tile: 32, 16 or 8).
 //
-// Layout: a simdgroup owns KPS keys, their K and V rows and their dK and dV
-// accumulators in registers, split over the lanes like the forward's query
-// rows. The Q and dO tiles are staged in threadgroup memory, shared by all
-// simdgroups; each (query, key) pair costs two simd_sums (S and dP).
+// The block's K and V stay in threadgroup memory; Q and dO tiles of BQ
+// positions of one head are staged in turn. Per query tile: lane (c, i) of
+// the simdgroup's (32 / BQ) x BQ lanes computes S and dP of query i against
+// the simdgroup's keys c, c + 32 / BQ, ... (each pair once, by one lane),
+// then P and dS into threadgroup memory; lanes over columns accumulate
+// dV += P^T dO and dK += dS^T Q for the simdgroup's KPS keys.
 
-constexpr int DPT = (D + 31) / 32;
-constexpr int DVPT = (DV + 31) / 32;
-constexpr int DP = DPT * 32;
-constexpr int DVP = DVPT * 32;
-constexpr int BKV = NSG * KPS; // keys per threadgroup
 constexpr int NT = NSG * 32;
+constexpr int BKV = NSG * KPS; // keys per threadgroup
+constexpr int LK = 32 / BQ; // lane-rows in the score phase
+constexpr int KL = KPS / LK; // keys per lane in the score phase
+constexpr int D4 = (D + 3) / 4 + 1;
+constexpr int DV4 = (DV + 3) / 4 + 1;
+constexpr int DT = (D + 31) / 32;
+constexpr int DVT = (DV + 31) / 32;
 
-threadgroup float q_tile[BQ * DP];
-threadgroup float do_tile[BQ * DVP];
+threadgroup vec<T, 4> k_block[BKV * D4];
+threadgroup vec<T, 4> v_block[BKV * DV4];
+threadgroup vec<T, 4> q_tile[BQ * D4];
+threadgroup vec<T, 4> do_tile[BQ * DV4];
+threadgroup float p_tile[BKV * BQ];
+threadgroup float ds_tile[BKV * BQ];
 
-const int q_len = params[0];
-const int k_len = params[1];
-const int n_q_heads = params[2];
-const int n_kv_heads = params[3];
-const int mask_kind = params[4];
+const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
-const float lowest = fparams[1];
 
-const int tile = threadgroup_position_in_grid.x;
-const int kv_head = threadgroup_position_in_grid.y;
-const int batch = threadgroup_position_in_grid.z;
-const int group = n_q_heads / n_kv_heads;
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
-const int first_key = tile * BKV + simdgroup_index_in_threadgroup * KPS;
+const int sg = simdgroup_index_in_threadgroup;
+const int key_block = threadgroup_position_in_grid.x;
+const int kv_head = threadgroup_position_in_grid.y;
+const int batch = threadgroup_position_in_grid.z;
+const int group = mask.n_q_heads / mask.n_kv_heads;
+const int key_begin = key_block * BKV;
+const int key_end = min(key_begin + BKV, mask.k_len);
 
-const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
-const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
-const int64_t mask_row_stride = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
-const int64_t mask_key_stride = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
+const PracticalArrayStrides array_strides =
+    practical_array_strides(mask_array_shape, mask_array_strides);
 
-// K is kept pre-scaled, so q . k_reg is already the score.
-float k_reg[KPS][DPT];
-float v_reg[KPS][DVPT];
-float dk_acc[KPS][DPT];
-float dv_acc[KPS][DVPT];
+practical_stage<T, BKV, D4, NT>(
+    k_block, k, batch * k_strides[0] + kv_head * k_strides[1], 0, k_strides[2],
+    k_strides[3], 1, BKV, key_begin, mask.k_len, D, tid);
+practical_stage<T, BKV, DV4, NT>(
+    v_block, v, batch * v_strides[0] + kv_head * v_strides[1], 0, v_strides[2],
+    v_strides[3], 1, BKV, key_begin, mask.k_len, DV, tid);
+
+// Score-phase keys of this lane: simdgroup key lk + LK * u.
+const int lk = lane / BQ;
+const int i = lane % BQ;
+int key[KL];
+int k_id[KL];
+for (int u = 0; u < KL; ++u) {
+  key[u] = key_begin + sg * KPS + lk + LK * u;
+  k_id[u] = practical_key_id(mask, k_segments, k_segments_strides, batch, key[u]);
+}
+
+float dk_acc[KPS][DT];
+float dv_acc[KPS][DVT];
 for (int c = 0; c < KPS; ++c) {
-  const int key = first_key + c;
-  for (int t = 0; t < DPT; ++t) {
-    const int d = t * 32 + lane;
-    k_reg[c][t] = (key < k_len && d < D)
-        ? scale * float(k[k_base + key * k_strides[2] + d * k_strides[3]])
-        : 0.0f;
+  for (int t = 0; t < DT; ++t) {
     dk_acc[c][t] = 0.0f;
   }
-  for (int t = 0; t < DVPT; ++t) {
-    const int d = t * 32 + lane;
-    v_reg[c][t] = (key < k_len && d < DV)
-        ? float(v[v_base + key * v_strides[2] + d * v_strides[3]])
-        : 0.0f;
+  for (int t = 0; t < DVT; ++t) {
     dv_acc[c][t] = 0.0f;
   }
 }
 
-// Causal: query rows before the first one that sees this tile's first key
-// contribute nothing; start at the query tile that holds it.
-const int row_begin = (mask_kind == FLASH_MASK_CAUSAL)
-    ? (flash_causal_row_begin(tile * BKV, q_len, k_len) / BQ) * BQ
-    : 0;
+// Query rows that the causal and window rules let see some key of the block.
+const int row_begin = flash_row_begin(mask, key_begin);
+const int row_end = flash_row_end(mask, key_end);
+const int2 k_range = mask.segments
+    ? flash_tile_range(k_ranges, k_ranges_strides, batch, key_block)
+    : int2(0, 0);
 
 for (int g = 0; g < group; ++g) {
   const int head = kv_head * group + g;
   const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
   const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
-  const int64_t mask_base =
-      batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
-      head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
-  const int64_t stat_base = (int64_t(batch) * n_q_heads + head) * q_len;
+  const int64_t stat_base = (int64_t(batch) * mask.n_q_heads + head) * mask.q_len;
 
-  for (int q0 = row_begin; q0 < q_len; q0 += BQ) {
+  for (int q0 = (row_begin / BQ) * BQ; q0 < row_end; q0 += BQ) {
+    if (mask.segments &&
+        !flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q0 / BQ), k_range)) {
+      continue;
+    }
     // Every simdgroup is done with the previous tile before it is overwritten.
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int i = tid; i < BQ * DP; i += NT) {
-      const int row = q0 + i / DP;
-      const int d = i % DP;
-      q_tile[i] = (row < q_len && d < D)
-          ? float(q[q_base + row * q_strides[2] + d * q_strides[3]])
-          : 0.0f;
-    }
-    for (int i = tid; i < BQ * DVP; i += NT) {
-      const int row = q0 + i / DVP;
-      const int d = i % DVP;
-      do_tile[i] = (row < q_len && d < DV)
-          ? float(dout[do_base + row * dout_strides[2] + d * dout_strides[3]])
-          : 0.0f;
-    }
+    practical_stage<T, BQ, D4, NT>(
+        q_tile, q, q_base, 0, q_strides[2], q_strides[3], 1, BQ, q0, mask.q_len, D, tid);
+    practical_stage<T, BQ, DV4, NT>(
+        do_tile, dout, do_base, 0, dout_strides[2], dout_strides[3], 1, BQ, q0, mask.q_len, DV, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
-    const int rows = min(BQ, q_len - q0);
-    for (int i = 0; i < rows; ++i) {
-      const int row = q0 + i;
-      float q_row[DPT];
-      float do_row[DVPT];
-      for (int t = 0; t < DPT; ++t) {
-        q_row[t] = q_tile[i * DP + t * 32 + lane];
-      }
-      for (int t = 0; t < DVPT; ++t) {
-        do_row[t] = do_tile[i * DVP + t * 32 + lane];
-      }
-      const float row_lse = lse[stat_base + row];
-      const float row_delta = delta[stat_base + row];
+    // Query i of the tile: its part of the mask, lse and delta.
+    const int pos = q0 + i;
+    const bool valid = pos < mask.q_len;
+    const PracticalRow row = practical_row(
+        mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
+    const float row_lse = valid ? lse[stat_base + pos] : INFINITY;
+    const float row_delta = valid ? delta[stat_base + pos] : 0.0f;
 
-      for (int c = 0; c < KPS; ++c) {
-        const int key = first_key + c;
-        // Uniform over the simdgroup, so the simd_sums below stay convergent.
-        if (key >= k_len) {
-          continue;
-        }
-        float s_part = 0.0f;
-        for (int t = 0; t < DPT; ++t) {
-          s_part += q_row[t] * k_reg[c][t];
-        }
-        float dp_part = 0.0f;
-        for (int t = 0; t < DVPT; ++t) {
-          dp_part += do_row[t] * v_reg[c][t];
-        }
-        float s = simd_sum(s_part);
-        const float dp = simd_sum(dp_part);
-
-        bool keep = true;
-        if (mask_kind == FLASH_MASK_CAUSAL) {
-          keep = flash_causal_keeps(row, key, q_len, k_len);
-        } else if (mask_kind == FLASH_MASK_BOOL) {
-          keep = float(mask_array[mask_base + row * mask_row_stride +
-                            key * mask_key_stride]) != 0.0f;
-        } else if (mask_kind == FLASH_MASK_ADD) {
-          s += float(
-              mask_array[mask_base + row * mask_row_stride + key * mask_key_stride]);
-        }
-        // A dropped score is a constant: it carries weight (in a row that
-        // keeps nothing) but no gradient.
-        const float p = keep ? flash_exp(s - row_lse)
-                             : flash_dropped_weight(row_lse, lowest, k_len);
-        const float ds = keep ? p * (dp - row_delta) : 0.0f;
-
-        for (int t = 0; t < DVPT; ++t) {
-          dv_acc[c][t] += p * do_row[t];
-        }
-        for (int t = 0; t < DPT; ++t) {
-          dk_acc[c][t] += ds * q_row[t];
-        }
-      }
+    float s[KL];
+    float dp[KL];
+    practical_dots<T, KL, D4>(s, k_block + (sg * KPS + lk) * D4, LK * D4, q_tile + i * D4);
+    practical_dots<T, KL, DV4>(dp, v_block + (sg * KPS + lk) * DV4, LK * DV4, do_tile + i * DV4);
+    for (int u = 0; u < KL; ++u) {
+      bool keep;
+      const float x = practical_masked_score(
+          mask, row, key[u], k_id[u], mask_array, array_strides.key, s[u] * scale, keep);
+      // A dropped score is a constant: no weight, no gradient.
+      const float p = keep ? flash_exp(x - row_lse) : 0.0f;
+      const int at = (sg * KPS + lk + LK * u) * BQ + i;
+      p_tile[at] = p;
+      ds_tile[at] = p * (dp[u] - row_delta);
     }
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+
+    practical_accumulate<T, KPS, BQ, DVT, DV4>(dv_acc, p_tile + sg * KPS * BQ, do_tile, lane, DV);
+    practical_accumulate<T, KPS, BQ, DT, D4>(dk_acc, ds_tile + sg * KPS * BQ, q_tile, lane, D);
   }
 }
 
 for (int c = 0; c < KPS; ++c) {
-  const int key = first_key + c;
-  if (key < k_len) {
-    const int64_t out_row = (int64_t(batch) * n_kv_heads + kv_head) * k_len + key;
-    for (int t = 0; t < DPT; ++t) {
-      const int d = t * 32 + lane;
+  const int key_c = key_begin + sg * KPS + c;
+  if (key_c < mask.k_len) {
+    const int64_t out_row = (int64_t(batch) * mask.n_kv_heads + kv_head) * mask.k_len + key_c;
+    for (int t = 0; t < DT; ++t) {
+      const int d = lane + 32 * t;
       if (d < D) {
         dk[out_row * D + d] = static_cast<T>(scale * dk_acc[c][t]);
       }
     }
-    for (int t = 0; t < DVPT; ++t) {
-      const int d = t * 32 + lane;
+    for (int t = 0; t < DVT; ++t) {
+      const int d = lane + 32 * t;
       if (d < DV) {
         dv[out_row * DV + d] = static_cast<T>(dv_acc[c][t]);
       }

@@ -1,161 +1,124 @@
 // Practical flash-attention backward, dQ (FlashAttention-2): a threadgroup
-// owns a tile of query rows and walks the key tiles, accumulating in
-// registers
+// owns a query tile and walks the key tiles it can see, accumulating
 //   P  = exp(scale * Q K^T + mask - lse)       (recomputed, never stored)
 //   dS = P * (dO V^T - delta)
 //   dQ += scale * dS K
 // so dQ is written once, with no atomics and in a fixed order.
 //
-// Inputs, template constants and grid as practical_forward.metal, plus
-// dout (B, Hq, Lq, DV) any strides and lse, delta (B, Hq, Lq) float32
-// contiguous. Output: dq (B, Hq, Lq, D) in T.
+// Inputs: flash_common.h (the backward's dout, lse, delta included).
+// Output: dq (B, Hq, Lq, D) in T. Grid, template constants and the query
+// tile (heads x positions, GQA heads sharing each K/V tile): as
+// practical_forward.metal.
 //
-// Layout: the forward's. A simdgroup owns R query rows (Q, dO and the dQ
-// accumulator in registers, split over the lanes); K and V tiles are staged
-// in threadgroup memory and shared; each (query, key) pair costs two
-// simd_sums (S and dP).
+// Per key tile: lane (r, j) computes S and dP of key j against its rows
+// (each pair once, by one lane), then P and dS; lanes over columns of D
+// accumulate dQ += dS K with dS read from threadgroup memory.
 
-constexpr int DPT = (D + 31) / 32;
-constexpr int DVPT = (DV + 31) / 32;
-constexpr int DP = DPT * 32;
-constexpr int DVP = DVPT * 32;
-constexpr int BQ = NSG * R;
 constexpr int NT = NSG * 32;
+constexpr int BQ = NSG * R;
+constexpr int LR = 32 / BK;
+constexpr int RL = R / LR;
+constexpr int D4 = (D + 3) / 4 + 1; // Q and K tile rows, padded
+constexpr int DV4 = (DV + 3) / 4 + 1; // dO and V tile rows, padded
+constexpr int DT = (D + 31) / 32; // dQ columns per lane
 
-threadgroup float k_tile[BK * DP];
-threadgroup float v_tile[BK * DVP];
+threadgroup vec<T, 4> q_tile[BQ * D4];
+threadgroup vec<T, 4> do_tile[BQ * DV4];
+threadgroup vec<T, 4> k_tile[BK * D4];
+threadgroup vec<T, 4> v_tile[BK * DV4];
+threadgroup float ds_tile[BQ * BK];
 
-const int q_len = params[0];
-const int k_len = params[1];
-const int n_q_heads = params[2];
-const int n_kv_heads = params[3];
-const int mask_kind = params[4];
+const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
-
-const int tile = threadgroup_position_in_grid.x;
-const int head = threadgroup_position_in_grid.y;
-const int batch = threadgroup_position_in_grid.z;
-const int kv_head = head / (n_q_heads / n_kv_heads);
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
-const int first_row = tile * BQ + simdgroup_index_in_threadgroup * R;
+const int sg = simdgroup_index_in_threadgroup;
+const int batch = threadgroup_position_in_grid.z;
+const PracticalQueryTile tile =
+    practical_query_tile(mask, threadgroup_position_in_grid, threadgroups_per_grid, BQ);
+const PracticalArrayStrides array_strides =
+    practical_array_strides(mask_array_shape, mask_array_strides);
 
-const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
-const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
-const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
-const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
-const int64_t mask_base =
-    batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
-    head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
-const int64_t mask_row_stride = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
-const int64_t mask_key_stride = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
-const int64_t stat_base = (int64_t(batch) * n_q_heads + head) * q_len;
+practical_stage<T, BQ, D4, NT>(
+    q_tile, q, batch * q_strides[0] + tile.first_head * q_strides[1], q_strides[1],
+    q_strides[2], q_strides[3], tile.heads, tile.rows_used, tile.pos_begin, mask.q_len, D, tid);
+practical_stage<T, BQ, DV4, NT>(
+    do_tile, dout, batch * dout_strides[0] + tile.first_head * dout_strides[1], dout_strides[1],
+    dout_strides[2], dout_strides[3], tile.heads, tile.rows_used, tile.pos_begin, mask.q_len, DV, tid);
 
-// Q is kept pre-scaled, so q_reg . k is already the score.
-float q_reg[R][DPT];
-float do_reg[R][DVPT];
-float dq_acc[R][DPT];
-float row_lse[R];
-float row_delta[R];
+const int lr = lane / BK;
+const int j = lane % BK;
+PracticalRow rows[RL];
+float row_lse[RL];
+float row_delta[RL];
+for (int u = 0; u < RL; ++u) {
+  const int f = sg * R + lr + LR * u;
+  const int pos = tile.pos_begin + f / tile.heads;
+  const int head = tile.first_head + f % tile.heads;
+  const bool valid = f < tile.rows_used && pos < mask.q_len;
+  rows[u] = practical_row(
+      mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
+  const int64_t stat = (int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos;
+  row_lse[u] = valid ? lse[stat] : INFINITY;
+  row_delta[u] = valid ? delta[stat] : 0.0f;
+}
+
+float dq_acc[R][DT];
 for (int r = 0; r < R; ++r) {
-  const int row = first_row + r;
-  const bool valid = row < q_len;
-  for (int t = 0; t < DPT; ++t) {
-    const int d = t * 32 + lane;
-    q_reg[r][t] = (valid && d < D)
-        ? scale * float(q[q_base + row * q_strides[2] + d * q_strides[3]])
-        : 0.0f;
+  for (int t = 0; t < DT; ++t) {
     dq_acc[r][t] = 0.0f;
   }
-  for (int t = 0; t < DVPT; ++t) {
-    const int d = t * 32 + lane;
-    do_reg[r][t] = (valid && d < DV)
-        ? float(dout[do_base + row * dout_strides[2] + d * dout_strides[3]])
-        : 0.0f;
-  }
-  row_lse[r] = valid ? lse[stat_base + row] : 0.0f;
-  row_delta[r] = valid ? delta[stat_base + row] : 0.0f;
 }
 
-const int tile_row_end = min(tile * BQ + BQ, q_len);
-const int key_end = (mask_kind == FLASH_MASK_CAUSAL)
-    ? flash_causal_key_end(tile_row_end, q_len, k_len)
-    : k_len;
+const int key_begin = flash_key_begin(mask, tile.pos_begin);
+const int key_end = flash_key_end(mask, tile.pos_end);
+const int2 q_range = mask.segments
+    ? flash_tile_range(q_ranges, q_ranges_strides, batch, threadgroup_position_in_grid.x)
+    : int2(0, 0);
+const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
+const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
 
-for (int k0 = 0; k0 < key_end; k0 += BK) {
-  // Every simdgroup is done with the previous tile before it is overwritten.
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int i = tid; i < BK * DP; i += NT) {
-    const int key = k0 + i / DP;
-    const int d = i % DP;
-    k_tile[i] = (key < k_len && d < D)
-        ? float(k[k_base + key * k_strides[2] + d * k_strides[3]])
-        : 0.0f;
-  }
-  for (int i = tid; i < BK * DVP; i += NT) {
-    const int key = k0 + i / DVP;
-    const int d = i % DVP;
-    v_tile[i] = (key < k_len && d < DV)
-        ? float(v[v_base + key * v_strides[2] + d * v_strides[3]])
-        : 0.0f;
+for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
+  if (mask.segments &&
+      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
+    continue;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+  practical_stage<T, BK, D4, NT>(
+      k_tile, k, k_base, 0, k_strides[2], k_strides[3], 1, BK, k0, mask.k_len, D, tid);
+  practical_stage<T, BK, DV4, NT>(
+      v_tile, v, v_base, 0, v_strides[2], v_strides[3], 1, BK, k0, mask.k_len, DV, tid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  const int keys = min(BK, k_len - k0);
-  for (int j = 0; j < keys; ++j) {
-    const int key = k0 + j;
-    float k_row[DPT];
-    float v_row[DVPT];
-    for (int t = 0; t < DPT; ++t) {
-      k_row[t] = k_tile[j * DP + t * 32 + lane];
-    }
-    for (int t = 0; t < DVPT; ++t) {
-      v_row[t] = v_tile[j * DVP + t * 32 + lane];
-    }
-    for (int r = 0; r < R; ++r) {
-      const int row = first_row + r;
-      // Uniform over the simdgroup, so the simd_sums below stay convergent.
-      if (row >= q_len) {
-        continue;
-      }
-      float s_part = 0.0f;
-      for (int t = 0; t < DPT; ++t) {
-        s_part += q_reg[r][t] * k_row[t];
-      }
-      float dp_part = 0.0f;
-      for (int t = 0; t < DVPT; ++t) {
-        dp_part += do_reg[r][t] * v_row[t];
-      }
-      float s = simd_sum(s_part);
-      const float dp = simd_sum(dp_part);
-
-      bool keep = true;
-      if (mask_kind == FLASH_MASK_CAUSAL) {
-        keep = flash_causal_keeps(row, key, q_len, k_len);
-      } else if (mask_kind == FLASH_MASK_BOOL) {
-        keep = float(mask_array[mask_base + row * mask_row_stride +
-                          key * mask_key_stride]) != 0.0f;
-      } else if (mask_kind == FLASH_MASK_ADD) {
-        s += float(
-            mask_array[mask_base + row * mask_row_stride + key * mask_key_stride]);
-      }
-      // A dropped score is a constant: no gradient flows through it.
-      const float p = keep ? flash_exp(s - row_lse[r]) : 0.0f;
-      const float ds = p * (dp - row_delta[r]);
-      for (int t = 0; t < DPT; ++t) {
-        dq_acc[r][t] += ds * k_row[t];
-      }
-    }
+  const int key = k0 + j;
+  const int k_id = practical_key_id(mask, k_segments, k_segments_strides, batch, key);
+  float s[RL];
+  float dp[RL];
+  practical_dots<T, RL, D4>(s, q_tile + (sg * R + lr) * D4, LR * D4, k_tile + j * D4);
+  practical_dots<T, RL, DV4>(dp, do_tile + (sg * R + lr) * DV4, LR * DV4, v_tile + j * DV4);
+  for (int u = 0; u < RL; ++u) {
+    bool keep;
+    const float x = practical_masked_score(
+        mask, rows[u], key, k_id, mask_array, array_strides.key, s[u] * scale, keep);
+    // A dropped score is a constant: no weight, no gradient.
+    const float p = keep ? flash_exp(x - row_lse[u]) : 0.0f;
+    ds_tile[(sg * R + lr + LR * u) * BK + j] = p * (dp[u] - row_delta[u]);
   }
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+
+  practical_accumulate<T, R, BK, DT, D4>(dq_acc, ds_tile + sg * R * BK, k_tile, lane, D);
 }
 
 for (int r = 0; r < R; ++r) {
-  const int row = first_row + r;
-  if (row < q_len) {
-    for (int t = 0; t < DPT; ++t) {
-      const int d = t * 32 + lane;
+  const int f = sg * R + r;
+  const int pos = tile.pos_begin + f / tile.heads;
+  if (f < tile.rows_used && pos < mask.q_len) {
+    const int head = tile.first_head + f % tile.heads;
+    const int64_t out_row = ((int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos) * D;
+    for (int t = 0; t < DT; ++t) {
+      const int d = lane + 32 * t;
       if (d < D) {
-        dq[(stat_base + row) * D + d] = static_cast<T>(scale * dq_acc[r][t]);
+        dq[out_row + d] = static_cast<T>(scale * dq_acc[r][t]);
       }
     }
   }

@@ -1,186 +1,184 @@
 // Practical flash-attention forward: O = softmax(scale * Q K^T + mask) V and
-// the per-row log-sum-exp of the scores, one pass over the keys.
+// the per-row log-sum-exp, one pass over the keys a query tile can see.
 //
-// Inputs:  q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, DV), any
-//          strides; mask_array (rank 4, broadcastable to (B, Hq, Lq, Lk)), bool or
-//          q's dtype, read only for FLASH_MASK_BOOL / FLASH_MASK_ADD;
-//          params, fparams as in flash_common.h.
-// Outputs: o (B, Hq, Lq, DV) in T, lse (B, Hq, Lq) float32.
-// Grid:    threadgroup (NSG * 32, 1, 1) per (query tile, query head, batch).
+// Inputs and the mask rule: flash_common.h. Outputs: o (B, Hq, Lq, DV) in T,
+// lse (B, Hq, Lq) float32 (natural log; +inf for a row that keeps no key).
+// Grid: threadgroups (ceil(Lq / positions), Hq / heads, B) of NSG * 32
+// threads (PracticalQueryTile: heads query heads of one KV head, positions
+// = BQ / heads query positions).
 //
-// Template constants: T (output dtype), D, DV (head dims), NSG (simdgroups
-// per threadgroup), R (query rows per simdgroup), BK (keys per tile, <= 32).
+// Template constants: T, D, DV, NSG (simdgroups), R (query rows per
+// simdgroup), BK (keys per tile: 32, 16 or 8).
 //
-// Layout: a simdgroup owns R query rows; its 32 lanes split the head
-// dimension, lane l holding elements l, l + 32, l + 64, ... of each row, so
-// every device read is coalesced. The K and V tiles are staged in
-// threadgroup memory once and shared by all NSG simdgroups. A score is a
-// simd_sum of the lanes' partial dot products; lane j keeps the score of key
-// j of the tile, so the tile's softmax statistics are one simd_max and one
-// simd_sum per row.
+// The query tile is BQ = NSG * R rows, the heads of a GQA group side by
+// side, so they share each staged K/V tile; simdgroup s owns rows
+// [s R, s R + R). Per key tile of BK keys:
+//   1. scores: lane (r, j) of the simdgroup's LR x BK lanes computes the
+//      score of key j against rows r, r + LR, ... (RL = R / LR of them), a
+//      full dot product over the Q and K tiles: each score once, by one
+//      lane; it masks it and takes the row's tile maximum (one group max);
+//   2. online softmax, per score: p = exp(s - m'), and per row the
+//      correction exp(m - m'); l is kept per lane (each lane its keys' part)
+//      and summed once at the end;
+//   3. O: lane l owns output columns l, l + 32, ...: O = O * correction + P V
+//      with P read from threadgroup memory.
 
-constexpr int DPT = (D + 31) / 32; // head elements per lane
-constexpr int DVPT = (DV + 31) / 32;
-constexpr int DP = DPT * 32; // tile row length, zero padded
-constexpr int DVP = DVPT * 32;
-constexpr int BQ = NSG * R; // query rows per threadgroup
-constexpr int NT = NSG * 32; // threads per threadgroup
+constexpr int NT = NSG * 32;
+constexpr int BQ = NSG * R;
+constexpr int LR = 32 / BK; // lane-rows in the score phase
+constexpr int RL = R / LR; // rows per lane in the score phase
+constexpr int D4 = (D + 3) / 4 + 1; // Q and K tile rows, in vectors, padded
+constexpr int DV4 = (DV + 3) / 4; // V tile rows (read along columns)
+constexpr int DVT = (DV + 31) / 32; // output columns per lane
 
-threadgroup float k_tile[BK * DP];
-threadgroup float v_tile[BK * DVP];
+threadgroup vec<T, 4> q_tile[BQ * D4];
+threadgroup vec<T, 4> k_tile[BK * D4];
+threadgroup vec<T, 4> v_tile[BK * DV4];
+threadgroup float p_tile[BQ * BK];
+threadgroup float row_scale[BQ];
 
-const int q_len = params[0];
-const int k_len = params[1];
-const int n_q_heads = params[2];
-const int n_kv_heads = params[3];
-const int mask_kind = params[4];
+const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
-const float lowest = fparams[1];
-
-const int tile = threadgroup_position_in_grid.x;
-const int head = threadgroup_position_in_grid.y;
-const int batch = threadgroup_position_in_grid.z;
-const int kv_head = head / (n_q_heads / n_kv_heads);
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
-const int first_row = tile * BQ + simdgroup_index_in_threadgroup * R;
+const int sg = simdgroup_index_in_threadgroup;
+const int batch = threadgroup_position_in_grid.z;
+const PracticalQueryTile tile =
+    practical_query_tile(mask, threadgroup_position_in_grid, threadgroups_per_grid, BQ);
+const PracticalArrayStrides array_strides =
+    practical_array_strides(mask_array_shape, mask_array_strides);
 
-const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
-const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
-const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
-const int64_t mask_base =
-    batch * flash_axis_stride(mask_array_shape[0], mask_array_strides[0]) +
-    head * flash_axis_stride(mask_array_shape[1], mask_array_strides[1]);
-const int64_t mask_row_stride = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
-const int64_t mask_key_stride = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
+practical_stage<T, BQ, D4, NT>(
+    q_tile, q, batch * q_strides[0] + tile.first_head * q_strides[1], q_strides[1],
+    q_strides[2], q_strides[3], tile.heads, tile.rows_used, tile.pos_begin, mask.q_len, D, tid);
 
-// Scaled query rows in registers; rows past q_len are zeros and never written.
-float q_reg[R][DPT];
-float o_acc[R][DVPT];
-float row_max[R];
-float row_sum[R];
+// Score-phase rows of this lane: simdgroup row lr + LR * u.
+const int lr = lane / BK;
+const int j = lane % BK;
+PracticalRow rows[RL];
+// Running maximum, natural units. It starts at -FLT_MAX rather than -inf:
+// every later maximum is then finite, so exp(x - m) and the correction need
+// no -inf guard (flash_exp_base), and while nothing is kept l and O are 0
+// whatever the correction is. A kept row whose scores are all -inf still
+// ends with l = 0 (NaN) and lse = -FLT_MAX + log(0) = -inf.
+float m[RL];
+float l[RL]; // this lane's part of the running sum
+bool kept[RL]; // whether this lane kept any score of the row
+for (int u = 0; u < RL; ++u) {
+  const int f = sg * R + lr + LR * u;
+  const int pos = tile.pos_begin + f / tile.heads;
+  const int head = tile.first_head + f % tile.heads;
+  const bool valid = f < tile.rows_used && pos < mask.q_len;
+  rows[u] = practical_row(
+      mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
+  // A sink starts the row: m = sink, l = 1 (held by the lane-row's lane 0).
+  const bool sink = valid && mask.sinks;
+  m[u] = sink ? sinks[head] : -FLT_MAX;
+  l[u] = (sink && j == 0) ? 1.0f : 0.0f;
+  kept[u] = false;
+}
+
+float o_acc[R][DVT];
 for (int r = 0; r < R; ++r) {
-  const int row = first_row + r;
-  for (int t = 0; t < DPT; ++t) {
-    const int d = t * 32 + lane;
-    q_reg[r][t] = (row < q_len && d < D)
-        ? scale * float(q[q_base + row * q_strides[2] + d * q_strides[3]])
-        : 0.0f;
-  }
-  for (int t = 0; t < DVPT; ++t) {
+  for (int t = 0; t < DVT; ++t) {
     o_acc[r][t] = 0.0f;
   }
-  row_max[r] = -INFINITY;
-  row_sum[r] = 0.0f;
 }
 
-// Causal: keys past the diagonal of the tile's last row are never seen.
-const int tile_row_end = min(tile * BQ + BQ, q_len);
-const int key_end = (mask_kind == FLASH_MASK_CAUSAL)
-    ? flash_causal_key_end(tile_row_end, q_len, k_len)
-    : k_len;
+// Key tiles that the causal and window rules leave to some row of the tile.
+const int key_begin = flash_key_begin(mask, tile.pos_begin);
+const int key_end = flash_key_end(mask, tile.pos_end);
+const int2 q_range = mask.segments
+    ? flash_tile_range(q_ranges, q_ranges_strides, batch, threadgroup_position_in_grid.x)
+    : int2(0, 0);
+const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
+const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
 
-for (int k0 = 0; k0 < key_end; k0 += BK) {
+for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
+  // Documents that cannot meet: skipped before anything is staged (the
+  // ranges are the same for every thread, so no barrier is split).
+  if (mask.segments &&
+      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
+    continue;
+  }
   // Every simdgroup is done with the previous tile before it is overwritten.
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int i = tid; i < BK * DP; i += NT) {
-    const int key = k0 + i / DP;
-    const int d = i % DP;
-    k_tile[i] = (key < k_len && d < D)
-        ? float(k[k_base + key * k_strides[2] + d * k_strides[3]])
-        : 0.0f;
-  }
-  for (int i = tid; i < BK * DVP; i += NT) {
-    const int key = k0 + i / DVP;
-    const int d = i % DVP;
-    v_tile[i] = (key < k_len && d < DV)
-        ? float(v[v_base + key * v_strides[2] + d * v_strides[3]])
-        : 0.0f;
-  }
+  practical_stage<T, BK, D4, NT>(
+      k_tile, k, k_base, 0, k_strides[2], k_strides[3], 1, BK, k0, mask.k_len, D, tid);
+  practical_stage<T, BK, DV4, NT>(
+      v_tile, v, v_base, 0, v_strides[2], v_strides[3], 1, BK, k0, mask.k_len, DV, tid);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  // S = scale * Q K^T for this tile: lane j ends up with column j.
-  float s[R];
-  for (int r = 0; r < R; ++r) {
-    s[r] = -INFINITY;
-  }
-  for (int j = 0; j < BK; ++j) {
-    float k_reg[DPT];
-    for (int t = 0; t < DPT; ++t) {
-      k_reg[t] = k_tile[j * DP + t * 32 + lane];
+  // 1-2. Scores of key j, masked; online softmax of each row.
+  const int key = k0 + j;
+  const int k_id = practical_key_id(mask, k_segments, k_segments_strides, batch, key);
+  float s[RL];
+  practical_dots<T, RL, D4>(s, q_tile + (sg * R + lr) * D4, LR * D4, k_tile + j * D4);
+  for (int u = 0; u < RL; ++u) {
+    bool keep;
+    const float x = practical_masked_score(
+        mask, rows[u], key, k_id, mask_array, array_strides.key, s[u] * scale, keep);
+    kept[u] = kept[u] || keep;
+    const float m_new = max(m[u], practical_group_max<BK>(x));
+    const float p = flash_exp(x - m_new);
+    const float correction = flash_exp(m[u] - m_new);
+    l[u] = l[u] * correction + p;
+    m[u] = m_new;
+    const int row = sg * R + lr + LR * u;
+    p_tile[row * BK + j] = p;
+    if (j == 0) {
+      row_scale[row] = correction;
     }
-    for (int r = 0; r < R; ++r) {
-      float partial = 0.0f;
-      for (int t = 0; t < DPT; ++t) {
-        partial += q_reg[r][t] * k_reg[t];
-      }
-      const float score = simd_sum(partial);
-      if (lane == j) {
-        s[r] = score;
-      }
-    }
   }
+  simdgroup_barrier(mem_flags::mem_threadgroup);
 
-  // Mask, then the online softmax update of each row:
-  //   m' = max(m, rowmax(S)), P = exp(S - m'),
-  //   l' = l * exp(m - m') + rowsum(P), O' = O * exp(m - m') + P V.
-  const int key = k0 + lane;
+  // 3. O = O * correction + P V, lanes over output columns. The correction
+  // is exactly 1 where the row's maximum did not change (most tiles after
+  // the first few); it is the same value in every lane, so skipping the
+  // rescale there is a uniform branch.
   for (int r = 0; r < R; ++r) {
-    const int row = first_row + r;
-    if (lane >= BK || key >= k_len) {
-      s[r] = -INFINITY; // not a key: weight exactly 0
-    } else if (row < q_len) {
-      if (mask_kind == FLASH_MASK_CAUSAL) {
-        s[r] = flash_causal_keeps(row, key, q_len, k_len) ? s[r] : lowest;
-      } else if (mask_kind == FLASH_MASK_BOOL) {
-        const bool keep = float(mask_array[mask_base + row * mask_row_stride +
-                                     key * mask_key_stride]) != 0.0f;
-        s[r] = keep ? s[r] : lowest;
-      } else if (mask_kind == FLASH_MASK_ADD) {
-        s[r] += float(
-            mask_array[mask_base + row * mask_row_stride + key * mask_key_stride]);
+    const float correction = row_scale[sg * R + r];
+    if (correction != 1.0f) {
+      for (int t = 0; t < DVT; ++t) {
+        o_acc[r][t] *= correction;
       }
-    }
-    const float new_max = max(row_max[r], simd_max(s[r]));
-    const float base = flash_exp_base(new_max);
-    const float p = flash_exp(s[r] - base);
-    const float correction = flash_exp(row_max[r] - base);
-    row_sum[r] = row_sum[r] * correction + simd_sum(p);
-    row_max[r] = new_max;
-    s[r] = p;
-    for (int t = 0; t < DVPT; ++t) {
-      o_acc[r][t] *= correction;
     }
   }
-  for (int j = 0; j < BK; ++j) {
-    float v_reg[DVPT];
-    for (int t = 0; t < DVPT; ++t) {
-      v_reg[t] = v_tile[j * DVP + t * 32 + lane];
-    }
-    for (int r = 0; r < R; ++r) {
-      const float p = simd_shuffle(s[r], ushort(j));
-      for (int t = 0; t < DVPT; ++t) {
-        o_acc[r][t] += p * v_reg[t];
-      }
+  practical_accumulate<T, R, BK, DVT, DV4>(o_acc, p_tile + sg * R * BK, v_tile, lane, DV);
+}
+
+// Each row's sum and kept flag over its lane-row, then O / l and
+// lse = m + log(l). A row whose kept scores are all -inf has l = 0 and
+// gives NaN, as in MLX; a row that kept nothing gives zeros and +inf.
+simdgroup_barrier(mem_flags::mem_threadgroup);
+for (int u = 0; u < RL; ++u) {
+  const float row_sum = practical_group_sum<BK>(l[u]);
+  const bool row_kept = practical_group_max<BK>(kept[u] ? 1 : 0) != 0;
+  const int f = sg * R + lr + LR * u;
+  const int pos = tile.pos_begin + f / tile.heads;
+  if (j == 0) {
+    // -inf (never 1 / l, which is >= 0 or NaN) marks a row that kept nothing.
+    row_scale[f] = row_kept ? 1.0f / row_sum : -INFINITY;
+    if (f < tile.rows_used && pos < mask.q_len) {
+      const int head = tile.first_head + f % tile.heads;
+      lse[(int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos] =
+          row_kept ? m[u] + log(row_sum) : INFINITY;
     }
   }
 }
-
-// O = O / l; lse = m + log(l). A row whose scores are all -inf (an additive
-// mask of -inf) has l = 0 and gives NaN, as the reference does.
+simdgroup_barrier(mem_flags::mem_threadgroup);
 for (int r = 0; r < R; ++r) {
-  const int row = first_row + r;
-  if (row < q_len) {
-    const int64_t stat = (int64_t(batch) * n_q_heads + head) * q_len + row;
-    const float inv_sum = 1.0f / row_sum[r];
-    for (int t = 0; t < DVPT; ++t) {
-      const int d = t * 32 + lane;
+  const int f = sg * R + r;
+  const int pos = tile.pos_begin + f / tile.heads;
+  if (f < tile.rows_used && pos < mask.q_len) {
+    const int head = tile.first_head + f % tile.heads;
+    const float inv_sum = row_scale[f];
+    const int64_t out_row = ((int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos) * DV;
+    for (int t = 0; t < DVT; ++t) {
+      const int d = lane + 32 * t;
       if (d < DV) {
-        o[stat * DV + d] = static_cast<T>(o_acc[r][t] * inv_sum);
+        o[out_row + d] = static_cast<T>(inv_sum == -INFINITY ? 0.0f : o_acc[r][t] * inv_sum);
       }
-    }
-    if (lane == 0) {
-      lse[stat] = row_max[r] + log(row_sum[r]);
     }
   }
 }

@@ -1,77 +1,303 @@
 """The ``practical`` variant: portable Metal flash-attention kernels.
 
 Forward (metal/practical_forward.metal) and FlashAttention-2 backward
-(metal/practical_backward_dkdv.metal, metal/practical_backward_dq.metal),
-joined into one differentiable op by ``mlx_flash.fused``. Every product is
-float32 arithmetic on registers with ``simd_sum`` reductions (no
-``simdgroup_matrix``), so the kernels run on every Apple GPU and every shape:
-any lengths, head dims up to 256, ``Dv != D``, GQA/MQA, every mask kind.
+(metal/practical_backward_dkdv.metal, metal/practical_backward_dq.metal; no
+atomics, deterministic), joined into one differentiable op by
+``mlx_flash.fused``. No ``simdgroup_matrix``: float32 arithmetic on tiles
+staged in threadgroup memory, so the kernels run on every Apple GPU and
+every shape: any lengths, head dims up to 256, ``Dv != D``, GQA/MQA,
+float32, float16 and bfloat16.
 
-Tile sizes (template constants, chosen by ``tile_sizes``):
+Masks are structured (``mlx_flash.masks``; the kernels' contract is
+metal/flash_common.h): causal (bottom-right), sliding window, segment ids
+and a boolean or additive array compose, and no ``L x L`` mask is ever
+built. Tile pairs that the causal and window rules exclude lie outside the
+loops' bounds (``flash_key_begin/end``, ``flash_row_begin/end``), and pairs
+whose segment-id ranges cannot meet are skipped before anything is staged,
+so a packed row costs the sum of its documents' squared lengths and a
+windowed layer ``O(L * window)``. Sinks start the forward's online softmax;
+their gradient is ``fused.sink_grad``.
 
-* ``NSG = 4`` simdgroups, 128 threads per threadgroup: each staged tile is
-  read by four simdgroups, and a threadgroup this small leaves the GPU free
-  to keep several resident per core, so one waiting on device memory is
-  covered by another that computes.
-* Lanes split the head dimension (``ceil(D / 32)`` elements each). A
-  simdgroup owns ``R`` query rows (forward, dQ) or ``KPS`` keys (dK/dV), with
-  their accumulators in registers. ``R = KPS = 4`` while a lane holds at most
-  4 elements of a row, 2 beyond (``D > 128``): that keeps the per-thread
-  arrays to about 64 floats (dK/dV keeps K, V, dK and dV of its keys), small
-  enough to stay in registers with room for the compiler. More rows per
-  simdgroup would share each staged tile further but risk spilling, and the
-  fewer registers a thread needs the more simdgroups a core keeps resident.
-* The staged tile (``BK`` keys of K and V, or ``BQ`` rows of Q and dO) is
-  float32, rows padded to a multiple of 32. Its row count is the largest of
-  32, 16, 8 that keeps it within 16 KB, half of the 32 KB of threadgroup
-  memory Metal allows one threadgroup: less memory per threadgroup can only
-  help the GPU keep more of them resident (how many a core holds is not
-  documented, and was not measured). At head dims up to 256 an 8-row tile
-  always fits. The forward spreads a tile's scores one key per lane, so a
-  tile has at most 32 rows.
+Work layout. A threadgroup has ``NSG`` simdgroups; a forward or dQ query
+tile is ``BQ = NSG * R`` rows, ``heads x positions``: the ``heads`` query
+heads of one KV head (``heads_per_tile``: the largest divisor of the GQA
+group that fits) side by side, so each K/V tile is staged once for all of
+them. Each tile product has two phases:
+
+* scores: a simdgroup's 32 lanes are ``32 / BK`` lane-rows of ``BK`` lanes;
+  lane ``(r, j)`` computes the whole dot product of key ``j`` with rows
+  ``r, r + 32 / BK, ...`` from the staged tiles, masks and exponentiates
+  it: every (query, key) pair once, by one lane. dK/dV swaps the roles:
+  lanes own the ``BQ`` query positions of the staged tile and iterate over
+  the simdgroup's keys;
+* accumulation: lane ``l`` owns output columns ``l, l + 32, ...`` and adds
+  ``P V`` (``dS K``; ``P^T dO`` and ``dS^T Q``), the weights read from
+  threadgroup memory (the same address in every lane).
+
+Non-matrix work per (query, key) pair, beyond the dot products' FMAs, in
+lane operations (one lane executing one instruction; a SIMD instruction is
+32 of them) and lane-collectives (one lane taking part in one simd_sum,
+simd_max or shuffle), for a causal window with segments and no array (an
+array adds a load and a compare or an add):
+
+================  ===============================  ===============================
+                  before: lanes split the head     now: one pair per lane
+                  dim
+================  ===============================  ===============================
+forward ALU       ~78: 64 to pick the score out    16: mask 7 (2 position
+                  of its reduction (lane == j,     compares, 1 id compare, 2
+                  select, all 32 lanes), mask 5,   ands, 1 select, 1 kept flag),
+                  exp 3, correction and its -inf   scale 1, exp argument 2, exp
+                  guard ~5, sum and rescale ~1     1, correction 3, max 1, sum 1
+forward           ~66: a 32-lane simd_sum for the  1: one group max per lane and
+collectives       score and a 32-lane shuffle for  row (a simd_max; 3-4 shuffles
+                  P V per pair, simd_max and       and maxes with 8 or 16 keys
+                  simd_sum per row and tile        per tile); the row sum stays
+                                                   per lane until the end
+backward ALU      ~320 per kernel: mask, exp and   12 per kernel: mask 5, select
+                  dS on all 32 lanes               1, scale 1, exp argument 2,
+                                                   exp 1, dS 2
+backward          64 per kernel: two 32-lane       0
+collectives       simd_sums (S and dP)
+================  ===============================  ===============================
+
+A scalar kernel (one thread per pair) needs the same mask work, the scale,
+a max, the exp and its argument and an add: 12 forward (plus ``1 / BK`` of
+a correction), 11 backward. The kernels do 16 and 12, within 1.4x; the
+excess is the forward's correction, computed by every lane that holds part
+of a row's sum, and exp2's conversion to log2 units. The forward also
+rescales its output, ``Dv / BK`` multiplies per pair as in a scalar kernel,
+and skips that for a row whose maximum did not change in the tile (a
+uniform branch). Memory operations per pair: one threadgroup store of P
+(or dS) and a quarter of a broadcast load in the accumulation, against a
+register shuffle before.
+
+Tile sizes (``tile_sizes``; template constants) keep threadgroup memory
+within 16 KB where possible and always within Metal's 32 KB, with about 32
+float32 accumulators per lane (64 where nothing else fits: float32 dK/dV at
+head dim 256). Tiles are staged in the input dtype (a half or bfloat16 tile
+takes half the bytes of a float32 one) and converted on read; the forward
+and dQ also stage their query rows, which the lane-per-key scores read as
+broadcasts. Compared with the float32 staging before, the half and
+bfloat16 forward shares each staged K/V tile among twice the query rows
+(32 instead of 16 at D = 64 and 128, 16 instead of 8 at D = 256), which
+halves its K/V traffic from device memory; dQ and dK/dV share theirs among
+32 rows (keys) at D = 64, 16 at D = 128 (as before) and 16 / 8 at D = 256.
+``registers`` is an estimate of a lane's float32
+registers (accumulators, per-row state, temporaries), not a compiler count.
+bfloat16 is as float16. ``NSG/R/BK`` reads ``NSG/KPS/BQ`` for dK/dV.
+
+====  ====  =====  =======  ==========  =====  =========
+D     Dv    dtype  kernel   NSG/R/BK    bytes  registers
+====  ====  =====  =======  ==========  =====  =========
+32    32    f16    forward  4/8/16      6656   73
+32    32    f16    dq       4/8/16      8960   73
+32    32    f16    dkdv     4/8/16      11008  69
+32    32    f32    forward  4/8/16      11136  73
+32    32    f32    dq       4/8/16      15872  73
+32    32    f32    dkdv     4/8/8       13568  61
+64    64    f16    forward  4/8/16      10752  86
+64    64    f16    dq       4/8/16      15104  86
+64    64    f16    dkdv     4/8/8       12928  82
+64    64    f32    forward  4/8/8       14080  68
+64    64    f32    dq       4/4/8       13568  51
+64    64    f32    dkdv     4/4/8       14080  62
+80    80    f16    forward  4/8/16      12800  99
+80    80    f16    dq       4/8/8       14464  81
+80    80    f16    dkdv     4/4/16      12800  79
+80    80    f32    forward  4/4/8       11200  60
+80    80    f32    dq       4/4/8       16640  60
+80    80    f32    dkdv     4/4/8       17152  75
+96    64    f16    forward  4/8/16      13824  86
+96    64    f16    dq       4/8/8       14464  81
+96    64    f16    dkdv     4/4/16      12800  75
+96    64    f32    forward  4/4/8       12224  51
+96    64    f32    dq       4/4/8       16640  60
+96    64    f32    dkdv     4/4/8       17152  71
+128   64    f16    forward  4/8/8       12736  68
+128   64    f16    dq       4/4/16      13824  78
+128   64    f16    dkdv     4/4/16      14848  84
+128   64    f32    forward  4/4/8       15296  51
+128   64    f32    dq       4/4/8       19712  69
+128   64    f32    dkdv     4/4/8       20224  80
+128   128   f16    forward  4/8/8       13760  94
+128   128   f16    dq       4/4/8       13184  69
+128   128   f16    dkdv     4/4/8       13696  88
+128   128   f32    forward  4/4/8       17344  69
+128   128   f32    dq       4/4/8       25856  69
+128   128   f32    dkdv     4/4/8       26368  88
+256   64    f16    forward  4/4/8       14080  51
+256   64    f16    dq       4/4/8       16256  105
+256   64    f16    dkdv     4/2/16      16768  96
+256   64    f32    forward  4/4/8       27584  51
+256   64    f32    dq       4/4/8       32000  105
+256   64    f32    dkdv     4/2/16      32512  96
+256   256   f16    forward  4/4/8       17152  105
+256   256   f16    dq       4/4/8       25472  105
+256   256   f16    dkdv     4/2/16      25984  108
+256   256   f32    forward  2/4/8       25120  105
+256   256   f32    dq       1/4/8       25088  105
+256   256   f32    dkdv     1/4/8       25216  140
+====  ====  =====  =======  ==========  =====  =========
+
+None of this was tuned on a GPU (no Mac was available): the rule is a
+reasoned default, to be retuned with the benchmark.
 """
 
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
 
 from . import fused, kernels
+from .masks import StructuredMask
 
 #: Largest head dim (``D`` and ``Dv``) the kernels take.
 MAX_HEAD_DIM = 256
 
-#: Simdgroups per threadgroup.
-SIMDGROUPS = 4
+#: Threadgroup memory a configuration should stay within, and Metal's limit.
+PREFERRED_BYTES = 16 * 1024
+LIMIT_BYTES = 32 * 1024
 
-#: Bytes of threadgroup memory a kernel's staged tile may use.
-TILE_BYTES = 16 * 1024
+#: float32 accumulators per lane a configuration aims for, and the most it
+#: may take where nothing smaller fits.
+ACCUMULATORS = 32
+MAX_ACCUMULATORS = 64
 
 _DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-_HEADERS = ("flash_common.h",)
+_HEADERS = ("flash_common.h", "practical_common.h")
+_FORWARD_INPUTS = fused.KERNEL_INPUTS
+_BACKWARD_INPUTS = fused.BACKWARD_INPUTS
 
 
-def tile_sizes(head_dim: int, value_dim: int) -> dict:
-    """Template constants for head dims ``head_dim`` (D) and ``value_dim`` (Dv).
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's tile configuration.
 
-    Returns ``rows`` (R: query rows per simdgroup in the forward and dQ
-    kernels, and KPS: keys per simdgroup in the dK/dV kernel) and ``tile``
-    (BK: keys per staged K/V tile, and BQ: rows per staged Q/dO tile).
+    ``rows``: query rows per simdgroup (R, forward and dQ) or keys per
+    simdgroup (KPS, dK/dV); ``tile``: keys per staged tile (BK) or query
+    positions per staged tile (BQ). ``threadgroup_bytes`` is what the kernel
+    declares; ``registers`` an estimate of a lane's float32 registers
+    (accumulators, per-row state and temporaries), not a compiler count;
+    ``accumulators`` the float32 accumulators among them.
     """
-    per_lane = max(-(-head_dim // 32), -(-value_dim // 32))
-    rows = 4 if per_lane <= 4 else 2
-    padded = 32 * (-(-head_dim // 32) + -(-value_dim // 32))
-    for tile in (32, 16, 8):
-        if tile * padded * 4 <= TILE_BYTES:
-            return {"rows": rows, "tile": tile}
-    raise ValueError(
-        f"head dims {head_dim} and {value_dim}: even an 8-row tile needs "
-        f"{8 * padded * 4} bytes of threadgroup memory, over the {TILE_BYTES} "
-        f"practical allows (head dims up to {MAX_HEAD_DIM})"
+
+    simdgroups: int
+    rows: int
+    tile: int
+    threadgroup_bytes: int
+    registers: int
+    accumulators: int
+
+
+def _vectors(n: int, padded: bool) -> int:
+    """4-vectors of a staged row of ``n`` elements (one more if padded)."""
+    return -(-n // 4) + int(padded)
+
+
+def _per_lane(n: int) -> int:
+    return -(-n // 32)
+
+
+def _configuration(kernel: str, dim: int, value_dim: int, size: int, simdgroups: int, rows: int, tile: int) -> Tiles:
+    """The threadgroup memory and register estimate of one candidate, as the
+    kernel declares them: staged tiles of 4-vectors (``size``-byte
+    elements; rows read by different lanes padded) and float32 weights."""
+    shared = simdgroups * rows  # query rows (keys for dK/dV) sharing each staged tile
+    d4, dv4 = _vectors(dim, True), _vectors(value_dim, True)
+    dt, dvt = _per_lane(dim), _per_lane(value_dim)
+    slots = rows * tile // 32  # pairs per lane in the score phase
+    if kernel == "forward":  # Q; K, V (V read along columns only); P, corrections
+        vectors = shared * d4 + tile * (d4 + _vectors(value_dim, False))
+        floats = shared * tile + shared
+        accumulators, columns, state, fixed = rows * dvt, dvt, 9, 24
+    elif kernel == "dq":  # Q, dO; K, V; dS
+        vectors = (shared + tile) * (d4 + dv4)
+        floats = shared * tile
+        accumulators, columns, state, fixed = rows * dt, dt, 9, 24
+    else:  # K, V; Q, dO; P, dS
+        vectors = (shared + tile) * (d4 + dv4)
+        floats = 2 * shared * tile
+        accumulators, columns, state, fixed = rows * (dt + dvt), max(dt, dvt), 4, 32
+    # Per score slot: its row's (or key's) bounds, id and statistics; per
+    # output column: the accumulation's four staged values and its index.
+    registers = accumulators + state * slots + 5 * columns + fixed
+    return Tiles(simdgroups, rows, tile, size * 4 * vectors + 4 * floats, registers, accumulators)
+
+
+_KERNELS = ("forward", "dq", "dkdv")
+
+
+def tile_sizes(kernel: str, head_dim: int, value_dim: int, dtype) -> Tiles:
+    """The tile configuration of ``kernel`` ("forward", "dq" or "dkdv").
+
+    Candidates are 4, 2 or 1 simdgroups, 8, 4, 2 or 1 rows (keys, for
+    dK/dV) per simdgroup and tiles of 32, 16 or 8 keys (query positions),
+    such that every lane owns 1 to 4 pairs in the score phase
+    (``32 <= rows * tile <= 128``). The first of these tiers that has a
+    candidate decides: ``ACCUMULATORS`` per lane and ``PREFERRED_BYTES``
+    with at least 16 rows sharing each staged tile; ``LIMIT_BYTES`` with
+    exactly 16 (more sharing is not worth the memory there); any sharing;
+    ``MAX_ACCUMULATORS``. Within a tier the most sharing
+    (``simdgroups * rows``: what staging is amortised over) wins, then the
+    longest tile in the first tier and the least memory in the others, then
+    more simdgroups.
+    """
+    if max(head_dim, value_dim) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims {head_dim} and {value_dim}: the practical kernels take at most {MAX_HEAD_DIM}")
+    size = mx.finfo(dtype).bits // 8
+    candidates = [
+        _configuration(kernel, head_dim, value_dim, size, simdgroups, rows, tile)
+        for simdgroups in (4, 2, 1)
+        for rows in (8, 4, 2, 1)
+        for tile in (32, 16, 8)
+        if 32 <= rows * tile <= 128
+    ]
+    tiers = (
+        (ACCUMULATORS, PREFERRED_BYTES, 16, 32),
+        (ACCUMULATORS, LIMIT_BYTES, 16, 16),
+        (ACCUMULATORS, LIMIT_BYTES, 1, 32),
+        (MAX_ACCUMULATORS, LIMIT_BYTES, 1, 32),
     )
+    for tier, (accumulators, limit, least, most) in enumerate(tiers):
+        fitting = [
+            t
+            for t in candidates
+            if t.threadgroup_bytes <= limit
+            and least <= t.simdgroups * t.rows <= most
+            and t.accumulators <= accumulators
+        ]
+        if fitting:
+            # Within the preferred budget the longest tile; past it the least memory.
+            return min(
+                fitting,
+                key=lambda t: (-t.simdgroups * t.rows, -t.tile if tier == 0 else t.threadgroup_bytes, -t.simdgroups),
+            )
+    raise ValueError(f"no practical tile fits head dims {head_dim} and {value_dim} in {LIMIT_BYTES} bytes")
 
 
-def unsupported_reason(q, k, v, mask) -> Optional[str]:
-    """Why these (normalised) inputs cannot run on the practical kernels, or None."""
+def tile_table(dims=(32, 64, 80, 96, 128, 256)) -> list:
+    """``(D, Dv, dtype, kernel, Tiles)`` for head dims ``dims`` (``Dv = D``
+    and ``Dv = 64``) in every dtype."""
+    table = []
+    for dim in dims:
+        for value_dim in sorted({dim, 64}):
+            for dtype in _DTYPES:
+                for kernel in _KERNELS:
+                    table.append((dim, value_dim, dtype, kernel, tile_sizes(kernel, dim, value_dim, dtype)))
+    return table
+
+
+def heads_per_tile(groups: int, rows: int) -> int:
+    """Query heads side by side in a query tile of ``rows`` rows: the largest
+    divisor of the GQA group size ``groups`` that is at most ``rows``, so a
+    tile's heads share one KV head."""
+    return max(h for h in range(1, min(groups, rows) + 1) if groups % h == 0)
+
+
+def unsupported_reason(q, k, v, mask: StructuredMask) -> Optional[str]:
+    """Why these (normalised) inputs cannot run on the practical kernels, or
+    None. Every ``StructuredMask`` is supported."""
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not float32, float16 or bfloat16"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -83,96 +309,90 @@ def unsupported_reason(q, k, v, mask) -> Optional[str]:
     return None
 
 
-def _params(q, k, scale: float, mask: fused.MaskSpec):
+def _template(q, v, tiles: Tiles, rows_name: str, tile_name: str) -> list:
+    return [
+        ("T", q.dtype),
+        ("D", q.shape[-1]),
+        ("DV", v.shape[-1]),
+        ("NSG", tiles.simdgroups),
+        (rows_name, tiles.rows),
+        (tile_name, tiles.tile),
+    ]
+
+
+def _query_tiling(q, k, tiles: Tiles):
+    """``(heads, positions)`` of a forward / dQ query tile."""
+    groups = q.shape[1] // k.shape[1]
+    heads = heads_per_tile(groups, tiles.simdgroups * tiles.rows)
+    return heads, tiles.simdgroups * tiles.rows // heads
+
+
+def _query_launch(q, k, tiles: Tiles) -> dict:
+    """Grid and threadgroup of a forward / dQ launch."""
     B, n_q_heads, q_len, _ = q.shape
-    n_kv_heads, k_len = k.shape[1], k.shape[2]
-    params = mx.array([q_len, k_len, n_q_heads, n_kv_heads, mask.kind], dtype=mx.int32)
-    lowest = float(mx.finfo(q.dtype).min)
-    fparams = mx.array([scale, lowest], dtype=mx.float32)
-    return params, fparams
+    heads, positions = _query_tiling(q, k, tiles)
+    threads = 32 * tiles.simdgroups
+    return {
+        "grid": (threads * -(-q_len // positions), n_q_heads // heads, B),
+        "threadgroup": (threads, 1, 1),
+    }
 
 
-def _template(q, v, extra: dict):
-    head_dim, value_dim = q.shape[-1], v.shape[-1]
-    return [("T", q.dtype), ("D", head_dim), ("DV", value_dim), ("NSG", SIMDGROUPS)] + list(
-        extra.items()
-    )
-
-
-def forward(q, k, v, scale: float, mask: fused.MaskSpec):
-    """``(o, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and ``(B, Hq, Lq)`` float32."""
+def forward(q, k, v, scale: float, mask: StructuredMask, sinks):
+    """``(o, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and ``(B, Hq, Lq)``
+    float32 (natural log, ``+inf`` for a row that keeps no key)."""
     B, n_q_heads, q_len, _ = q.shape
     value_dim = v.shape[-1]
-    sizes = tile_sizes(q.shape[-1], value_dim)
-    block_rows = SIMDGROUPS * sizes["rows"]
+    tiles = tile_sizes("forward", q.shape[-1], value_dim, q.dtype)
+    _, positions = _query_tiling(q, k, tiles)
     kernel = kernels.build(
-        "flash_practical_forward",
-        ("q", "k", "v", "mask_array", "params", "fparams"),
-        ("o", "lse"),
-        "practical_forward.metal",
-        _HEADERS,
+        "flash_practical_forward", _FORWARD_INPUTS, ("o", "lse"), "practical_forward.metal", _HEADERS
     )
-    params, fparams = _params(q, k, scale, mask)
-    n_tiles = -(-q_len // block_rows)
     return kernels.launch(
         kernel,
-        inputs=[q, k, v, mask.array, params, fparams],
-        template=_template(q, v, {"R": sizes["rows"], "BK": sizes["tile"]}),
-        grid=(32 * SIMDGROUPS * n_tiles, n_q_heads, B),
-        threadgroup=(32 * SIMDGROUPS, 1, 1),
+        inputs=fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=positions, k_tile=tiles.tile),
+        template=_template(q, v, tiles, "R", "BK"),
         output_shapes=[(B, n_q_heads, q_len, value_dim), (B, n_q_heads, q_len)],
         output_dtypes=[q.dtype, mx.float32],
+        **_query_launch(q, k, tiles),
     )
 
 
-def dkdv(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
+def dkdv(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
     """``(dk, dv)`` with the shapes and dtype of ``k`` and ``v``."""
     B, n_kv_heads, k_len, head_dim = k.shape
-    value_dim = v.shape[-1]
-    sizes = tile_sizes(head_dim, value_dim)
-    block_keys = SIMDGROUPS * sizes["rows"]
+    tiles = tile_sizes("dkdv", head_dim, v.shape[-1], q.dtype)
+    block_keys = tiles.simdgroups * tiles.rows
     kernel = kernels.build(
-        "flash_practical_dkdv",
-        ("q", "k", "v", "mask_array", "dout", "lse", "delta", "params", "fparams"),
-        ("dk", "dv"),
-        "practical_backward_dkdv.metal",
-        _HEADERS,
+        "flash_practical_dkdv", _BACKWARD_INPUTS, ("dk", "dv"), "practical_backward_dkdv.metal", _HEADERS
     )
-    params, fparams = _params(q, k, scale, mask)
-    n_tiles = -(-k_len // block_keys)
+    inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=tiles.tile, k_tile=block_keys)
     return kernels.launch(
         kernel,
-        inputs=[q, k, v, mask.array, dout, lse, delta, params, fparams],
-        template=_template(q, v, {"KPS": sizes["rows"], "BQ": sizes["tile"]}),
-        grid=(32 * SIMDGROUPS * n_tiles, n_kv_heads, B),
-        threadgroup=(32 * SIMDGROUPS, 1, 1),
+        inputs=inputs + [dout, lse, delta],
+        template=_template(q, v, tiles, "KPS", "BQ"),
+        grid=(32 * tiles.simdgroups * -(-k_len // block_keys), n_kv_heads, B),
+        threadgroup=(32 * tiles.simdgroups, 1, 1),
         output_shapes=[tuple(k.shape), tuple(v.shape)],
         output_dtypes=[q.dtype, q.dtype],
     )
 
 
-def dq(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
+def dq(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
     """``dq`` with the shape and dtype of ``q``."""
-    B, n_q_heads, q_len, head_dim = q.shape
-    sizes = tile_sizes(head_dim, v.shape[-1])
-    block_rows = SIMDGROUPS * sizes["rows"]
+    tiles = tile_sizes("dq", q.shape[-1], v.shape[-1], q.dtype)
+    _, positions = _query_tiling(q, k, tiles)
     kernel = kernels.build(
-        "flash_practical_dq",
-        ("q", "k", "v", "mask_array", "dout", "lse", "delta", "params", "fparams"),
-        ("dq",),
-        "practical_backward_dq.metal",
-        _HEADERS,
+        "flash_practical_dq", _BACKWARD_INPUTS, ("dq",), "practical_backward_dq.metal", _HEADERS
     )
-    params, fparams = _params(q, k, scale, mask)
-    n_tiles = -(-q_len // block_rows)
+    inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=positions, k_tile=tiles.tile)
     return kernels.launch(
         kernel,
-        inputs=[q, k, v, mask.array, dout, lse, delta, params, fparams],
-        template=_template(q, v, {"R": sizes["rows"], "BK": sizes["tile"]}),
-        grid=(32 * SIMDGROUPS * n_tiles, n_q_heads, B),
-        threadgroup=(32 * SIMDGROUPS, 1, 1),
+        inputs=inputs + [dout, lse, delta],
+        template=_template(q, v, tiles, "R", "BK"),
         output_shapes=[tuple(q.shape)],
         output_dtypes=[q.dtype],
+        **_query_launch(q, k, tiles),
     )[0]
 
 
@@ -180,19 +400,19 @@ def dq(q, k, v, scale: float, mask: fused.MaskSpec, dout, lse, delta):
 LAUNCHERS = fused.Launchers(forward=forward, dkdv=dkdv, dq=dq)
 
 
-def attention(q, k, v, scale: float, mask) -> mx.array:
+def attention(q, k, v, scale: float, mask: StructuredMask, sinks=None):
     """Practical fused attention on normalised inputs (see ``mlx_flash.attention``).
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``,
             one dtype among float32, float16, bfloat16, head dims <= 256.
         scale: multiplies ``q @ k^T``.
-        mask: ``None``, ``"causal"`` (``Lq <= Lk``) or a rank-4 boolean or
-            additive array broadcastable to ``(B, Hq, Lq, Lk)``.
+        mask: the ``StructuredMask`` (causal only with ``Lq <= Lk``).
+        sinks: optional ``(Hq,)`` sink logits.
 
     Returns:
-        ``(B, Hq, Lq, Dv)`` in ``q``'s dtype.
+        ``(out, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and the
+        ``(B, Hq, Lq)`` float32 log-sum-exp (``+inf`` for a row that keeps
+        no key, whose output is zero).
     """
-    if q.shape[2] == 0:
-        return mx.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype)
-    return fused.attention(LAUNCHERS, q, k, v, scale, mask)
+    return fused.attention(LAUNCHERS, q, k, v, scale, mask, sinks)
