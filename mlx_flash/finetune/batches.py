@@ -34,8 +34,8 @@ class Batches:
     """Batch ``k`` (0-based) of the endless seeded sequence over ``dataset``.
 
     Args:
-        dataset: items ``(tokens, offset)`` (mlx-lm's ``CacheDataset``, or
-            ``PackedDataset``).
+        dataset: items ``(tokens, offset)`` (mlx-lm's ``CacheDataset``), or
+            packed rows ``(tokens, ids, targets)`` (``PackedDataset``).
         batch_size: examples per batch over all ranks.
         max_seq_length: longest row; longer examples are truncated.
         seed: seed of the permutation of each epoch.
@@ -84,19 +84,23 @@ class Batches:
         epoch, position = divmod(k, len(self.groups))
         return self.groups[int(self._order(epoch)[position])]
 
-    def batch(self, k: int) -> Tuple[mx.array, mx.array]:
+    def batch(self, k: int) -> Tuple[mx.array, ...]:
         """Batch ``k``: tokens ``(rows, T)`` int32, zero-padded, and ``(rows, 2)``
-        ``[offset, length]`` per row, as ``iterate_batches`` yields them."""
+        ``[offset, length]`` per row, as ``iterate_batches`` yields them; for
+        packed rows ``(tokens, ids, targets)`` (``packing.PackedDataset``)."""
         return make_batch([self.dataset[j] for j in self.indices(k)], self.max_seq_length)
 
-    def epoch(self, epoch: int = 0) -> Iterator[Tuple[mx.array, mx.array]]:
+    def epoch(self, epoch: int = 0) -> Iterator[Tuple[mx.array, ...]]:
         """The batches of one epoch, in order."""
         for position in range(len(self.groups)):
             yield self.batch(epoch * len(self.groups) + position)
 
 
-def make_batch(items: Sequence, max_seq_length: int) -> Tuple[mx.array, mx.array]:
-    """Rows ``(tokens, offset)`` padded into one array, as mlx-lm pads them."""
+def make_batch(items: Sequence, max_seq_length: int) -> Tuple[mx.array, ...]:
+    """Rows ``(tokens, offset)`` padded into one array, as mlx-lm pads them;
+    packed rows ``(tokens, ids, targets)``, all of one length, stacked."""
+    if len(items[0]) == 3:
+        return tuple(mx.array(np.stack(part)) for part in zip(*items))
     tokens = [item[0] for item in items]
     offsets = [item[1] for item in items]
     lengths = [min(len(t), max_seq_length) for t in tokens]

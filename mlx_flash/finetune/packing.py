@@ -117,34 +117,6 @@ def _best_fit_decreasing(lengths: List[int], capacity: int) -> List[List[int]]:
     return rows
 
 
-def iterate_packed_batches(dataset, batch_size, max_seq_length=None, loop=False, seed=None, comm_group=None):
-    """mlx-lm's ``iterate_batches`` for a ``PackedDataset``: yields
-    ``(tokens, ids, targets)`` batches, ``(B, L)``, ``(B, L)`` and
-    ``(B, L - 1)`` int32, in a random order of rows that a seed fixes.
-
-    ``max_seq_length`` is accepted for mlx-lm's ``evaluate`` (the rows
-    already have it). With ``comm_group``, each rank takes its share of
-    every batch, as mlx-lm does. The order comes from a generator of its
-    own (not NumPy's global one), so re-creating the iterator with the same
-    seed and skipping ``n`` batches gives exactly the batches after ``n``.
-    """
-    rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
-    if batch_size % size != 0:
-        raise ValueError("The batch size must be divisible by the number of workers")
-    if len(dataset) < batch_size:
-        raise ValueError(f"Dataset must have at least batch_size={batch_size} rows but only has {len(dataset)}.")
-    n_batches = len(dataset) // batch_size
-    rng = np.random.RandomState(seed if seed is not None else 0)
-    while True:
-        order = rng.permutation(len(dataset))
-        for b in range(n_batches):
-            members = order[b * batch_size : (b + 1) * batch_size][rank::size]
-            rows = [dataset[int(i)] for i in members]
-            yield tuple(mx.array(np.stack(part)) for part in zip(*rows))
-        if not loop:
-            break
-
-
 def packed_loss(model, tokens, ids, targets):
     """Mean next-token cross entropy over the targets that count, with
     attention kept inside each document. Returns ``(loss, n_targets)``, as
@@ -155,6 +127,27 @@ def packed_loss(model, tokens, ids, targets):
     ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * counted
     n_targets = targets.sum()
     return ce.astype(mx.float32).sum() / n_targets, n_targets
+
+
+def document_losses(model, tokens, ids, targets) -> List[Tuple[float, float]]:
+    """For each document of one packed row ``(tokens, ids, targets)``: its
+    summed next-token loss in the packed row and run alone, unpacked. The
+    two agree to float32 rounding when packing is exact; the fine-tune
+    records the largest difference as its check."""
+    with segments(mx.array(ids[None, :-1])):
+        logits = model(mx.array(tokens[None, :-1]))
+    packed = nn.losses.cross_entropy(logits, mx.array(tokens[None, 1:]))[0] * mx.array(targets)
+    pairs = []
+    for doc in sorted(set(ids.tolist()) - {PAD_ID}):
+        where = np.flatnonzero(ids == doc)
+        start, stop = int(where[0]), int(where[-1]) + 1
+        if stop - start < 2:
+            continue
+        alone_tokens = mx.array(tokens[None, start:stop])
+        alone = nn.losses.cross_entropy(model(alone_tokens[:, :-1]), alone_tokens[:, 1:])[0]
+        counted = mx.array(targets[start : stop - 1])
+        pairs.append((float(mx.sum(packed[start : stop - 1]).item()), float(mx.sum(alone * counted).item())))
+    return pairs
 
 
 def check_model(model: nn.Module, model_type: str) -> None:
