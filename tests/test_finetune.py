@@ -159,7 +159,7 @@ def test_real_recipe_validates(name):
     recipe = load_recipe(str(REPO / "recipes" / f"{name}.yaml"))
     assert recipe.model == REAL[name][0]
     assert recipe.iters == 100
-    assert recipe.variants == ["manual", "mlx", "practical", "demo"]
+    assert recipe.variants == ["mlx:padded", "manual", "mlx", "practical", "demo"]
     assert Path(recipe.data) == REPO / "recipes" / "data"
     # Long rows, so that attention is a real share of each step.
     assert recipe.pack_sequences and recipe.max_seq_length == 2048
@@ -187,15 +187,19 @@ def test_real_geometry_trains_one_step(name, tmp_path):
     out = tmp_path / "out"
     code = main([str(REPO / "recipes" / f"{name}.yaml"), "--set", f"model={model}", "--set", "iters=1",
                  "--set", "num_layers=1", "--set", "batch_size=2", "--set", "max_seq_length=48",
-                 "--set", "val_batches=0", "--out", str(out)])  # fmt: skip
+                 "--set", "val_batches=0", "--set", "attention.compare=[manual, mlx, practical, demo]",
+                 "--out", str(out)])  # fmt: skip
     assert code == 0
     head_dim = geometry["hidden_size"] // geometry["num_attention_heads"]
     first = []
     for variant in ("manual", "mlx", "practical", "demo"):
         (record,) = read_records(out / variant / "metrics.jsonl")
         assert math.isfinite(record["loss"])
-        # Packed: every row is max_seq_length tokens, so a batch of 2 is 2 x 47 inputs.
-        assert record["tokens"] == 2 * 47
+        # Packed: 2 rows of 48 tokens holding whole examples; a target counts
+        # only inside its example, so each row's first token of every example
+        # (at least one per row) is no target, nor is padding.
+        real = round(record["fill"] * 2 * 48)
+        assert 0 < record["tokens"] <= real - 2
         first.append(record["loss"])
         adapters = mx.load(str(out / variant / "adapters" / "adapters.safetensors"))
         rank = 8
@@ -291,7 +295,7 @@ def test_bad_recipe_exits_2(case, tmp_path):
         ([QUICKSTART, "--set", "lr_schedule={name: cosine_decay, arguments: [1e-5, 10, 0, 1]}"], "lr_schedule: cannot build cosine_decay"),
         ([QUICKSTART, "--set", "optimizer_config={adamw: {weight_decy: 0.1}}"], "optimizer_config.adamw: "),
         ([QUICKSTART, "--set", "optimizer_config={adamx: {}}"], "unknown key 'optimizer_config.adamx'"),
-        ([QUICKSTART, "--set", "pack_sequences=true", "--set", "mask_prompt=true"], "pack_sequences: packed rows have no prompt"),
+        ([QUICKSTART, "--set", "attention.compare=[mlx:fast]"], "attention.compare[0]: unknown option ':fast'"),
         ([QUICKSTART, "--set", "iters"], "--set 'iters': expected KEY=VALUE"),
         ([QUICKSTART, "--set", "model=/no/such/model"], "model: no such model folder /no/such/model"),
         ([QUICKSTART, "--set", "attention.variant=turbo"], "attention.variant: unknown variant 'turbo'"),
@@ -416,8 +420,9 @@ def test_check_prints_each_variants_adapter_folder(tmp_path):
     shared = tmp_path / "shared-adapters"
     result = cli(QUICKSTART, "--check", "--set", f"adapter_path={shared}", "--out", tmp_path / "o")
     assert result.returncode == 0, result.stderr
-    for variant in ("manual", "practical", "demo"):
-        assert f"# {variant}: metrics in {tmp_path / 'o' / variant}, adapters in {shared / variant}" in result.stdout
+    # A ":padded" entry runs in a folder of its own name, with ":" spelled "-".
+    for variant, folder in (("mlx:padded", "mlx-padded"), ("mlx", "mlx"), ("blockwise", "blockwise")):
+        assert f"# {variant}: metrics in {tmp_path / 'o' / folder}, adapters in {shared / folder}" in result.stdout
 
 
 def _data(tmp_path, train, valid=None):
@@ -510,7 +515,7 @@ def test_ctrl_c_outside_the_training_loop_exits_130(tmp_path, monkeypatch, capsy
     code = main([str(QUICKSTART), *FAST, "--out", str(tmp_path)])
     assert code == 130
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "Ctrl-C: stopped during the manual run" in err
+    assert "Traceback" not in err and "Ctrl-C: stopped during the mlx:padded run" in err
 
 
 def test_final_loss_is_the_last_iteration_and_last10_is_labelled(quickstart):
@@ -551,12 +556,79 @@ def test_atomic_writes_sync_and_leave_nothing_behind(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "c.safetensors"]
 
 
-def test_packing_cuts_full_rows_and_repeats_a_short_data_set():
-    from mlx_flash.finetune.packing import PackedDataset
 
-    examples = [([1, 2, 3], 0), ([4, 5], 0), ([6, 7, 8, 9], 0)]  # 9 tokens
-    packed = PackedDataset(examples, length=4, min_rows=1)
-    assert [packed[i] for i in range(len(packed))] == [([1, 2, 3, 4], 0), ([5, 6, 7, 8], 0), ([9, 1, 2, 3], 0)]
-    assert [packed.itemlen(i) for i in range(len(packed))] == [4, 4, 4]
-    packed = PackedDataset(examples, length=8, min_rows=3)
-    assert [packed[i][0] for i in range(3)] == [[1, 2, 3, 4, 5, 6, 7, 8], [9, 1, 2, 3, 4, 5, 6, 7], [8, 9, 1, 2, 3, 4, 5, 6]]
+# ---- packed rows with document masks ------------------------------------------
+
+
+def test_packed_and_padded_runs_side_by_side(tmp_path):
+    """The quickstart's comparison: stock mlx-lm's padded batches next to
+    packed rows with fused document masks; the packed run proves itself
+    exact (a validation document's loss packed equals its loss alone)."""
+    out = tmp_path / "out"
+    code = main([str(QUICKSTART), *FAST, "--set", "max_seq_length=256",
+                 "--set", "attention.compare=[mlx:padded, blockwise]", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    padded = json.loads((out / "mlx-padded" / "summary.json").read_text())
+    packed = json.loads((out / "blockwise" / "summary.json").read_text())
+    assert (padded["packed"], packed["packed"]) == (False, True)
+    assert padded["attention_variant"] == "mlx" and padded["variant"] == "mlx:padded"
+    # Padded rows carry padding; packed rows are nearly full.
+    assert padded["fill_ratio"] < 0.9 < packed["fill_ratio"] <= 1.0
+    assert packed["packing"]["examples"] == 320 and packed["packing"]["truncated_examples"] == 0
+    assert packed["packing"]["max_document_loss_difference"] < 1e-3
+    assert "segments" in packed["attention_plan"] and "no Lq x Lk mask" in packed["attention_plan"]
+    for record in read_records(out / "blockwise" / "metrics.jsonl"):
+        assert 0 < record["tokens"] < 4 * 256 and record["fill"] > 0.9
+    markdown = (out / "compare.md").read_text()
+    assert "real tokens/s vs mlx:padded" in markdown
+    rows = {r["variant"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert rows["blockwise"]["tokens_vs_mlx"] == pytest.approx(packed["tokens_per_s"] / padded["tokens_per_s"])
+    # Iteration time is compared only between runs on the same kind of rows.
+    assert rows["blockwise"]["speedup_vs_mlx"] is None
+
+
+def test_packed_rows_mask_the_prompt(tmp_path):
+    # Completions data goes through the tokenizer's chat template: give the
+    # byte tokenizer a plain one.
+    model = builtin.write_model(tmp_path / "model", builtin.MODELS["tiny-llama"])
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config_path.write_text(json.dumps(config))
+    lines = [json.dumps({"prompt": f"Q{i}: what is {i} + 1?", "completion": f" {i + 1}."}) for i in range(40)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "valid.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    out = tmp_path / "out"
+    code = main([str(QUICKSTART), *FAST, "--set", f"data={data}", "--set", f"model={model}", "--set", "mask_prompt=true",
+                 "--set", "attention.compare=[blockwise]", "--set", "max_seq_length=128",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    records = read_records(out / "blockwise" / "metrics.jsonl")
+    # Only completion tokens count: a few per example (" 12." and EOS), never the prompt.
+    per_row = [r["tokens"] / 4 for r in records]
+    assert all(0 < n < 128 / 3 for n in per_row), per_row
+
+
+def test_packing_refuses_absolute_position_models(tmp_path):
+    model = builtin.write_model(tmp_path / "gpt2", {
+        "model_type": "gpt2", "n_ctx": 128, "n_embd": 32, "n_head": 2, "n_layer": 1, "n_positions": 128,
+        "layer_norm_epsilon": 1e-5, "vocab_size": builtin.BYTE_VOCAB_SIZE,
+    })  # fmt: skip
+    result = cli(QUICKSTART, "--set", f"model={model}", "--set", "iters=1", "--set", "attention.compare=[blockwise]",
+                 "--out", tmp_path / "o")  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert "model type 'gpt2' has learned absolute position embeddings" in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_data_the_tokenizer_cannot_read_is_one_line(tmp_path):
+    # Completions data needs a chat template; the built-in byte tokenizer has none.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": " A."}) + "\n" for i in range(8)))
+    result = cli(QUICKSTART, "--set", f"data={data}", "--set", "iters=1", "--out", tmp_path / "o")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data: cannot tokenize example 1 of train.jsonl: Cannot use chat template" in result.stderr.strip().splitlines()[-1]

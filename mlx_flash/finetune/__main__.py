@@ -164,7 +164,7 @@ def _main(args, state: dict) -> int:
     import mlx.core as mx
 
     from . import files, report, train
-    from .config import RecipeError, load_recipe
+    from .config import RecipeError, load_recipe, run_name
 
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.out)
@@ -173,7 +173,7 @@ def _main(args, state: dict) -> int:
 
     out_dir = Path(recipe.output["dir"])
     state["out_dir"] = out_dir
-    runs = [(variant, out_dir / variant) for variant in recipe.variants]
+    runs = [(variant, out_dir / run_name(variant)) for variant in recipe.variants]
     world = mx.distributed.init()
     rank = world.rank()
     if rank == 0:

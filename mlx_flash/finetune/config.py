@@ -33,7 +33,7 @@ import os
 import re
 import types
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -436,14 +436,20 @@ def _validate(values: dict) -> None:
     for key, variant in [("attention.variant", attention["variant"])] + [
         (f"attention.compare[{i}]", v) for i, v in enumerate(attention["compare"])
     ]:
+        name, sep, option = str(variant).partition(":")
+        if sep and key != "attention.variant":
+            if option != "padded":
+                raise RecipeError(
+                    f"{key}: unknown option ':{option}' in {variant!r} (the one option is ':padded', "
+                    "that variant on mlx-lm's padded batches)"
+                )
+            variant = name
         if variant not in VARIANTS:
             close = difflib.get_close_matches(str(variant), VARIANTS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise RecipeError(f"{key}: unknown variant {variant!r} (choose from {', '.join(VARIANTS)}{hint})")
     if len(set(attention["compare"])) != len(attention["compare"]):
         raise RecipeError("attention.compare: each variant may appear only once")
-    if values["pack_sequences"] and values["mask_prompt"]:
-        raise RecipeError("pack_sequences: packed rows have no prompt to mask; set mask_prompt: false")
     _check_schedule(values["lr_schedule"])
     for name, options in values["optimizer_config"].items():
         if name not in OPTIMIZERS:
@@ -578,6 +584,19 @@ def load_recipe(
     recipe.variants = list(values["attention"]["compare"]) or [values["attention"]["variant"]]
     recipe.warnings = ignored_keys(values)
     return recipe
+
+
+def run_entry(entry: str) -> Tuple[str, bool]:
+    """``(variant, padded)`` of an ``attention.compare`` entry: ``"mlx"`` is
+    the variant on the recipe's own batches, ``"mlx:padded"`` the variant on
+    mlx-lm's padded batches (stock mlx-lm) even when the recipe packs."""
+    name, _, option = entry.partition(":")
+    return name, option == "padded"
+
+
+def run_name(entry: str) -> str:
+    """The folder name of a run: ``mlx:padded`` runs in ``mlx-padded``."""
+    return entry.replace(":", "-")
 
 
 def recipe_dict(recipe: types.SimpleNamespace) -> Dict[str, Any]:

@@ -7,7 +7,13 @@ variant's peak over ``manual``'s, so below 1 is smaller. Without a ``manual``
 row both are left empty rather than guessed. Stock mlx-lm calls
 ``mx.fast.scaled_dot_product_attention``, which is the ``mlx`` variant: when
 a comparison includes it, its row carries a second pair of ratios, against
-``mlx``, which is what a user switching from plain mlx-lm gains.
+``mlx``, which is what a user switching from plain mlx-lm gains. Rows of
+different kinds do different work per iteration, so iteration time and
+memory are compared between runs on the same kind of rows only: a packed
+run against the packed ``mlx`` run (MLX given the dense document mask), a
+padded one against ``mlx:padded`` (the ``mlx`` variant on mlx-lm's padded
+batches, stock mlx-lm). Across kinds the fair measure is real (non-padding)
+tokens per second, which the table gives against stock mlx-lm.
 """
 
 from pathlib import Path
@@ -32,12 +38,19 @@ def _ratios(s: dict, baseline: Optional[dict]):
 
 def rows(summaries: List[dict]) -> List[dict]:
     """One row per variant, with speedup and memory ratio against manual and mlx."""
-    manual = next((s for s in summaries if s["variant"] == "manual"), None)
-    mlx = next((s for s in summaries if s["variant"] == "mlx"), None)
+    by_name = {s["variant"]: s for s in summaries}
+    stock = by_name.get("mlx:padded") or by_name.get("mlx")
     table = []
     for s in summaries:
+        packed = s.get("packed", False)
+        same_rows = [o for o in summaries if o.get("packed", False) == packed]
+        manual = next((o for o in same_rows if o["variant"] == "manual"), None)
+        mlx = next((o for o in same_rows if o["variant"] in ("mlx", "mlx:padded")), None)
         speedup, memory_ratio = _ratios(s, manual)
         speedup_mlx, memory_mlx = _ratios(s, mlx)
+        tokens_mlx = None
+        if stock and stock.get("tokens_per_s") and s.get("tokens_per_s"):
+            tokens_mlx = s["tokens_per_s"] / stock["tokens_per_s"]
         table.append(
             {
                 "variant": s["variant"],
@@ -47,6 +60,9 @@ def rows(summaries: List[dict]) -> List[dict]:
                 "median_iteration_s": s["median_iteration_s"],
                 "p95_iteration_s": s["p95_iteration_s"],
                 "tokens_per_s": s["tokens_per_s"],
+                "tokens_vs_mlx": tokens_mlx,
+                "packed": s.get("packed", False),
+                "fill_ratio": s.get("fill_ratio"),
                 "peak_memory_bytes": s["peak_memory_bytes"],
                 "final_train_loss": s["final_train_loss"],
                 "train_loss_last10": s["train_loss_last10"],
@@ -80,33 +96,39 @@ def hardware(environment: dict) -> str:
 
 
 def markdown(recipe_name: str, table: List[dict], environment: dict) -> str:
-    with_mlx = any(r["variant"] == "mlx" for r in table)
+    with_mlx = any(r["variant"] in ("mlx", "mlx:padded") for r in table)
+    stock = "mlx:padded" if any(r["variant"] == "mlx:padded" for r in table) else "mlx"
     baselines = (
         "Speedup and memory are against `manual` (attention in plain MLX ops) and against `mlx` "
-        "(`mx.fast.scaled_dot_product_attention`, what stock mlx-lm runs)."
+        "(`mx.fast.scaled_dot_product_attention`, what stock mlx-lm runs), each on the same kind of "
+        f"rows (packed or padded); real tokens/s is against `{stock}`, stock mlx-lm."
         if with_mlx
         else "Speedup and memory are against `manual` (attention in plain MLX ops)."
     )
     header = (
-        "| variant | ran as | iters | median it (ms) | p95 it (ms) | tokens/s | peak mem (MB) "
+        "| variant | ran as | rows | iters | median it (ms) | p95 it (ms) | real tokens/s | peak mem (MB) "
         "| train loss, last it | train loss, mean of last 10 its | val loss, last eval "
         "| speedup vs manual | memory vs manual |"
     )
     if with_mlx:
-        header += " speedup vs mlx | memory vs mlx |"
+        header += f" speedup vs mlx | memory vs mlx | real tokens/s vs {stock} |"
     lines = [
         f"# {recipe_name}: attention variants compared",
         "",
         f"Hardware: {hardware(environment)}.",
         "",
-        f"Median and p95 leave out each run's first (warm-up) iteration. {baselines}",
+        f"Median and p95 leave out each run's first (warm-up) iteration. {baselines} "
+        "Real tokens are the targets the loss counts (never padding); rows are packed (whole examples "
+        "with document masks, the share of real tokens in brackets) or padded (one example per row, "
+        "as mlx-lm batches).",
         "",
         header,
         "|---|---|" + "--:|" * (header.count("|") - 3),
     ]
     for r in table:
         line = (
-            f"| {r['variant']} | {r['implementation']} ({r['backend']}) | {r['iterations']} "
+            f"| {r['variant']} | {r['implementation']} ({r['backend']}) "
+            f"| {'packed' if r['packed'] else 'padded'} ({_fmt(r['fill_ratio'], '.0%')}) | {r['iterations']} "
             f"| {_fmt(r['median_iteration_s'], '.1f', 1e3)} | {_fmt(r['p95_iteration_s'], '.1f', 1e3)} "
             f"| {_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['peak_memory_bytes'], '.1f', 1e-6)} "
             f"| {_fmt(r['final_train_loss'], '.3f')} | {_fmt(r['train_loss_last10'], '.3f')} "
@@ -114,7 +136,10 @@ def markdown(recipe_name: str, table: List[dict], environment: dict) -> str:
             f"| {_fmt(r['speedup_vs_manual'], '.2f')}x | {_fmt(r['memory_vs_manual'], '.2f')}x |"
         )
         if with_mlx:
-            line += f" {_fmt(r['speedup_vs_mlx'], '.2f')}x | {_fmt(r['memory_vs_mlx'], '.2f')}x |"
+            line += (
+                f" {_fmt(r['speedup_vs_mlx'], '.2f')}x | {_fmt(r['memory_vs_mlx'], '.2f')}x "
+                f"| {_fmt(r['tokens_vs_mlx'], '.2f')}x |"
+            )
         lines.append(line)
     return "\n".join(lines).replace("| -x |", "| - |").replace("| -x |", "| - |") + "\n"
 

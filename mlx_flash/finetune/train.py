@@ -44,6 +44,8 @@ from . import builtin, checkpoint, data, files, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer
+from . import packing
+from .config import run_entry
 from .packing import PackedDataset
 from .progress import Progress
 
@@ -116,16 +118,34 @@ def attach_adapters(model: nn.Module, recipe) -> None:
         )
 
 
-def load_data(recipe, tokenizer):
-    """``(train, valid, test)`` as mlx-lm ``CacheDataset`` objects, or packed
-    into ``max_seq_length`` rows (``PackedDataset``) with ``pack_sequences``;
-    a missing optional split is an empty list."""
+def load_data(recipe, tokenizer, packed: bool = False):
+    """``(train, valid, test)`` as mlx-lm ``CacheDataset`` objects, or, when
+    ``packed``, whole examples packed into ``max_seq_length`` rows with
+    document ids (``PackedDataset``); a missing optional split is an empty
+    list."""
     from mlx_lm.tuner.datasets import CacheDataset
 
     sets = [CacheDataset(s) if len(s) else s for s in data.load(recipe, tokenizer)]
-    if recipe.pack_sequences:
-        sets = [PackedDataset(s, recipe.max_seq_length, recipe.batch_size) if len(s) else s for s in sets]
+    for name, dataset in zip(("train", "valid", "test"), sets):
+        _tokenize(name, dataset)
+    if packed:
+        sets = [
+            PackedDataset(s, recipe.max_seq_length, recipe.batch_size, mask_prompt=recipe.mask_prompt) if len(s) else s
+            for s in sets
+        ]
     return tuple(sets)
+
+
+def _tokenize(name: str, dataset) -> None:
+    """Tokenize every example now (mlx-lm does it lazily, at the first batch),
+    so that a tokenizer problem is one line naming the split, not a
+    traceback mid-run: chat and completions data need a chat template."""
+    for i in range(len(dataset)):
+        try:
+            dataset[i]
+        except Exception as e:  # noqa: BLE001 - the tokenizer's own error, whatever its type
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RecipeError(f"data: cannot tokenize example {i + 1} of {name}.jsonl: {first}") from None
 
 
 def build_optimizer(recipe):
@@ -146,12 +166,35 @@ def geometry(model: nn.Module, config: dict) -> dict:
     return {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "dtype": dtype}
 
 
-def attention_plan(shape: dict, batch_size: int, length: int, variant: str):
-    """What attention implementation a training batch of this length gets."""
+def attention_plan(shape: dict, batch_size: int, length: int, variant: str, packed: bool = False):
+    """What attention implementation a training batch of this length gets
+    (with document ids when the rows are packed)."""
     B = batch_size
     q = mx.zeros((B, shape["n_heads"], length, shape["head_dim"]), dtype=shape["dtype"])
     kv = mx.zeros((B, shape["n_kv_heads"], length, shape["head_dim"]), dtype=shape["dtype"])
-    return explain(q, kv, kv, mask="causal", variant=variant)
+    ids = mx.zeros((B, length), mx.int32) if packed else None
+    return explain(q, kv, kv, mask="causal", segment_ids=ids, variant=variant)
+
+
+def packing_summary(train_set, check: Optional[float]) -> dict:
+    """How full the packed rows are, and the largest difference between a
+    document's loss packed and alone (the exactness check)."""
+    return {
+        "fill_ratio": train_set.fill_ratio,
+        "rows": len(train_set),
+        "examples": train_set.examples,
+        "truncated_examples": train_set.truncated,
+        "max_document_loss_difference": check,
+    }
+
+
+def packing_check(model, dataset) -> Optional[float]:
+    """Largest |packed - alone| summed document loss over the first row of
+    ``dataset`` (validation data), or None without one."""
+    if not len(dataset):
+        return None
+    pairs = packing.document_losses(model, *dataset[0])
+    return max((abs(a - b) for a, b in pairs), default=None)
 
 
 @contextmanager
@@ -195,6 +238,17 @@ def compile_step() -> bool:
     return mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
 
 
+def fill_of(batch) -> float:
+    """The share of a batch's tokens that are real, not padding: from the
+    document ids of packed rows, or from mlx-lm's ``[offset, length]`` rows."""
+    tokens = batch[0]
+    if len(batch) == 3:
+        real = (batch[1] >= 0).sum().item()
+    else:
+        real = batch[1][:, 1].sum().item()
+    return real / tokens.size
+
+
 def summarize(records, *, variant, plan, iters, interrupted, elapsed, extra) -> dict:
     """Totals of a run from its per-iteration ``records``."""
     times = [r["wall_s"] for r in records]
@@ -202,6 +256,7 @@ def summarize(records, *, variant, plan, iters, interrupted, elapsed, extra) -> 
     # and warming the allocator; the median and p95 describe the steady state.
     steady = [r["wall_s"] for r in records if not r.get("warmup")] or times
     tokens = sum(r["tokens"] for r in records)
+    fills = [r["fill"] for r in records if "fill" in r]
     val = [r for r in records if r.get("val_loss") is not None]
     last10 = [r["loss"] for r in records[-10:]]
     return {
@@ -218,7 +273,9 @@ def summarize(records, *, variant, plan, iters, interrupted, elapsed, extra) -> 
         "p95_iteration_s": percentile(steady, 95) if steady else None,
         "first_iteration_s": times[0] if times else None,
         "tokens": tokens,
+        # tokens are the targets the loss counted: real tokens, never padding.
         "tokens_per_s": tokens / sum(times) if times and sum(times) > 0 else None,
+        "fill_ratio": float(np.mean(fills)) if fills else None,
         "peak_memory_bytes": max((r["peak_memory_bytes"] for r in records), default=None),
         "first_train_loss": records[0]["loss"] if records else None,
         "final_train_loss": records[-1]["loss"] if records else None,
@@ -266,6 +323,10 @@ def _any_rank_stopping(signum: Optional[int]) -> Optional[int]:
 def run(recipe, variant: str, run_dir: Path) -> dict:
     """Fine-tune with attention ``variant``, writing into ``run_dir``.
 
+    ``variant`` is an ``attention.compare`` entry: a variant name, or
+    ``<name>:padded`` for that variant on mlx-lm's padded batches even when
+    the recipe packs (the baseline a packed run is compared with).
+
     Every variant of a comparison starts from the same base weights, the same
     adapter initialisation (``mx.random.seed(recipe.seed)``) and the same
     batch order, so their losses differ only by the attention's arithmetic.
@@ -283,15 +344,23 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     if recipe.batch_size % world_size != 0:
         raise RecipeError(f"batch_size: {recipe.batch_size} is not divisible by the {world_size} ranks")
 
+    entry = variant
+    variant, padded = run_entry(entry)
+    packed = recipe.pack_sequences and not padded
     adapters = adapter_dir(recipe, run_dir)
     metrics_path = run_dir / METRICS_FILE
     checkpoints = run_dir / resume.CHECKPOINTS
-    resumed = resume.find(recipe, variant, run_dir, metrics_path) if recipe.resume and writer else None
+    resumed = resume.find(recipe, entry, run_dir, metrics_path) if recipe.resume and writer else None
 
     mx.random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     model, tokenizer, config, model_path = load_base(recipe)
-    train_set, valid_set, test_set = load_data(recipe, tokenizer)
+    if packed:
+        try:
+            packing.check_model(model, config.get("model_type", type(model).__module__))
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+    train_set, valid_set, test_set = load_data(recipe, tokenizer, packed)
     if len(train_set) < recipe.batch_size:
         raise RecipeError(f"batch_size: {recipe.batch_size} is more than the {len(train_set)} training examples")
     mx.random.seed(recipe.seed)
@@ -316,21 +385,24 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         )
     # Batches are padded to one more than a multiple of 32; inputs drop one.
     length = min(recipe.max_seq_length, 1 + 32 * ((max(batches.lengths) + 31) // 32)) - 1
-    plan = attention_plan(geometry(model, config), recipe.batch_size // world_size, length, variant)
+    plan = attention_plan(geometry(model, config), recipe.batch_size // world_size, length, variant, packed)
 
     if writer:
         adapter_config = recipe_dict(recipe)
         adapter_config.update(model=model_path, adapter_path=str(adapters))
         adapter_config["attention"] = {"variant": variant, "implementation": plan.implementation}
+        adapter_config["pack_sequences"] = packed
         files.write_json(adapters / ADAPTER_CONFIG, adapter_config)
         metrics = files.JsonlWriter(metrics_path, resumed.records if resumed else ())
 
-    loss_and_grad = nn.value_and_grad(model, default_loss)
+    # Packed rows keep attention and targets inside each example.
+    loss_fn = packing.packed_loss if packed else default_loss
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
     accumulate = recipe.grad_accumulation_steps
     state = [model.state, optimizer.state, mx.random.state]
 
-    def step(batch, lengths, previous, update):
-        (loss, tokens), grad = loss_and_grad(model, batch, lengths)
+    def step(batch, previous, update):
+        (loss, tokens), grad = loss_and_grad(model, *batch)
         if previous is not None:
             grad = tree_map(lambda a, b: a + b, grad, previous)
         if update:
@@ -361,14 +433,14 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
             batch_size=recipe.batch_size,
             num_batches=batches_to_run,
             max_seq_length=recipe.max_seq_length,
-            loss=default_loss,
+            loss=loss_fn,
             iterate_batches=validation_batches,
         )
         model.train()
         return loss
 
     info = {
-        "trajectory": resume.trajectory(recipe, variant),
+        "trajectory": resume.trajectory(recipe, entry),
         "initial_val_loss": resumed.checkpoint.state.get("initial_val_loss") if resumed else None,
         "batches_per_epoch": len(batches),
     }
@@ -389,7 +461,14 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
 
     progress = None
     records = list(resumed.records) if resumed else []
-    extra = {"rank_count": world_size, "compiled_step": compiled, "attention_plan": plan.summary, **environment()}
+    extra = {
+        "rank_count": world_size,
+        "compiled_step": compiled,
+        "attention_plan": plan.summary,
+        "attention_variant": variant,
+        "packed": packed,
+        **environment(),
+    }
     stopped = None  # the signal that stopped the run
     at_once = False  # stopped mid-iteration: only the last checkpoint is kept
     done = start - 1  # the last iteration completed
@@ -399,13 +478,13 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
                 info["initial_val_loss"] = validate(valid_set, recipe.val_batches)
             model.train()
             # Made here so that its clock (it/s) leaves out the initial validation.
-            progress = Progress(recipe.iters, variant, every=recipe.steps_per_report, enabled=writer, first=start)
+            progress = Progress(recipe.iters, entry, every=recipe.steps_per_report, enabled=writer, first=start)
             with interrupts.deferred(_stop_notice if writer else None) as stop:
                 for iteration in range(start, recipe.iters + 1):
-                    batch, lengths = batches.batch(iteration - 1)
+                    batch = batches.batch(iteration - 1)
                     mx.reset_peak_memory()
                     tic = time.perf_counter()
-                    loss, tokens, grad = step(batch, lengths, grad, iteration % accumulate == 0)
+                    loss, tokens, grad = step(batch, grad, iteration % accumulate == 0)
                     mx.eval(state, loss, tokens, grad)
                     wall = time.perf_counter() - tic
                     peak = mx.get_peak_memory()
@@ -422,7 +501,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
                         "tokens_per_s": tokens.item() / wall,
                         "peak_memory_bytes": int(peak),
                         "learning_rate": float(optimizer.learning_rate.item()),
-                        "variant": variant,
+                        "fill": fill_of(batch),
+                        "variant": entry,
                     }
                     if iteration == start:
                         record["warmup"] = True
@@ -443,6 +523,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
                         break
             if stopped is None and recipe.test:
                 extra["test_loss"] = validate(test_set, recipe.test_batches)
+            if stopped is None and packed and writer:
+                extra["packing"] = packing_summary(train_set, packing_check(model, valid_set))
         except KeyboardInterrupt as e:
             stopped, at_once = interrupts.signal_of(e), True
         finally:
@@ -458,7 +540,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
                 metrics.close()
                 summary = summarize(
                     records,
-                    variant=variant,
+                    variant=entry,
                     plan=plan,
                     iters=recipe.iters,
                     interrupted=stopped is not None,
