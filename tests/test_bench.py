@@ -327,8 +327,10 @@ def test_bad_target_is_rejected():
 def test_shipped_targets_declare_the_cpu_memory_targets_and_metal_examples(tmp_path, monkeypatch):
     declared = targets.load(targets.SHIPPED)
     cpu = [t for t in declared if t["when"]["backend"] == "cpu"]
-    assert len(cpu) == 3
-    assert {t["metric"] for t in cpu} == {"peak_memory", "median_time"}
+    assert len(cpu) == 9
+    assert {t["metric"] for t in cpu} == {"peak_memory", "median_time", "peak_over_floor"}
+    structured = {t["where"].get("mask") or t["numerator"]["mask"] for t in cpu if t["name"].split()[0] in ("packed", "windowed", "sinks")}
+    assert structured == {"causal+docs512", "causal+window1024", "causal+sinks"}
     metal = [t for t in declared if t["when"]["backend"] == "metal"]
     assert metal and len(cpu) + len(metal) == len(declared)
     # Found from anywhere: the old checkout path falls back to the shipped file.
