@@ -33,5 +33,7 @@ def explain(
     _check_inputs(q, k, v, mask, sinks)
     check_variant(variant)
     _check_structure(q, k, mask, segment_ids, window, force_fused, variant)
-    chosen = plan(q, k, v, mask=mask, sinks=sinks, segment_ids=segment_ids, window=window, variant=variant)
+    chosen = plan(
+        q, k, v, mask=mask, sinks=sinks, segment_ids=segment_ids, window=window, variant=variant, force_fused=force_fused
+    )
     return replace(chosen, patch=str(patch_state()))

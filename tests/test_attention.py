@@ -456,3 +456,115 @@ def test_blockwise_memory_grows_linearly(monkeypatch):
     small, large = peak(512), peak(1024)
     assert large < 2.5 * small, (small, large)
     assert large * 4 < peak_unfused(1024)
+
+
+# ---- a drop-in for mx.fast.scaled_dot_product_attention ---------------------
+
+
+def _mlx_parameters():
+    """MLX's parameters, from the signature nanobind writes in the docstring:
+    ``[(name, keyword_only, default)]``."""
+    import re
+
+    line = mx.fast.scaled_dot_product_attention.__doc__.splitlines()[0]
+    inside = line[line.index("(") + 1 : line.rindex(")")]
+    params, keyword_only = [], False
+    for part in (p.strip() for p in inside.split(",")):
+        if part == "*":
+            keyword_only = True
+            continue
+        name = re.match(r"(\w+)", part).group(1)
+        default = part.split("=", 1)[1].strip() if "=" in part else None
+        params.append((name, keyword_only, default))
+    return params
+
+
+def test_signature_is_mlx_s_plus_the_structure_arguments():
+    import inspect
+
+    ours = inspect.signature(mlx_flash.scaled_dot_product_attention).parameters
+    for name, keyword_only, default in _mlx_parameters():
+        assert name in ours, name
+        p = ours[name]
+        assert (p.kind == inspect.Parameter.KEYWORD_ONLY) == keyword_only, name
+        if default is not None:
+            assert repr(p.default) == default, (name, p.default, default)
+    assert list(ours)[:3] == ["q", "k", "v"]
+    extra = set(ours) - {name for name, _, _ in _mlx_parameters()}
+    assert extra == {"segment_ids", "window", "variant"}
+
+
+@pytest.mark.parametrize("variant", ["mlx", "manual", "blockwise", "practical", "demo", "auto"])
+def test_assigning_it_over_mx_fast_works_for_every_variant_and_shape(variant, monkeypatch):
+    """The most direct drop-in: mx.fast's own name bound to our op. mlx-lm's
+    attention then reaches it for prefill and decoding, with sinks and with
+    empty inputs, and nothing recurses into itself."""
+    import functools
+
+    from mlx_lm.models import llama
+
+    original = mx.fast.scaled_dot_product_attention
+    q, k, v = inputs(1, 4, 2, 9, 9, 16)
+    expected = {
+        "prefill": original(q, k, v, scale=0.25, mask="causal"),
+        "decode": original(q[:, :, -1:], k, v, scale=0.25),
+        "sinks": original(q, k, v, scale=0.25, mask="causal", sinks=mx.array([0.1, -0.2, 0.3, 0.0])),
+        "empty": original(q[:0], k[:0], v[:0], scale=0.25),
+    }
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=32,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, vocab_size=50,
+    )
+    mx.random.seed(5)
+    model = llama.Model(args)
+    tokens = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    logits = model(tokens)
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention",
+                        functools.partial(mlx_flash.scaled_dot_product_attention, variant=variant))
+    sdpa = mx.fast.scaled_dot_product_attention
+    got = {
+        "prefill": sdpa(q, k, v, scale=0.25, mask="causal"),
+        "decode": sdpa(q[:, :, -1:], k, v, scale=0.25),
+        "sinks": sdpa(q, k, v, scale=0.25, mask="causal", sinks=mx.array([0.1, -0.2, 0.3, 0.0])),
+        "empty": sdpa(q[:0], k[:0], v[:0], scale=0.25),
+    }
+    for name in expected:
+        assert_close(got[name], expected[name], TOLERANCE[mx.float32], name)
+    # An mlx-lm model whose attention calls mx.fast by name runs through it.
+    assert_close(model(tokens), logits, 1e-4, "model logits")
+
+
+@pytest.mark.parametrize("variant", EDGE_VARIANTS + ["mlx"])
+@pytest.mark.parametrize("mask", [None, "causal"])
+def test_empty_batch_like_mlx(variant, mask):
+    q, k, v = inputs(0, 2, 2, 6, 6, 16)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask)
+    out = mlx_flash.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask, variant=variant)
+    assert out.shape == expected.shape == (0, 2, 6, 16) and out.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("bad", [np.ones((6, 6), bool), True, [[True] * 6] * 6, 3])
+def test_a_mask_of_the_wrong_python_type_is_a_type_error_as_in_mlx(bad):
+    q, k, v = inputs(1, 2, 2, 6, 6, 16)
+    with pytest.raises(TypeError):
+        mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bad)
+    with pytest.raises(TypeError, match="mask must be None, 'causal' or an mx.array"):
+        mlx_flash.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bad)
+
+
+def test_stream_and_force_fused_are_accepted_as_mlx_accepts_them():
+    q, k, v = inputs(1, 2, 2, 12, 12, 16)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal")
+    for variant in ("mlx", "manual", "blockwise", "auto"):
+        out = mlx_flash.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal", variant=variant, stream=mx.cpu)
+        assert_close(out, expected, TOLERANCE[mx.float32], variant)
+    # Without Metal, MLX has no fused kernel: "mlx" raises what MLX raises,
+    # "auto" runs the fused blockwise path, "manual" is refused.
+    with pytest.raises(ValueError, match="no fused kernel"):
+        mlx_flash.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal", variant="mlx", force_fused=True)
+    plan = mlx_flash.explain(q[:, :, :1], k, v, variant="auto", force_fused=True)
+    assert plan.implementation == "blockwise"
+    out = mlx_flash.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal", force_fused=True)
+    assert_close(out, expected, TOLERANCE[mx.float32], "auto fused")
+    with pytest.raises(ValueError, match="unfused reference"):
+        mlx_flash.scaled_dot_product_attention(q, k, v, scale=0.2, variant="manual", force_fused=True)
