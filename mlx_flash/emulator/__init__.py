@@ -23,41 +23,50 @@ through a pointer to the fragment's own element type.
 
 import contextlib
 
+from . import context
 from .build import cache_dir, compiler
 from .errors import (
     CompileError,
     CompilerNotFoundError,
     DivergenceError,
     EmulatorError,
+    OrderDependentWarning,
     RaceError,
+    StrictError,
 )
-from .execute import run, run_checked
-
-_active = []
+from .execute import CHECKED_SCHEDULES, MATH, SCHEDULES, run, run_checked
+from .profile import Profile
+from .strict import StrictReport, strict_check
 
 
 @contextlib.contextmanager
-def metal(schedule=("forward", "reverse")):
+def metal(schedule=CHECKED_SCHEDULES, math="precise", strict=False, profile=False):
     """Run the project's Metal kernels through the emulator inside the block.
 
-    ``schedule`` is ``"forward"``, ``"reverse"``, an int seed, or a sequence
-    of these (each run with the race detector, ``RaceError`` if the results
-    differ or threadgroup memory is accessed without a barrier). Eager mode
-    only: the emulator reads its inputs, so it cannot run inside
+    ``schedule`` is a name in ``SCHEDULES``, an int seed, or a sequence of
+    these (each run with the race detector, ``RaceError`` if the results
+    differ or threadgroup memory is accessed without a barrier). ``math``:
+    ``"precise"`` or ``"fast"`` (Metal's fast math accuracy, see ``run``).
+    ``strict``: run ``strict_check`` on every kernel launched. ``profile``:
+    count what every launch does. Yields a ``context.Session`` whose
+    ``profiles`` and ``strict_reports`` collect what the launches report.
+    Eager mode only: the emulator reads its inputs, so it cannot run inside
     ``mx.compile``.
     """
-    _active.append(schedule)
+    session = context.Session(schedule=schedule, math=math, strict=strict, profile=profile)
+    context.push(session)
     try:
-        yield
+        yield session
     finally:
-        _active.pop()
+        context.pop()
 
 
 def is_active() -> bool:
     """True inside ``with mlx_flash.emulator.metal(...)``."""
-    return bool(_active)
+    return context.current() is not None
 
 
 def active_schedule():
     """The schedule of the innermost ``metal()`` block ("forward" outside)."""
-    return _active[-1] if _active else "forward"
+    session = context.current()
+    return session.schedule if session else "forward"
