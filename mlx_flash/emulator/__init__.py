@@ -1,25 +1,33 @@
 """Runs MLX-generated Metal kernel source on the CPU.
 
 MLX generates the full source of an ``mx.fast.metal_kernel`` call (signature,
-template instantiation) even without Metal; the emulator compiles it with the
-system C++ compiler against ``metal_cpu.h`` and runs every thread as a fiber,
-deterministically, in the order a schedule gives. Barriers and SIMD
-collectives are rendezvous points, threadgroup memory starts poisoned (0xff
-bytes: NaN in every float type), and a race is reported when results differ
-between schedules or when two threads touch a threadgroup array element,
-one writing, with no barrier between them. Where Metal is stricter than C++
-the emulator is too: at most 1024 threads and 32 KB of threadgroup memory per
-threadgroup, no ``double``, and ``simdgroup_load`` / ``simdgroup_store`` only
-through a pointer to the fragment's own element type.
+template instantiation) even without Metal, and records what the kernel was
+built with (``ensure_row_contiguous``, the math mode, ``init_value``); the
+emulator reads both from MLX (``source``), compiles the source with the
+system C++ compiler against ``metal_cpu.h`` (``build``) and runs every thread
+as a fiber, deterministically, in the order a schedule gives (``execute``).
+Barriers and SIMD collectives are rendezvous points, threadgroup memory
+starts poisoned (0xff bytes: NaN in every float type), and a race is reported
+when results differ between schedules or when two threads access a byte of
+threadgroup memory, one writing, with no barrier that orders threadgroup
+memory between them. Where Metal is stricter than C++ the emulator is too: at
+most 1024 threads and 32 KB of threadgroup memory per threadgroup, no
+``double``, and ``strict_check`` (``strict``) compiles the source as Apple's
+compiler would judge it. ``profile=True`` counts what a launch did
+(``profile``).
 
     outs = emulator.run(kernel, inputs=[a], output_shapes=[a.shape],
                         output_dtypes=[a.dtype], grid=(n, 1, 1),
                         threadgroup=(256, 1, 1))
-    outs = emulator.run_checked(...)  # forward and reverse + race detector
+    outs = emulator.run_checked(...)        # every schedule + race detector
+    outs = emulator.run(..., math="fast")   # Metal's fast-math accuracy
+    outs, profile = emulator.run(..., profile=True)
+    report = emulator.strict_check(...)     # StrictError if a Mac would refuse it
 
-    with emulator.metal():            # the project's Metal ops run here
+    with emulator.metal(math="fast", strict=True):  # the project's Metal ops run here
         y = mlx_flash.scaled_dot_product_attention(q, k, v, scale=s, variant="practical")
 """
+
 
 import contextlib
 
