@@ -61,7 +61,7 @@ KERNEL_FLAGS = ["-x", "c++", "-fsyntax-only", "-Xclang", "-ast-dump=json"]
 CONSTANT_ELEMENTS = 8
 
 _VECTOR = r"(?:float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong|bool)[234]"
-_VECTOR_CALL = re.compile(r"(?<![\w.:>])(" + _VECTOR + r"|vec<[^<>()]*>)\s*\(")
+_VECTOR_CALL = re.compile(r"(?<![\w.:>])(?:(?:metal)?::)?(" + _VECTOR + r"|vec<[^<>()]*>)\s*\(")
 
 _SPACES = {"device": 1, "constant": 2, "threadgroup": 3}
 _SPACE_NAMES = {number: name for name, number in _SPACES.items()}
