@@ -117,12 +117,15 @@ def _clang_version(path: str) -> int:
 
 
 def clang() -> str:
-    """Path of a clang++ >= 17: $MLX_FLASH_STRICT_CLANG, else clang++-19 ...
-    clang++-17, clang++."""
-    names = [os.environ.get("MLX_FLASH_STRICT_CLANG")]
-    names += [f"clang++-{v}" for v in range(25, MIN_CLANG - 1, -1)] + ["clang++"]
+    """Path of the strict pass's compiler: $MLX_FLASH_STRICT_CLANG as given
+    (Apple's clang numbers its versions apart from LLVM's), else the newest
+    of clang++-25 ... clang++-17 and clang++ that is clang 17 or later."""
+    chosen = os.environ.get("MLX_FLASH_STRICT_CLANG")
+    if chosen and shutil.which(chosen):
+        return shutil.which(chosen)
+    names = [f"clang++-{v}" for v in range(25, MIN_CLANG - 1, -1)] + ["clang++"]
     for name in names:
-        path = name and shutil.which(name)
+        path = shutil.which(name)
         if path and _clang_version(path) >= MIN_CLANG:
             return path
     raise CompilerNotFoundError(
