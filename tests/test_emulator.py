@@ -989,18 +989,14 @@ def test_fast_math_log_keeps_metals_absolute_bound_near_one():
     assert _ulps(plain[~near_one], precise[~near_one]).max() <= 3
 
 
-POWERS_OF_TWO = kernel(
-    "emu_powers_of_two",
-    [],
-    ["exact", "precise_exact"],
-    """
+POWERS_OF_TWO_SOURCE = """
     // Relies on exp2 of an integer being exactly a power of two: true of the
     // CPU library, not promised by Metal's fast exp2.
     uint i = thread_position_in_grid.x;
     exact[i] = exp2(float(i)) == float(1u << i) ? 1.0f : 0.0f;
     precise_exact[i] = precise::exp2(float(i)) == float(1u << i) ? 1.0f : 0.0f;
-    """,
-)
+"""
+POWERS_OF_TWO = kernel("emu_powers_of_two", [], ["exact", "precise_exact"], POWERS_OF_TWO_SOURCE)
 
 
 def test_kernel_relying_on_exact_math_fails_under_fast_math():
@@ -1013,6 +1009,15 @@ def test_kernel_relying_on_exact_math_fails_under_fast_math():
     exact, precise_exact = emulator.run(POWERS_OF_TWO, math="fast", **call)
     assert not np.array(exact).any()
     assert np.array(precise_exact).all()
+    # A kernel MLX builds in fast math mode gets the fast functions unasked.
+    built_fast = mx.fast.metal_kernel(
+        name="emu_powers_of_two_fast", input_names=[], output_names=["exact", "precise_exact"],
+        source=POWERS_OF_TWO_SOURCE, compile_options={"math_mode": "fast"},
+    )
+    exact, _ = emulator.run(built_fast, **call)
+    assert not np.array(exact).any()
+    exact, _ = emulator.run(built_fast, math="precise", **call)
+    assert np.array(exact).all()
     with pytest.raises(ValueError, match="math must be one of"):
         emulator.run(POWERS_OF_TWO, math="approximate", **call)
 

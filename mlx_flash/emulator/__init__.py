@@ -48,13 +48,14 @@ from .strict import StrictReport, strict_check
 
 
 @contextlib.contextmanager
-def metal(schedule=CHECKED_SCHEDULES, math="precise", strict=False, profile=False):
+def metal(schedule=CHECKED_SCHEDULES, math=None, strict=False, profile=False):
     """Run the project's Metal kernels through the emulator inside the block.
 
     ``schedule`` is a name in ``SCHEDULES``, an int seed, or a sequence of
     these (each run with the race detector, ``RaceError`` if the results
     differ or threadgroup memory is accessed without a barrier). ``math``:
-    ``"precise"`` or ``"fast"`` (Metal's fast math accuracy, see ``run``).
+    ``"precise"`` or ``"fast"`` (Metal's fast math accuracy), or None for
+    each kernel's own (see ``MATH``).
     ``strict``: run ``strict_check`` on every kernel launched. ``profile``:
     count what every launch does. Yields a ``context.Session`` whose
     ``profiles`` and ``strict_reports`` collect what the launches report.

@@ -22,7 +22,7 @@ class Session:
     """
 
     schedule: Union[Schedule, Sequence[Schedule]]
-    math: str
+    math: Optional[str]
     strict: bool
     profile: bool
     profiles: List = dataclasses.field(default_factory=list)

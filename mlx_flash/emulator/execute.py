@@ -34,6 +34,8 @@ CHECKED_SCHEDULES = ("forward", "reverse", "ahead", "ahead-reverse")
 #: Math modes of ``run(math=...)``: "precise" computes every math function
 #: with the CPU's float library; "fast" gives metal:: and fast:: functions
 #: the accuracy Metal's fast variants are specified to (see metal_cpu.h).
+#: Left as None it is "fast" for a kernel MLX builds in fast math mode (every
+#: Mac then uses the fast functions), else "precise".
 MATH = ("precise", "fast")
 
 # Each fiber's stack; kernels keep their per-thread tiles there.
@@ -165,10 +167,16 @@ def _schedule_code(schedule: Schedule):
     )
 
 
-def _check_math(math: str) -> str:
-    if math not in MATH:
+def _check_math(math: Optional[str]) -> Optional[str]:
+    if math is not None and math not in MATH:
         raise ValueError(f"math must be one of {', '.join(map(repr, MATH))}, got {math!r}")
     return math
+
+
+def _math_for(math: Optional[str], captured: source.Capture) -> str:
+    if math is not None:
+        return math
+    return "fast" if captured.math_mode == "fast" else "precise"
 
 
 def _threadgroups(grid, threadgroup) -> int:
@@ -337,8 +345,8 @@ def _resolve(schedule, math, strict_pass):
     session = context.current()
     if schedule is None:
         schedule = session.schedule if session else "forward"
-    if math is None:
-        math = session.math if session else "precise"
+    if math is None and session is not None:
+        math = session.math
     if strict_pass is None:
         strict_pass = session.strict if session else False
     return schedule, _check_math(math), strict_pass
@@ -401,7 +409,9 @@ def run(
         _strict(kernel, inputs, call, captured)
     counting = _profiling(profile)
     compiled = build.load(captured.source, captured.math_mode, instrumented=detect_races or counting)
-    result = _launch(compiled, captured, inputs, call, schedule, math, detect_races, counting)
+    result = _launch(
+        compiled, captured, inputs, call, schedule, _math_for(math, captured), detect_races, counting
+    )
     return _finish(result, profile)
 
 
@@ -511,7 +521,8 @@ def run_checked(
     order_dependent = {}
     for i, schedule in enumerate(schedules):
         result = _launch(
-            compiled, captured, inputs, call, schedule, math, detect_races, counting and i == 0
+            compiled, captured, inputs, call, schedule, _math_for(math, captured), detect_races,
+            counting and i == 0,
         )
         if first is None:
             first = result
