@@ -6,7 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_flash import emulator
+import kernel_checks
+from mlx_flash import demo, emulator, practical
+from test_demo import TOLERANCES as DEMO_TOLERANCES
+from test_practical import TOLERANCES as PRACTICAL_TOLERANCES
 
 
 def kernel(name, inputs, outputs, source, header="", atomic=False):
@@ -836,3 +839,652 @@ def test_metal_builtins():
     np.testing.assert_array_equal(out[:, 5], k + np.minimum(k, 1))
     np.testing.assert_array_equal(out[:, 6], 1)
     np.testing.assert_array_equal(out[:, 7], 0x3C00 + 2 * 4)
+
+
+
+# ------------------------------------------- what MLX does around a kernel --
+
+FLAT_COPY_SOURCE = """
+    // Reads x as if row-contiguous: element i of the flattened array is x[i].
+    uint i = thread_position_in_grid.x;
+    out[i] = x[i];
+    if (i < 2) {
+        strides[i] = float(x_strides[i]);
+    }
+"""
+
+
+@pytest.mark.parametrize("make", ["transpose", "split"])
+def test_inputs_are_copied_row_contiguous_when_the_kernel_asks(make):
+    # MLX copies an input that is not row-contiguous before a kernel built
+    # with ensure_row_contiguous=True (the default) and passes the copy's
+    # strides; with False the kernel reads the input's own memory.
+    base = mx.arange(24, dtype=mx.float32).reshape(4, 6)
+    if make == "transpose":
+        x, start, own_strides = base.T, 0, [1, 6]  # (6, 4)
+    else:
+        x, start, own_strides = mx.split(base, 2, axis=1)[1], 3, [6, 1]  # (4, 3)
+    call = dict(
+        inputs=[x], grid=(x.size, 1, 1), threadgroup=(x.size, 1, 1),
+        output_shapes=[(x.size,), (2,)], output_dtypes=[mx.float32, mx.float32],
+    )
+    copying = mx.fast.metal_kernel(
+        name="emu_flat_copy", input_names=["x"], output_names=["out", "strides"],
+        source=FLAT_COPY_SOURCE,
+    )
+    out, strides = emulator.run(copying, **call)
+    np.testing.assert_array_equal(np.array(out), np.array(x).reshape(-1))
+    np.testing.assert_array_equal(np.array(strides), [x.shape[1], 1])
+
+    as_is = mx.fast.metal_kernel(
+        name="emu_flat_copy_as_is", input_names=["x"], output_names=["out", "strides"],
+        source=FLAT_COPY_SOURCE, ensure_row_contiguous=False,
+    )
+    out, strides = emulator.run(as_is, **call)
+    memory = np.array(base).reshape(-1)
+    np.testing.assert_array_equal(np.array(out), memory[start : start + x.size])
+    np.testing.assert_array_equal(np.array(strides), own_strides)
+
+
+FAST_MATH_BRANCH = """
+    uint i = thread_position_in_grid.x;
+    #if defined(__FAST_MATH__) && __FAST_MATH__
+    out[i] = 1.0f;
+    #else
+    out[i] = 0.0f;
+    #endif
+"""
+
+
+@pytest.mark.parametrize(
+    "mode, defined", [(None, False), ("safe", False), ("relaxed", False), ("fast", True)]
+)
+def test_fast_math_macro_follows_the_kernels_math_mode(mode, defined):
+    # Metal defines __FAST_MATH__ only when MLX builds the library in fast
+    # mode; MLX's default is safe.
+    options = {"compile_options": {"math_mode": mode}} if mode else {}
+    k = mx.fast.metal_kernel(
+        name="emu_fast_math_branch", input_names=["x"], output_names=["out"],
+        source=FAST_MATH_BRANCH, **options,
+    )
+    (out,) = emulator.run(
+        k, inputs=[mx.zeros((4,))], grid=(4, 1, 1), threadgroup=(4, 1, 1),
+        output_shapes=[(4,)], output_dtypes=[mx.float32],
+    )
+    np.testing.assert_array_equal(np.array(out), [float(defined)] * 4)
+
+
+def test_init_value_is_converted_to_the_output_dtype_as_mlx_does():
+    (out,) = emulator.run(
+        PARTIAL_WRITE, inputs=[], grid=(8, 1, 1), threadgroup=(8, 1, 1),
+        output_shapes=[(8,)], output_dtypes=[mx.int32], init_value=-3.75,
+    )
+    np.testing.assert_array_equal(np.array(out), [1, -3] * 4)
+
+
+# ----------------------------------------------------------------- fast math --
+
+
+def _math_probe(function, xs, math):
+    """``function`` through metal::, metal::fast::, metal::precise:: and on
+    half, for float inputs ``xs``, under ``math``."""
+    body = """
+    uint i = thread_position_in_grid.x;
+    float v = x[i];
+    plain[i] = F(v);
+    fast[i] = metal::fast::F(v);
+    precise[i] = metal::precise::F(v);
+    half_out[i] = F(half(v));
+    """.replace("F(", f"{function}(")
+    k = mx.fast.metal_kernel(
+        name=f"emu_math_{function}", input_names=["x"],
+        output_names=["plain", "fast", "precise", "half_out"], source=body,
+    )
+    x = mx.array(np.asarray(xs, dtype=np.float32))
+    outs = emulator.run(
+        k, inputs=[x], grid=(x.size, 1, 1), threadgroup=(min(x.size, 256), 1, 1),
+        output_shapes=[x.shape] * 4, output_dtypes=[mx.float32] * 3 + [mx.float16], math=math,
+    )
+    return [np.array(o) for o in outs]
+
+
+def _ulps(a, b):
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+@pytest.mark.parametrize("function", ["exp", "exp2"])
+def test_fast_math_moves_exp_within_metals_bound(function):
+    # MSL specification, table 8.2 (fast math): exp and exp2 are within
+    # 3 + floor(fabs(2 * x)) ulp; macOS 15 uses the fast variants for the
+    # unqualified functions too, precise:: keeps its own accuracy.
+    finite = np.linspace(-20, 20, 81)
+    special = [-np.inf, np.inf, np.nan]
+    xs = np.concatenate([finite, special]).astype(np.float32)
+    reference = (np.exp(finite) if function == "exp" else np.exp2(finite)).astype(np.float32)
+
+    plain, fast, precise, halves = _math_probe(function, xs, "precise")
+    for out in (plain, fast, precise):
+        assert _ulps(out[:81], reference).max() <= 1
+    plain_f, fast_f, precise_f, halves_f = _math_probe(function, xs, "fast")
+    bound = 3 + np.floor(np.abs(2 * xs[:81].astype(np.float64)))
+    for out in (plain_f, fast_f):
+        moved = _ulps(out[:81], precise[:81])
+        assert (moved <= bound).all()
+        assert (moved > 0).mean() > 0.9
+        np.testing.assert_array_equal(out[81:83], [0.0, np.inf])
+        assert np.isnan(out[83])
+    np.testing.assert_array_equal(precise_f, precise)
+    np.testing.assert_array_equal(halves_f, halves)  # half has no fast variant
+
+
+def test_fast_math_log_keeps_metals_absolute_bound_near_one():
+    # Table 8.2: log's absolute error is at most 2^-21 on [0.5, 2], and at
+    # most 3 ulp for other x > 0.
+    xs = np.concatenate([np.linspace(0.5, 2.0, 31), np.linspace(3, 1000, 31)]).astype(np.float32)
+    plain, _, precise, _ = _math_probe("log", xs, "fast")
+    near_one = xs <= 2.0
+    error = np.abs(plain.astype(np.float64) - precise.astype(np.float64))
+    assert error[near_one].max() <= 2.0 ** -21
+    assert error[near_one].max() > 0
+    assert _ulps(plain[~near_one], precise[~near_one]).max() <= 3
+
+
+POWERS_OF_TWO_SOURCE = """
+    // Relies on exp2 of an integer being exactly a power of two: true of the
+    // CPU library, not promised by Metal's fast exp2.
+    uint i = thread_position_in_grid.x;
+    exact[i] = exp2(float(i)) == float(1u << i) ? 1.0f : 0.0f;
+    precise_exact[i] = precise::exp2(float(i)) == float(1u << i) ? 1.0f : 0.0f;
+"""
+POWERS_OF_TWO = kernel("emu_powers_of_two", [], ["exact", "precise_exact"], POWERS_OF_TWO_SOURCE)
+
+
+def test_kernel_relying_on_exact_math_fails_under_fast_math():
+    call = dict(
+        inputs=[], grid=(16, 1, 1), threadgroup=(16, 1, 1),
+        output_shapes=[(16,)] * 2, output_dtypes=[mx.float32] * 2,
+    )
+    exact, precise_exact = emulator.run(POWERS_OF_TWO, **call)
+    assert np.array(exact).all() and np.array(precise_exact).all()
+    exact, precise_exact = emulator.run(POWERS_OF_TWO, math="fast", **call)
+    assert not np.array(exact).any()
+    assert np.array(precise_exact).all()
+    # A kernel MLX builds in fast math mode gets the fast functions unasked.
+    built_fast = mx.fast.metal_kernel(
+        name="emu_powers_of_two_fast", input_names=[], output_names=["exact", "precise_exact"],
+        source=POWERS_OF_TWO_SOURCE, compile_options={"math_mode": "fast"},
+    )
+    exact, _ = emulator.run(built_fast, **call)
+    assert not np.array(exact).any()
+    exact, _ = emulator.run(built_fast, math="precise", **call)
+    assert np.array(exact).all()
+    with pytest.raises(ValueError, match="math must be one of"):
+        emulator.run(POWERS_OF_TWO, math="approximate", **call)
+
+
+# ----------------------------------------------------- barriers and races --
+
+BARRIER_FLAGS_SOURCE = """
+    threadgroup float buf[64];
+    uint t = thread_index_in_threadgroup;
+    buf[t] = x[t];
+    threadgroup_barrier(mem_flags::FLAGS);
+    out[t] = buf[63 - t];
+"""
+
+
+@pytest.mark.parametrize(
+    "flags, races",
+    [
+        ("mem_none", True),  # orders execution only
+        ("mem_device", True),  # orders device memory, not threadgroup memory
+        ("mem_threadgroup", False),
+        ("mem_device | mem_flags::mem_threadgroup", False),
+    ],
+)
+def test_only_a_threadgroup_memory_barrier_orders_threadgroup_memory(flags, races):
+    # MSL specification, threadgroup_barrier: mem_none makes the threads
+    # wait for each other but does not make a write visible to the others.
+    name = "emu_barrier_" + re.sub(r"\W+", "_", flags)
+    k = kernel(name, ["x"], ["out"], BARRIER_FLAGS_SOURCE.replace("FLAGS", flags))
+    call = dict(
+        inputs=[mx.arange(64, dtype=mx.float32)], grid=(64, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(64,)], output_dtypes=[mx.float32],
+    )
+    if races:
+        with pytest.raises(emulator.RaceError) as info:
+            emulator.run_checked(k, **call)
+        assert "race on buf[" in str(info.value)
+        assert "buf[t] = x[t];" in str(info.value)
+        assert "out[t] = buf[63 - t];" in str(info.value)
+    else:
+        (out,) = emulator.run_checked(k, **call)
+        np.testing.assert_array_equal(np.array(out), np.arange(63, -1, -1))
+
+
+THROUGH_HELPERS = kernel(
+    "emu_through_helpers",
+    ["x"],
+    ["out"],
+    """
+    threadgroup float buf[64];
+    threadgroup float* mine = buf + thread_index_in_threadgroup;
+    put(mine, x[thread_position_in_grid.x]);
+    if (BARRIER) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    out[thread_position_in_grid.x] = neighbour(buf, thread_index_in_threadgroup);
+    """,
+    header="""
+inline void put(threadgroup float* slot, float v) {
+  *slot = v;
+}
+inline float neighbour(const threadgroup float* row, uint t) {
+  const threadgroup float& left = row[(t + 63) % 64];
+  return left;
+}
+""",
+)
+
+
+def test_race_through_helper_pointers_and_references_is_found_by_address():
+    call = dict(
+        inputs=[mx.arange(64, dtype=mx.float32)], grid=(64, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(64,)], output_dtypes=[mx.float32],
+    )
+    with pytest.raises(emulator.RaceError) as info:
+        emulator.run_checked(THROUGH_HELPERS, template=[("BARRIER", False)], **call)
+    message = str(info.value)
+    assert "race on buf[" in message
+    # The accesses are inside the helpers; the kernel lines that call them
+    # are quoted too.
+    assert re.search(r"\|\s+\*slot = v;", message)
+    assert re.search(r"\|\s+return left;", message)
+    assert re.search(r"\|\s+put\(mine, x\[thread_position_in_grid.x\]\);", message)
+    assert re.search(r"\|\s+out\[.*\] = neighbour\(buf, thread_index_in_threadgroup\);", message)
+    (out,) = emulator.run_checked(THROUGH_HELPERS, template=[("BARRIER", True)], **call)
+    np.testing.assert_array_equal(np.array(out), np.roll(np.arange(64), 1))
+
+
+ACROSS_SIMD_GROUPS = kernel(
+    "emu_across_simd_groups",
+    ["x"],
+    ["out"],
+    """
+    // A simdgroup_barrier orders the lanes of one SIMD group only; reading
+    // the other group's slot needs a threadgroup_barrier.
+    threadgroup float buf[64];
+    uint t = thread_index_in_threadgroup;
+    buf[t] = x[t];
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    out[t] = buf[(t + 32) % 64];
+    """,
+)
+
+
+def test_race_between_simd_groups_changes_results_when_one_runs_ahead():
+    call = dict(
+        inputs=[mx.arange(64, dtype=mx.float32)], grid=(64, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(64,)], output_dtypes=[mx.float32], detect_races=False,
+    )
+    # Lockstep schedules write every slot before any thread reads: blind.
+    (out,) = emulator.run_checked(ACROSS_SIMD_GROUPS, schedules=("forward", "reverse"), **call)
+    np.testing.assert_array_equal(np.array(out), np.roll(np.arange(64), 32))
+    for ahead in ("ahead", "ahead-reverse"):
+        with pytest.raises(emulator.RaceError, match=f"'forward' and '{ahead}'"):
+            emulator.run_checked(ACROSS_SIMD_GROUPS, schedules=("forward", ahead), **call)
+    # The group that runs first reads the other's slots before they are written.
+    (ahead,) = emulator.run(ACROSS_SIMD_GROUPS, schedule="ahead", **call)
+    assert np.isnan(np.array(ahead)[:32]).all()
+    np.testing.assert_array_equal(np.array(ahead)[32:], np.arange(32))
+    with pytest.raises(emulator.RaceError, match=r"race on buf\["):
+        emulator.run_checked(ACROSS_SIMD_GROUPS, **{**call, "detect_races": True})
+
+
+FLOAT_SUMS = mx.fast.metal_kernel(
+    name="emu_float_sums",
+    input_names=["x"],
+    output_names=["sums", "counts"],
+    source="""
+    uint i = thread_position_in_grid.x;
+    atomic_fetch_add_explicit(&sums[i % 4], x[i], memory_order_relaxed);
+    atomic_fetch_add_explicit(&counts[i % 4], 1.0f, memory_order_relaxed);
+    """,
+    atomic_outputs=True,
+)
+
+LAST_WRITER = mx.fast.metal_kernel(
+    name="emu_last_writer",
+    input_names=["x"],
+    output_names=["out"],
+    source="""
+    uint i = thread_position_in_grid.x;
+    atomic_store_explicit(&out[0], x[i], memory_order_relaxed);
+    """,
+    atomic_outputs=True,
+)
+
+
+def test_float_atomic_sums_are_order_dependent_not_races():
+    # The order of atomic float additions changes their rounding; the
+    # results agree within the bound that rounding allows.
+    xs = np.random.default_rng(7).standard_normal(512).astype(np.float32) * 100
+    call = dict(
+        inputs=[mx.array(xs)], grid=(512, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(4,), (4,)], output_dtypes=[mx.float32, mx.float32], init_value=0,
+    )
+    with pytest.warns(emulator.OrderDependentWarning, match="output 0 depends on the order"):
+        sums, counts = emulator.run_checked(FLOAT_SUMS, **call)
+    expected = xs.astype(np.float64).reshape(-1, 4).sum(axis=0)
+    np.testing.assert_allclose(np.array(sums), expected, rtol=1e-5)
+    np.testing.assert_array_equal(np.array(counts), [128] * 4)  # exact in any order
+    # Which thread's store lands last is a race, atomic or not.
+    with pytest.raises(emulator.RaceError, match="beyond the rounding of its float atomic"):
+        emulator.run_checked(LAST_WRITER, **{**call, "output_shapes": [(1,)], "output_dtypes": [mx.float32]})
+
+
+# -------------------------------------------------------------- strict pass --
+
+STRICT_CALL = dict(
+    grid=(64, 1, 1), threadgroup=(64, 1, 1), output_shapes=[(64,)], output_dtypes=[mx.float32],
+)
+
+# (name, header, body, the source line the strict pass must quote): each
+# breaks a rule of the Metal Shading Language that Apple's compiler enforces
+# and the CPU build does not.
+REJECTED = [
+    (
+        "device_to_thread",  # pointers keep their address space
+        "",
+        "uint i = thread_position_in_grid.x;\nthread const float* p = x;\nout[i] = p[i];",
+        "thread const float* p = x;",
+    ),
+    (
+        "helper_without_threadgroup",  # a helper's pointer parameter is thread memory
+        "inline float first(float* p) { return p[0]; }\n",
+        "threadgroup float buf[64];\nuint i = thread_index_in_threadgroup;\nbuf[i] = x[i];\n"
+        "threadgroup_barrier(mem_flags::mem_threadgroup);\nout[i] = first(buf);",
+        "out[i] = first(buf);",
+    ),
+    (
+        "constant_to_device",  # MLX passes inputs of < 8 elements in constant memory
+        "inline float get(const device float* p, uint i) { return p[i]; }\n",
+        "uint i = thread_position_in_grid.x;\nout[i] = get(x, i);",
+        "out[i] = get(x, i);",
+    ),
+    (
+        "simdgroup_load_from_thread",  # simdgroup_load reads device or threadgroup memory
+        "",
+        "float local[64];\nfor (int j = 0; j < 64; ++j) { local[j] = x[j]; }\n"
+        "simdgroup_matrix<float, 8, 8> m;\nsimdgroup_load(m, local, 8);\nsimdgroup_store(m, out, 8);",
+        "simdgroup_load(m, local, 8);",
+    ),
+    (
+        "mixed_max",  # max(half, float): two overloads match equally
+        "",
+        "uint i = thread_position_in_grid.x;\nhalf h = half(x[i]);\nout[i] = max(h, x[i]);",
+        "out[i] = max(h, x[i]);",
+    ),
+    (
+        "variable_length_array",
+        "",
+        "uint i = thread_position_in_grid.x;\nint n = int(x[0]) + 1;\nfloat t[n];\nt[0] = x[i];\nout[i] = t[0];",
+        "float t[n];",
+    ),
+    (
+        "mutable_global",  # program-scope variables live in constant memory
+        "float scale_factor = 2.0f;\n",
+        "uint i = thread_position_in_grid.x;\nout[i] = x[i] * scale_factor;",
+        "float scale_factor = 2.0f;",
+    ),
+    (
+        "std_namespace",
+        "",
+        "uint i = thread_position_in_grid.x;\nout[i] = std::max(x[i], 0.0f);",
+        "out[i] = std::max(x[i], 0.0f);",
+    ),
+    (
+        "double",
+        "",
+        "uint i = thread_position_in_grid.x;\ndouble wide = x[i];\nout[i] = float(wide);",
+        "double wide = x[i];",
+    ),
+    (
+        "barrier_without_flags",  # threadgroup_barrier takes its mem_flags
+        "",
+        "uint i = thread_position_in_grid.x;\nthreadgroup_barrier();\nout[i] = x[i];",
+        "threadgroup_barrier();",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, header, body, line", REJECTED, ids=[r[0] for r in REJECTED])
+def test_strict_pass_rejects_what_metal_rejects(name, header, body, line):
+    k = kernel(f"emu_strict_{name}", ["x"], ["out"], body, header=header)
+    with pytest.raises(emulator.StrictError) as info:
+        emulator.strict_check(k, inputs=[mx.arange(64, dtype=mx.float32)], **STRICT_CALL)
+    assert re.search(r">>\s+\d+ \| " + re.escape(line), str(info.value)), str(info.value)
+
+
+STRICT_OK = kernel(
+    "emu_strict_ok",
+    ["x", "params"],
+    ["out"],
+    """
+    threadgroup float4 tile[16];
+    threadgroup half weights[8];
+    uint i = thread_index_in_threadgroup;
+    if (i < 16) {
+        tile[i] = float4(x[i], x[i] * 2.0f, lookup(params, i), 1.0f);
+    }
+    if (i < 8) {
+        weights[i] = half(i);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float4 v = tile[i % 16];
+    out[i] = dot(v.xy, float2(1.0f)) + metal::max(v.z, SCALE) + float(weights[i % 8]);
+    """,
+    header="""
+constant constexpr float SCALE = 0.5f;
+template <typename Ptr>
+inline float lookup(Ptr values, uint i) {
+  return float(values[i % 4]);
+}
+""",
+)
+
+
+def test_strict_pass_accepts_valid_metal_and_reports_threadgroup_memory():
+    # params has 4 elements, so MLX passes it in constant memory; the
+    # template helper compiles for either address space.
+    report = emulator.strict_check(
+        STRICT_OK, inputs=[mx.arange(64, dtype=mx.float32), mx.ones((4,))], **STRICT_CALL
+    )
+    assert report.threadgroup_bytes == {"tile": 16 * 16, "weights": 8 * 2}
+    assert report.total_threadgroup_bytes == 272
+    assert report.sources == 3  # as called, all inputs constant, all device
+    assert "272 bytes" in str(report)
+
+
+def test_metal_context_runs_the_strict_pass_on_every_kernel():
+    bad = kernel("emu_strict_in_context", ["x"], ["out"], REJECTED[4][2])
+    call = dict(inputs=[mx.arange(64, dtype=mx.float32)], **STRICT_CALL)
+    (out,) = emulator.run(bad, **call)  # the CPU build takes it
+    with emulator.metal(schedule="forward", strict=True):
+        with pytest.raises(emulator.StrictError, match="ambiguous"):
+            emulator.run(bad, **call)
+    with emulator.metal(schedule="forward", strict=True) as session:
+        (out,) = emulator.run(STRICT_OK, **{**call, "inputs": [call["inputs"][0], mx.ones((4,))]})
+    assert [r.kernel for r in session.strict_reports] == ["custom_kernel_emu_strict_ok_float_floatc_float"]
+    i = np.arange(64)
+    np.testing.assert_array_equal(np.array(out), 3 * (i % 16) + 1 + i % 8)
+
+
+# ------------------------------------------------------------------ profile --
+
+REDUCE_EXP = kernel(
+    "emu_reduce_exp",
+    ["x"],
+    ["out"],
+    """
+    // Per threadgroup of 64: 64 loads of x, 64 exp, one simd_sum per SIMD
+    // group, 2 threadgroup stores and loads, one barrier, one store of out.
+    threadgroup float partial[2];
+    float s = simd_sum(exp(x[thread_position_in_grid.x]));
+    if (thread_index_in_simdgroup == 0) {
+        partial[simdgroup_index_in_threadgroup] = s;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (thread_index_in_threadgroup == 0) {
+        out[threadgroup_position_in_grid.x] = partial[0] + partial[1];
+    }
+    """,
+)
+
+
+def test_profile_counts_bytes_collectives_barriers_and_math():
+    x = mx.arange(256, dtype=mx.float32) / 256
+    (out,), profile = emulator.run(
+        REDUCE_EXP, inputs=[x], grid=(256, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(4,)], output_dtypes=[mx.float32], profile=True,
+    )
+    np.testing.assert_allclose(
+        np.array(out), np.exp(np.array(x, dtype=np.float64)).reshape(4, 64).sum(1), rtol=1e-6
+    )
+    assert profile.threadgroups == 4
+    assert profile.device_bytes == {"x": (256 * 4, 0), "out": (0, 4 * 4)}
+    assert profile["threadgroup.loaded_bytes"] == profile["threadgroup.stored_bytes"] == 4 * 2 * 4
+    assert profile["threadgroup.peak_bytes"] == 8
+    assert profile["barrier.threadgroup"] == 4
+    assert profile.collectives == {"simd_sum": 4 * 2}
+    assert profile.math == {"exp": 256}
+    assert profile.summary()["device.x.loaded_bytes"] == (256, 256.0, 256)
+
+
+def test_profile_counts_simdgroup_matrix_operations_and_shuffles():
+    rng = np.random.default_rng(3)
+    a, b = (mx.array(rng.standard_normal((8, 8)).astype(np.float16)) for _ in range(2))
+    c = mx.array(rng.standard_normal((8, 8)).astype(np.float32))
+    _, profile = emulator.run(
+        MMA, inputs=[a, b, c], template=[("T", mx.float16), ("TRANSPOSE_B", False)],
+        grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(8, 8), (64,)],
+        output_dtypes=[mx.float32, mx.float32], profile=True,
+    )
+    # One SIMD group: three fragments loaded, one product, one stored; each
+    # lane loads 2 elements of a, b and c and stores 2 of out and of elems.
+    assert profile["simdgroup_matrix.load"] == 3
+    assert profile["simdgroup_matrix.multiply_accumulate"] == 1
+    assert profile["simdgroup_matrix.store"] == 1
+    assert profile.device_bytes == {
+        "a": (64 * 2, 0), "b": (64 * 2, 0), "c": (64 * 4, 0), "out": (0, 64 * 4), "elems": (0, 64 * 4),
+    }
+    outs, profile = emulator.run(
+        SHUFFLES, inputs=[mx.arange(64, dtype=mx.float32)], grid=(64, 1, 1),
+        threadgroup=(64, 1, 1), output_shapes=[(64,)] * 4, output_dtypes=[mx.float32] * 4,
+        profile=True,
+    )
+    # Two SIMD groups, each: five shuffle_xor steps, then one of each other.
+    assert profile.collectives == {
+        "simd_shuffle_xor": 10, "simd_shuffle_down": 2, "simd_prefix_exclusive_sum": 2,
+        "simd_broadcast": 2, "simd_max": 2,
+    }
+
+
+VECTOR_EXP = kernel(
+    "emu_vector_exp",
+    ["x"],
+    ["out"],
+    """
+    // The grid of 100 ends in a threadgroup of 36. x[i] is read twice in
+    // the source and loaded once: the profile counts the loads made.
+    uint i = thread_position_in_grid.x;
+    float4 v = float4(x[i]);
+    out[i] = dot(exp2(v), float4(1.0f)) + log(x[i] + 1.0f);
+    """,
+)
+
+
+def test_profile_summarises_threadgroups_and_counts_vector_components():
+    x = mx.arange(100, dtype=mx.float32)
+    _, profile = emulator.run(
+        VECTOR_EXP, inputs=[x], grid=(100, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(100,)], output_dtypes=[mx.float32], profile=True,
+    )
+    assert profile.math == {"exp2": 4 * 100, "log": 100}
+    low, mean, high = profile.summary()["device.x.loaded_bytes"]
+    assert (low, mean, high) == (36 * 4, 50 * 4, 64 * 4)
+    assert "device.x.loaded_bytes" in str(profile)
+
+
+def test_profile_counts_atomics_and_is_collected_by_metal_sessions():
+    x = mx.array(np.random.default_rng(4).integers(0, 5, 100).astype(np.int32))
+    call = dict(
+        inputs=[x], grid=(100, 1, 1), threadgroup=(32, 1, 1),
+        output_shapes=[(5,), (5,)], output_dtypes=[mx.int32, mx.float32], init_value=0,
+    )
+    with emulator.metal(schedule=("forward", "reverse"), profile=True) as session:
+        counts, sums = emulator.run(HISTOGRAM, **call)  # as kernels.launch calls it
+        (_, _), profile = emulator.run(HISTOGRAM, profile=True, **call)
+    assert len(session.profiles) == 2 and session.profiles[1] is profile
+    assert session.profiles[0].totals == profile.totals
+    assert profile.kernel == "custom_kernel_emu_histogram_int32_t_int32_t_float"
+    assert profile["atomic.device"] == 200
+    np.testing.assert_array_equal(np.array(counts), np.bincount(np.array(x), minlength=5))
+    assert session.profiles[0].threadgroups == 4
+
+
+
+# --------------------------------------------------- the project's kernels --
+
+
+def _inputs_and_mask(dtype, dim, value_dim, mask_kind):
+    q, k, v, dout = kernel_checks.random_inputs(1, 2, 1, 9, 13, dim, value_dim, dtype, seed=dim)
+    mask = kernel_checks.random_mask(mask_kind, 2, 9, 13, dtype, seed=dim)
+    return q, k, v, dout, mask
+
+
+# (family, dtype, D, Dv, mask): every dtype and head dim of the demo family;
+# every dtype twice and every head dim of the README's (32 to 256, one to
+# eight elements per lane, Dv != D) once for the practical one. These are
+# template instantiations the kernel tests build too.
+PROJECT_CASES = [
+    (practical, mx.float32, 96, 64, "additive"),
+    (practical, mx.float32, 128, 128, "bool_empty_row"),
+    (practical, mx.float16, 64, 64, "bool"),
+    (practical, mx.float16, 256, 256, "causal"),
+    (practical, mx.bfloat16, 32, 48, "bool_empty_row"),
+    (practical, mx.bfloat16, 80, 80, "bool_empty_row"),
+    (demo, mx.float16, 64, 64, "none"),
+    (demo, mx.float16, 80, 80, "additive_nan_row"),
+    (demo, mx.float16, 96, 96, "bool"),
+    (demo, mx.float16, 128, 128, "causal"),
+    (demo, mx.bfloat16, 64, 64, "bool_empty_row"),
+    (demo, mx.bfloat16, 80, 80, "causal"),
+    (demo, mx.bfloat16, 96, 96, "none"),
+    (demo, mx.bfloat16, 128, 128, "additive"),
+]
+
+
+def _project_id(case):
+    module, dtype, dim, value_dim, mask = case
+    return f"{module.__name__.split('.')[-1]}-{str(dtype).split('.')[-1]}-D{dim}-Dv{value_dim}-{mask}"
+
+
+@pytest.mark.parametrize("case", PROJECT_CASES, ids=_project_id)
+def test_project_kernels_pass_every_check(case):
+    # The strict pass (as called and with inputs in constant memory), the
+    # fast-math accuracy, every schedule and the address-based race detector,
+    # against the oracle within the kernel tests' own tolerances.
+    module, dtype, dim, value_dim, mask_kind = case
+    tolerances = PRACTICAL_TOLERANCES if module is practical else DEMO_TOLERANCES
+    q, k, v, dout, mask = _inputs_and_mask(dtype, dim, value_dim, mask_kind)
+    scale = dim ** -0.5
+    expected_out, expected_grads = kernel_checks.oracle(q, k, v, dout, scale, mask)
+    with emulator.metal(schedule=emulator.CHECKED_SCHEDULES, math="fast", strict=True) as session:
+        out, _, grads = kernel_checks.run_kernels(module, q, k, v, dout, scale, mask)
+    assert len(session.strict_reports) == 3
+    for report in session.strict_reports:
+        assert 0 < report.total_threadgroup_bytes <= 32 * 1024
+    kernel_checks.assert_close(out, expected_out, tolerances[dtype], "output")
+    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        kernel_checks.assert_close(grad, expected, tolerances[dtype], name)

@@ -9,16 +9,23 @@ MLX's own line numbers:
   block of per-threadgroup memory, since a fiber's locals are its own.
 
 A small entry function is appended that binds buffer pointers and thread
-attributes to the kernel's parameters as the signature declares them. The
-race-detecting build (``trace=True``) also turns each ``name[i][j]`` of a
-threadgroup array into ``::mtl::tg_at(name, __LINE__, (i), (j))``, the same
-element seen by the detector. Libraries are cached on disk by the hash of
-everything that goes into them ($MLX_FLASH_EMULATOR_CACHE, else
-~/.cache/mlx_flash/emulator).
+attributes to the kernel's parameters as the signature declares them.
+``__FAST_MATH__`` is defined where MLX's math mode makes Metal define it.
+
+The instrumented build (``instrumented=True``, for the race detector and the
+profiler) is compiled with ``-fsanitize=thread``: the compiler then calls
+``__tsan_readN`` / ``__tsan_writeN`` before every load and store that may
+reach shared memory, and ``metal_cpu.h`` defines those functions, so every
+access to threadgroup memory or a buffer is seen by address, through any
+pointer or helper. No sanitizer runtime is linked. It carries line tables
+(``-g1``) so that an access site found by address maps back to a line of the
+kernel source. Libraries are cached on disk by the hash of everything that
+goes into them ($MLX_FLASH_EMULATOR_CACHE, else ~/.cache/mlx_flash/emulator).
 """
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -32,15 +39,17 @@ from typing import List, Optional
 from .errors import CompileError, CompilerNotFoundError
 
 HEADER = Path(__file__).with_name("metal_cpu.h")
+# Included by both metal_cpu.h and the strict pass's metal_strict.h.
+SHARED_HEADER = Path(__file__).with_name("metal_shared.h")
 FLAGS = [
     "-std=c++17",
     "-O2",
     "-fPIC",
-    "-shared",
     "-w",
     # Metal's unsuffixed floating literals are float, not double.
     "-fsingle-precision-constant",
 ]
+LINK_FLAGS = ["-shared", "-lm", "-ldl"]
 
 _ATTRIBUTE = re.compile(r"\[\[.*?\]\]")
 _TG_DECL = re.compile(
@@ -66,9 +75,13 @@ class Param:
 
 @dataclasses.dataclass
 class Kernel:
+    """A compiled kernel: its host name, parameters and library."""
+
     name: str
     params: List[Param]
     library: ctypes.CDLL
+    path: Path
+    instrumented: bool
 
 
 def parse_signature(source: str):
@@ -102,69 +115,20 @@ def _rewrite_line(line: str) -> str:
     return _TG_DECL.sub(tg, line)
 
 
-def _matching_bracket(text: str, at: int) -> int:
-    depth = 0
-    for i in range(at, len(text)):
-        if text[i] == "[":
-            depth += 1
-        elif text[i] == "]":
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
-
-
-def _trace_accesses(text: str, names) -> str:
-    """``buf[i][j]`` -> ``::mtl::tg_at(buf, __LINE__, (i), (j))`` for the
-    threadgroup arrays ``names``, so the race detector sees each access.
-    Newlines inside an index stay where they are."""
-    pattern = re.compile(
-        r"(?<![\w.>])(" + "|".join(re.escape(n) for n in names) + r")\s*\["
-    )
-
-    def rewrite(s: str) -> str:
-        out, i = [], 0
-        while True:
-            m = pattern.search(s, i)
-            if m is None:
-                out.append(s[i:])
-                return "".join(out)
-            out.append(s[i : m.start()])
-            j = m.end() - 1
-            indices = []
-            while j < len(s) and s[j] == "[":
-                k = _matching_bracket(s, j)
-                if k < 0:
-                    raise ValueError("unbalanced brackets")
-                indices.append("(" + rewrite(s[j + 1 : k]) + ")")
-                j = k + 1
-                t = j
-                while t < len(s) and s[t] in " \t":
-                    t += 1
-                if t < len(s) and s[t] == "[":
-                    j = t
-            out.append(f"::mtl::tg_at({m.group(1)}, __LINE__, {', '.join(indices)})")
-            i = j
-
-    return rewrite(text)
-
-
-def translate(source: str, trace: bool = False) -> str:
+def translate(source: str, math_mode: str = "safe", instrumented: bool = False) -> str:
     """C++ text for ``source``: rewritten kernel plus its entry function.
 
-    ``trace`` also routes threadgroup array accesses through the race
-    detector (compiled with MTL_TRACE).
+    ``math_mode`` is MLX's (``"safe"``, ``"relaxed"``, ``"fast"``): Metal
+    defines ``__FAST_MATH__`` in fast mode only. ``instrumented`` compiles
+    the runtime's race detector and counters in (``MTL_TRACE``).
     """
     name, template_args, params = parse_signature(source)
     body = "\n".join(_rewrite_line(l) for l in source.split("\n"))
     defines = ""
-    if trace:
-        decls = list(_TG_DECL.finditer(source))
-        if decls:
-            names = sorted({m.group(2) for m in decls})
-            first = body.index("::mtl::tg_var<")
-            body = body[:first] + _trace_accesses(body[first:], names)
-        defines = "#define MTL_TRACE 1\n"
+    if instrumented:
+        defines += "#define MTL_TRACE 1\n"
+    if math_mode == "fast":
+        defines += "#define __FAST_MATH__ 1\n"
     args = []
     for p in params:
         if p.index is not None:
@@ -247,12 +211,31 @@ def flags() -> List[str]:
     return FLAGS + extra + ["-I", str(_stub_include_dir())]
 
 
-def load(source: str, trace: bool = False) -> Kernel:
-    """The compiled kernel for MLX-generated ``source`` (cached); ``trace``
-    builds it with the threadgroup-memory race detector."""
+@functools.lru_cache(maxsize=None)
+def is_clang(cxx: str) -> bool:
+    """Whether ``cxx`` is Clang (its flags for the instrumentation differ)."""
+    proc = subprocess.run([cxx, "--version"], capture_output=True, text=True)
+    return "clang" in proc.stdout.lower()
+
+
+def instrument_flags(cxx: str) -> List[str]:
+    """Flags of the instrumented build: memory accesses call the header's
+    __tsan_* functions (function entry and exit do not), with line tables."""
+    if is_clang(cxx):
+        param = ["-mllvm", "-tsan-instrument-func-entry-exit=0"]
+    else:
+        param = ["--param=tsan-instrument-func-entry-exit=0"]
+    return ["-fsanitize=thread", "-g1", *param]
+
+
+def load(source: str, math_mode: str = "safe", instrumented: bool = False) -> Kernel:
+    """The compiled kernel for MLX-generated ``source`` (cached), built for
+    MLX's ``math_mode``; ``instrumented`` builds it with the race detector
+    and the counters."""
     memo_key = (
         source,
-        trace,
+        math_mode,
+        instrumented,
         os.environ.get("MLX_FLASH_EMULATOR_UCONTEXT"),
         os.environ.get("MLX_FLASH_EMULATOR_CACHE"),
         os.environ.get("CXX"),
@@ -260,49 +243,47 @@ def load(source: str, trace: bool = False) -> Kernel:
     )
     kernel = _memo.get(memo_key)
     if kernel is None:
-        kernel = _memo[memo_key] = _load(source, trace)
+        kernel = _memo[memo_key] = _load(source, math_mode, instrumented)
     return kernel
 
 
-def _load(source: str, trace: bool) -> Kernel:
+def _run_compiler(args: List[str], source: str) -> None:
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise _compile_error(source, proc.stderr)
+
+
+def _load(source: str, math_mode: str, instrumented: bool) -> Kernel:
     name, _, params = parse_signature(source)
-    cpp = translate(source, trace)
+    cpp = translate(source, math_mode, instrumented)
     cxx = compiler()
-    opts = flags()
+    opts = flags() + (instrument_flags(cxx) if instrumented else [])
     key = hashlib.sha256(
-        "\0".join([cpp, HEADER.read_text(), cxx, " ".join(opts)]).encode()
+        "\0".join(
+            [cpp, HEADER.read_text(), SHARED_HEADER.read_text(), cxx, " ".join(opts + LINK_FLAGS)]
+        ).encode()
     ).hexdigest()[:32]
     path = cache_dir() / f"{name[:60]}-{key}.so"
     with _lock:
         if path in _loaded:
-            return Kernel(name, params, _loaded[path])
+            return Kernel(name, params, _loaded[path], path, instrumented)
         if not path.exists():
             with tempfile.TemporaryDirectory() as tmp:
                 src = Path(tmp) / "kernel.cpp"
                 src.write_text(cpp)
+                obj = Path(tmp) / "kernel.o"
                 out = Path(tmp) / "kernel.so"
-                proc = subprocess.run(
-                    [cxx, *opts, str(src), "-o", str(out), "-lm"],
-                    capture_output=True,
-                    text=True,
-                )
-                if proc.returncode != 0:
-                    raise _compile_error(source, proc.stderr)
+                # Compiling and linking apart keeps GCC from linking its
+                # sanitizer runtime into the instrumented build.
+                _run_compiler([cxx, *opts, "-c", str(src), "-o", str(obj)], source)
+                _run_compiler([cxx, str(obj), "-o", str(out), *LINK_FLAGS], source)
                 # Rename into place so concurrent builders never see half a file.
                 tmp_target = path.with_suffix(f".{os.getpid()}.tmp")
                 shutil.copyfile(out, tmp_target)
                 os.replace(tmp_target, path)
         lib = ctypes.CDLL(str(path))
         lib.mtl_run.restype = ctypes.c_int
-        lib.mtl_run.argtypes = [
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.POINTER(ctypes.c_uint32),
-            ctypes.POINTER(ctypes.c_uint32),
-            ctypes.c_int,
-            ctypes.c_uint64,
-            ctypes.c_size_t,
-            ctypes.c_char_p,
-            ctypes.c_int,
-        ]
+        lib.mtl_run.argtypes = [ctypes.c_void_p]
+        lib.mtl_counter_names.restype = ctypes.c_char_p
         _loaded[path] = lib
-        return Kernel(name, params, lib)
+        return Kernel(name, params, lib, path, instrumented)

@@ -20,3 +20,14 @@ class RaceError(EmulatorError):
 
 class DivergenceError(EmulatorError):
     """A barrier or SIMD collective that not every thread reaches."""
+
+
+class StrictError(EmulatorError):
+    """The kernel source breaks a rule of Metal that Apple's compiler
+    enforces (address spaces, overloads, program-scope variables, ...):
+    the compiler's message and the source lines it names."""
+
+
+class OrderDependentWarning(UserWarning):
+    """Outputs differ between schedules only by the rounding that the order
+    of float atomic additions explains: not a race."""
