@@ -3,11 +3,13 @@ inputs, masks and segment layouts, the float32 oracle and the closeness check.
 
 Every kernel test runs on each backend that can run Metal kernels here: the
 CPU emulator always, real Metal too where ``mx.metal.is_available()``. On the
-emulator every launch runs under two thread schedules (threads forward and
-reversed) with threadgroup-memory race detection: an access pair no barrier
+emulator every launch runs under four thread schedules (``SCHEDULES``) with
+threadgroup-memory race detection by address: an access pair no barrier
 orders, or results that differ between the schedules, raise ``RaceError``; a
 barrier or SIMD collective that not every thread reaches raises
-``DivergenceError``.
+``DivergenceError``. Math runs at Metal's fast-math accuracy, and every
+kernel source goes through the strict compile pass first (``StrictError``
+for what Apple's compiler would reject).
 
 The kernels' own contract (``mlx_flash.fused``) is checked here, below the
 dispatcher: a row that keeps no key returns zeros, no gradient and
@@ -23,14 +25,20 @@ import numpy as np
 from mlx_flash import emulator, fused, masks, reference
 
 BACKENDS = ["emulator"] + (["metal"] if mx.metal.is_available() else [])
-SCHEDULES = ("forward", "reverse")
+#: Threads forward and reversed, and one SIMD group at a time running ahead
+#: to its next barrier (forward and reversed): a race between SIMD groups
+#: changes the results under the last two.
+SCHEDULES = emulator.CHECKED_SCHEDULES
 
 
 def on_backend(backend, schedule=SCHEDULES):
-    """Where Metal kernels run inside the block."""
+    """Where Metal kernels run inside the block: on the emulator, under every
+    schedule of ``schedule``, with the address-based race detector, Metal's
+    fast-math accuracy for every non-``precise::`` function, and the strict
+    compile pass (what Apple's compiler rejects) on every kernel source."""
     if backend == "metal":
         return contextlib.nullcontext()
-    return emulator.metal(schedule=schedule)
+    return emulator.metal(schedule=schedule, math="fast", strict=True)
 
 
 def assert_close(actual, expected, tolerance, what=""):

@@ -1439,28 +1439,36 @@ def test_profile_counts_atomics_and_is_collected_by_metal_sessions():
 
 def _inputs_and_mask(dtype, dim, value_dim, mask_kind):
     q, k, v, dout = kernel_checks.random_inputs(1, 2, 1, 9, 13, dim, value_dim, dtype, seed=dim)
-    mask = kernel_checks.random_mask(mask_kind, 2, 9, 13, dtype, seed=dim)
-    return q, k, v, dout, mask
+    sinks = None
+    if mask_kind == "structured":
+        # Causal, a window, packed documents with padding, and sinks at once.
+        ids = kernel_checks.segment_layout("padding", 1, 13, seed=dim)
+        mask = kernel_checks.structured(9, 13, "causal", ids, 5)
+        sinks = mx.random.normal((2,), key=mx.random.key(dim)).astype(dtype)
+    else:
+        mask = kernel_checks.random_mask(mask_kind, 2, 9, 13, dtype, seed=dim)
+    return q, k, v, dout, mask, sinks
 
 
 # (family, dtype, D, Dv, mask): every dtype and head dim of the demo family;
 # every dtype twice and every head dim of the README's (32 to 256, one to
-# eight elements per lane, Dv != D) once for the practical one. These are
-# template instantiations the kernel tests build too.
+# eight elements per lane, Dv != D) once for the practical one; each family
+# once with every structured part at once. These are template
+# instantiations the kernel tests build too.
 PROJECT_CASES = [
     (practical, mx.float32, 96, 64, "additive"),
     (practical, mx.float32, 128, 128, "bool_empty_row"),
     (practical, mx.float16, 64, 64, "bool"),
     (practical, mx.float16, 256, 256, "causal"),
     (practical, mx.bfloat16, 32, 48, "bool_empty_row"),
-    (practical, mx.bfloat16, 80, 80, "bool_empty_row"),
+    (practical, mx.bfloat16, 80, 80, "structured"),
     (demo, mx.float16, 64, 64, "none"),
     (demo, mx.float16, 80, 80, "additive_nan_row"),
     (demo, mx.float16, 96, 96, "bool"),
     (demo, mx.float16, 128, 128, "causal"),
     (demo, mx.bfloat16, 64, 64, "bool_empty_row"),
     (demo, mx.bfloat16, 80, 80, "causal"),
-    (demo, mx.bfloat16, 96, 96, "none"),
+    (demo, mx.bfloat16, 96, 96, "structured"),
     (demo, mx.bfloat16, 128, 128, "additive"),
 ]
 
@@ -1477,14 +1485,14 @@ def test_project_kernels_pass_every_check(case):
     # against the oracle within the kernel tests' own tolerances.
     module, dtype, dim, value_dim, mask_kind = case
     tolerances = PRACTICAL_TOLERANCES if module is practical else DEMO_TOLERANCES
-    q, k, v, dout, mask = _inputs_and_mask(dtype, dim, value_dim, mask_kind)
+    q, k, v, dout, mask, sinks = _inputs_and_mask(dtype, dim, value_dim, mask_kind)
     scale = dim ** -0.5
-    expected_out, expected_grads = kernel_checks.oracle(q, k, v, dout, scale, mask)
+    expected_out, expected_grads, _ = kernel_checks.kernel_oracle(q, k, v, dout, scale, mask, sinks)
     with emulator.metal(schedule=emulator.CHECKED_SCHEDULES, math="fast", strict=True) as session:
-        out, _, grads = kernel_checks.run_kernels(module, q, k, v, dout, scale, mask)
+        out, _, grads = kernel_checks.run_kernels(module, q, k, v, dout, scale, mask, sinks)
     assert len(session.strict_reports) == 3
     for report in session.strict_reports:
         assert 0 < report.total_threadgroup_bytes <= 32 * 1024
     kernel_checks.assert_close(out, expected_out, tolerances[dtype], "output")
-    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
+    for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv", "dsinks")):
         kernel_checks.assert_close(grad, expected, tolerances[dtype], name)

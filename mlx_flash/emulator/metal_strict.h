@@ -209,6 +209,9 @@ MTL_FOR_ALL(MTL_FN2_T, min)
 MTL_FOR_ALL(MTL_FN3_T, max3)
 MTL_FOR_ALL(MTL_FN3_T, min3)
 MTL_FOR_ALL(MTL_FN3_T, median3)
+// clamp is an integer function too (MSL's integer functions), beside the
+// float one declared above.
+MTL_FOR_ALL(MTL_FN3_T, clamp)
 #define MTL_INT_FN1(T, name) T name(T x);
 #define MTL_FOR_INTS(F, name) F(int, name) F(uint, name) F(short, name) F(ushort, name) \
   F(char, name) F(uchar, name) F(long, name) F(ulong, name)

@@ -239,6 +239,7 @@ def _size_of(type_text: str) -> Optional[int]:
     # the size of a 4-vector.
     vector = re.match(r"^(.*?)\s*__attribute__\(\(ext_vector_type\((\d+)\)\)\)$", element)
     vector = vector or re.match(r"^([a-z]+?)([234])$", element)
+    vector = vector or re.match(r"^vec<\s*([\w ]+?)\s*,\s*(\d+)\s*>$", element)  # the vec<T, N> alias
     lanes = 1
     if vector and vector.group(1).strip() in _SIZES:
         element, lanes = vector.group(1).strip(), int(vector.group(2))
@@ -268,7 +269,11 @@ def _threadgroup_arrays(node: dict, arrays: Dict[str, Optional[int]]) -> None:
     pointer = re.search(r"[*&]", t.get("qualType", ""))
     if node.get("kind") == "VarDecl" and not pointer and _address_space(node) == 3:
         element = _SPACE.sub("", t.get("desugaredQualType") or t.get("qualType", "")).strip()
-        arrays[node.get("name")] = _size_of(element)
+        size = _size_of(element)
+        # A template's own declaration has dependent sizes (float[BQ]); its
+        # instantiation's are numbers: keep a known size over an unknown one.
+        if size is not None or node.get("name") not in arrays:
+            arrays[node.get("name")] = size
     for child in node.get("inner", []) or []:
         _threadgroup_arrays(child, arrays)
 
