@@ -12,6 +12,14 @@ which one would run for given inputs and why.
 It keeps its own reference to MLX's function, taken at import, so assigning
 it over ``mx.fast.scaled_dot_product_attention`` works for every variant.
 
+``auto`` decides from this machine's verdicts (``mlx_flash.verdicts``, written
+by ``python -m mlx_flash.doctor``): MLX 0.32.4 fuses the backward on Metal
+only for no mask or causal without sinks, and falls back to unfused ops for
+array masks, segments, windows and sinks, so without timings ``auto`` takes
+MLX's op for the former and the Metal kernels for the latter; with timings,
+the fastest correct implementation measured here; never a kernel that failed
+validation here (see ``_choose_auto``). Requested variants run as requested.
+
 Implementations behind the dispatch see normalised inputs: ``q``, ``k``, ``v``
 rank 4 in one floating dtype and a ``StructuredMask`` whose causal rule has
 ``Lq <= Lk``. They return the output and the row log-sum-exp, ``+inf`` where

@@ -163,6 +163,10 @@ def problem(unit: Unit, shape: Shape = Shape()):
     return q, k, v, dout, mask, sinks
 
 
+#: The kernels ``kernel_stages`` runs, in order.
+STAGES = ("forward", "dkdv", "dq", "sinks")
+
+
 def kernel_stages(launchers: fused.Launchers, q, k, v, dout, scale, mask, sinks=None) -> Iterator[tuple]:
     """Run ``launchers`` on a ``StructuredMask`` one kernel at a time,
     yielding ``(kernel, outputs)`` as each is evaluated: ``("forward", (out,
@@ -214,17 +218,51 @@ def check(unit: Unit, shape: Shape = Shape()) -> Result:
         "dq": (("dq", dq, tolerance),),
         "sinks": (("dsinks", grads[3] if len(grads) > 3 else None, tolerance),),
     }
-    kernel = "forward"
+    done = 0  # kernels finished: an error belongs to the next one, in STAGES order
     try:
         for kernel, outputs in kernel_stages(_MODULES[unit.family].LAUNCHERS, q, k, v, dout, scale, mask, sinks):
+            done += 1
             for (name, want, allowed), got in zip(expected[kernel], outputs):
                 compare = oracle.lse_mismatch if name == "lse" else oracle.mismatch
-                problem_text = compare(got, want, allowed)
-                if problem_text is not None:
-                    return result("failed", kernel, f"wrong {name}: {problem_text}")
+                wrong = compare(got, want, allowed)
+                if wrong is not None:
+                    return result("failed", kernel, f"wrong {name}: {wrong}")
     except Exception as e:  # noqa: BLE001 - a kernel that does not build or crashes fails its unit
-        return result("failed", kernel, describe_error(e))
+        return result("failed", STAGES[done], describe_error(e))
     return result("passed")
+
+
+#: What a unit's verdict says while it is being validated: a GPU fault or
+#: hang that ends the process leaves it, so the kernel is not used again
+#: until a later validation replaces it.
+ENDED = "the process ended while this unit was being validated (a GPU fault or a hang?); python -m mlx_flash.doctor validates it again"
+
+
+def validate(unit: Unit, backend: str, by: str, shapes: Sequence[Shape] = (Shape(),)) -> Result:
+    """``check`` ``unit`` on each of ``shapes`` (the first failure, else the
+    last pass) and record the result in the verdict cache as ``by``.
+
+    While it runs the unit's entry is a failure saying the process ended
+    during its validation (``ENDED``), so a kernel that brings the process
+    down is recorded as failed; Ctrl-C puts the previous entry back.
+    """
+    verdict = verdicts.current(backend)
+    previous = verdict.kernels.get(unit.key) if verdict is not None else None
+    ended = {"status": "failed", "kernel": "", "detail": ENDED, "seconds": 0.0, "by": by}
+    verdicts.record(backend, {unit.key: ended})
+    try:
+        for shape in shapes:
+            result = check(unit, shape)
+            if not result.passed:
+                break
+    except BaseException:
+        verdicts.record(backend, {unit.key: previous} if previous else None, forget=() if previous else (unit.key,))
+        raise
+    if result.status == "not run":  # no verdict: the check could not run here
+        verdicts.record(backend, {unit.key: previous} if previous else None, forget=() if previous else (unit.key,))
+    else:
+        verdicts.record(backend, {unit.key: result.entry(by)})
+    return result
 
 
 _first_use_lock = threading.Lock()
@@ -242,17 +280,13 @@ def first_use(family: str, q, k, v, kinds: Sequence[str], backend: str) -> List[
     shape = Shape(batch=1, heads=q.shape[1], kv_heads=k.shape[1])
     with _first_use_lock:
         verdict = verdicts.current(backend)
-        todo = list(kinds)
-        if verdict is not None:
-            state, missing = verdict.status(family, dtype, dim, value_dim, kinds)
-            todo = [] if state != "unknown" else missing.split(", ")
+        todo = list(kinds) if verdict is None else verdict.missing(family, dtype, dim, value_dim, kinds)
         start = time.perf_counter()
-        results = [check(Unit(family, dtype, dim, value_dim, kind), shape) for kind in todo]
-        done = [r for r in results if r.status != "not run"]
-        saved = verdicts.record(backend, {r.unit.key: r.entry("first use") for r in done}) if done else None
+        results = [validate(Unit(family, dtype, dim, value_dim, kind), backend, "first use", [shape]) for kind in todo]
     if results:
         failed = [r.unit.kind for r in results if not r.passed]
         outcome = f"FAILED ({', '.join(failed)})" if failed else "passed"
+        saved = verdicts.current(backend)
         where = f"; {saved.unsaved}" if saved is not None and saved.unsaved else ""
         print(
             f"mlx-flash: validated the {family} kernels for {dtype} {dim}x{value_dim} "

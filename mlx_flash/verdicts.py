@@ -194,18 +194,18 @@ class Verdict:
     def status(self, family: str, dtype, dim: int, value_dim: int, kinds: Sequence[str]) -> Tuple[str, str]:
         """``("failed", why)`` if a kind failed, ``("passed", "")`` if all
         passed, else ``("unknown", "<kinds without a verdict>")``."""
-        missing = []
         for kind in kinds:
             entry = self.kernels.get(unit_key(family, dtype, dim, value_dim, kind))
-            if entry is None:
-                missing.append(kind)
-            elif entry["status"] != "passed":
+            if entry is not None and entry["status"] != "passed":
                 where = f"{entry['kernel']} kernel: " if entry.get("kernel") else ""
                 unit = f"{dtype_name(dtype)} {dim}x{value_dim} {kind}"
                 return "failed", f"{unit}: {where}{first_line(entry.get('detail', ''))}"
-        if missing:
-            return "unknown", ", ".join(missing)
-        return "passed", ""
+        missing = self.missing(family, dtype, dim, value_dim, kinds)
+        return ("unknown", ", ".join(missing)) if missing else ("passed", "")
+
+    def missing(self, family: str, dtype, dim: int, value_dim: int, kinds: Sequence[str]) -> List[str]:
+        """The ``kinds`` that have no verdict for this family, dtype and head dims."""
+        return [k for k in kinds if unit_key(family, dtype, dim, value_dim, k) not in self.kernels]
 
     def ranking(self, kind: str, dtype, dim: int, value_dim: int, length: int) -> Optional[Ranking]:
         """The implementations timed on the problem closest to a call, or None.
@@ -341,17 +341,25 @@ def _merge_timings(old: List[dict], new: List[dict]) -> List[dict]:
     return [row for row in old if tuple(row.get(k) for k in _PROBLEM) not in fresh] + list(new)
 
 
-def record(backend: str, kernels: Optional[Dict[str, dict]] = None, timings: Optional[List[dict]] = None, key=None) -> Verdict:
+def record(
+    backend: str,
+    kernels: Optional[Dict[str, dict]] = None,
+    timings: Optional[List[dict]] = None,
+    key=None,
+    forget: Sequence[str] = (),
+) -> Verdict:
     """Merge ``kernels`` entries and ``timings`` rows into the verdict of
-    ``key`` (this machine's on ``backend`` by default) and write it
-    atomically. A write that fails keeps the verdict in this process
-    (``unsaved`` says why) instead of raising."""
+    ``key`` (this machine's on ``backend`` by default), drop the units in
+    ``forget``, and write it atomically. A write that fails keeps the
+    verdict in this process (``unsaved`` says why) instead of raising."""
     key = machine_key(backend) if key is None else key
     path = path_for(key)
     with _lock, _file_lock(path):
         memo = _memo.get(path)
         verdict = _read(path, key) or (memo[1] if memo is not None else None) or Verdict(key)
         verdict.kernels.update(kernels or {})
+        for unit in forget:
+            verdict.kernels.pop(unit, None)
         verdict.timings = _merge_timings(verdict.timings, timings or [])
         verdict.written = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:

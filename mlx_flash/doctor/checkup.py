@@ -70,28 +70,13 @@ def where_kernels_run() -> str:
     return "emulator"
 
 
-def _validate(units: Sequence[validation.Unit], shapes, progress) -> List[validation.Result]:
-    """Each unit on each shape; a unit's result is its first failure, else
-    its last pass. Appends to the returned list as it goes (Ctrl-C keeps it)."""
-    results = []
-    try:
-        for unit in units:
-            outcome = None
-            for shape in shapes:
-                outcome = validation.check(unit, shape)
-                if not outcome.passed:
-                    break
-            results.append(outcome)
-            progress.advance(f"{unit.label}: {outcome.status}")
-    except KeyboardInterrupt:
-        raise _Interrupted(results) from None
-    return results
-
-
-class _Interrupted(Exception):
-    def __init__(self, done):
-        super().__init__("interrupted")
-        self.done = done
+def _validate(units: Sequence[validation.Unit], backend: str, shapes, progress, results: List[validation.Result]) -> None:
+    """Validate and record each unit, appending to ``results`` as it
+    finishes (so Ctrl-C keeps what finished)."""
+    for unit in units:
+        outcome = validation.validate(unit, backend, "doctor", shapes)
+        results.append(outcome)
+        progress.advance(f"{unit.label}: {outcome.status}")
 
 
 def _needed_kinds(config) -> Tuple[Tuple[str, ...], str]:
@@ -131,14 +116,16 @@ def _timing_row(config, kind: str, cells) -> dict:
     return row
 
 
-def _time(plan: grid.TimingPlan, results: List[validation.Result], progress, rows: List[dict]) -> Dict[str, dict]:
-    """Time every configuration of ``plan`` with the kernels that passed;
-    append a row per configuration to ``rows``. Returns verdict entries for
-    kernels the timing check found wrong."""
+def time_kernels(
+    plan: grid.TimingPlan, results: List[validation.Result], progress, rows: List[dict], wrong: Dict[str, dict]
+) -> None:
+    """Time every configuration of ``plan`` with the kernel families whose
+    units passed in ``results``, appending a row per configuration to
+    ``rows`` and, to ``wrong``, verdict entries failing the units of a
+    kernel the timing check found wrong (as each finishes: Ctrl-C keeps them)."""
     from ..bench import harness
 
     passed = {r.unit.key for r in results if r.passed}
-    wrong: Dict[str, dict] = {}
 
     def variants_for(config) -> List[str]:
         kinds, _ = _needed_kinds(config)
@@ -155,13 +142,10 @@ def _time(plan: grid.TimingPlan, results: List[validation.Result], progress, row
     ram = machine.physical_memory()
     for config in plan.configs:
         kinds, kind = _needed_kinds(config)
-        try:
-            cells = harness.run(
-                [config], variants_for(config), warmup=1, repeats=plan.repeats,
-                max_memory_bytes=int(ram * 0.75) if ram else None, progress=progress,
-            )  # fmt: skip
-        except KeyboardInterrupt:
-            raise _Interrupted(wrong) from None
+        cells = harness.run(
+            [config], variants_for(config), warmup=1, repeats=plan.repeats,
+            max_memory_bytes=int(ram * 0.75) if ram else None, progress=progress,
+        )  # fmt: skip
         row = _timing_row(config, kind, cells)
         rows.append(row)
         for name, detail in row["failed"].items():
@@ -177,7 +161,6 @@ def _time(plan: grid.TimingPlan, results: List[validation.Result], progress, row
                         "by": "doctor timing",
                         "shape": [config.batch, config.heads, config.kv_heads, config.seq],
                     }
-    return wrong
 
 
 def auto_choice(row: dict) -> str:
@@ -218,11 +201,16 @@ def run(
         backend, level, machine.describe(), key, str(verdicts.path_for(key)), geometry=geometry, command=command
     )
     progress = progress or harness.Progress(len(units))
+    if backend != "metal":
+        progress.stream.write(
+            f"mlx_flash.doctor: no Metal here: validating {len(units)} kernel units through the CPU emulator "
+            "(correctness only; --quick validates fewer)\n"
+        )
     place = contextlib.nullcontext() if backend == "metal" else emulator.metal(schedule=("forward", "reverse"))
     wrong: Dict[str, dict] = {}
     try:
         with place:
-            findings.results = _validate(units, grid.validation_shapes(level), progress)
+            _validate(units, backend, grid.validation_shapes(level), progress, findings.results)
         if backend != "metal":
             findings.timing_note = (
                 "skipped: without Metal the kernels ran on the CPU emulator, which checks correctness; "
@@ -235,19 +223,14 @@ def run(
             if not plan.configs:
                 findings.timing_note = "skipped: the benchmark times head dims with Dv = D only"
             else:
-                wrong = _time(plan, findings.results, progress, findings.timings)
-    except _Interrupted as stop:
+                time_kernels(plan, findings.results, progress, findings.timings, wrong)
+    except KeyboardInterrupt:
         findings.interrupted = True
-        if isinstance(stop.done, list):
-            findings.results = stop.done
-        else:
-            wrong = stop.done
     finally:
         progress.close()
-        entries = {r.unit.key: r.entry("doctor") for r in findings.results if r.status != "not run"}
-        entries.update(wrong)
-        if entries or findings.timings:
-            findings.unsaved = verdicts.record(backend, entries, findings.timings).unsaved
+        # Validation recorded each unit as it finished; timings go in now.
+        saved = verdicts.record(backend, wrong, findings.timings) if wrong or findings.timings else verdicts.current(backend)
+        findings.unsaved = saved.unsaved if saved is not None else ""
         if not findings.interrupted:
             findings.auto_choices = [auto_choice(row) for row in findings.timings]
         findings.seconds = time.perf_counter() - start
