@@ -330,8 +330,8 @@ def _kernel_verdict(name: str, q, k, v, mask: StructuredMask, sinks, backend: st
     results = validation.first_use(name, q, k, v, kinds, backend)
     for r in results:
         if r.status == "failed":
-            unit = f"{dtype} {r.unit.dim}x{r.unit.value_dim} {r.unit.kind}"
-            return "failed", f"{name} failed validation on this machine ({unit}: {r.kernel} kernel: {verdicts.first_line(r.detail)})"
+            unit = f"{dtype} {r.unit.dim}x{r.unit.value_dim} {r.unit.kind}: {r.kernel} kernel"
+            return "failed", f"{name} failed validation on this machine ({unit}: {verdicts.first_line(r.detail)})"
     for r in results:
         if r.status == "not run":
             return "not run", f"{name} could not be validated here ({verdicts.first_line(r.detail)})"
@@ -376,13 +376,17 @@ def _choose_auto(q, k, v, mask: StructuredMask, sinks, backend: str) -> Plan:
     )
     order = (["mlx"] if mlx_fuses else []) + ["demo", "practical", "blockwise"]
     verdict = verdicts.current(backend)
-    ranking = None
-    if verdict is not None:
-        ranking = verdict.ranking(verdicts.timing_kind(mask, sinks), q.dtype, q.shape[-1], v.shape[-1], k.shape[2])
-        measured = [name for name, _ in ranking.times if name in order] if ranking is not None else []
-        ranking = ranking if measured else None
-        order = measured + [name for name in order if name not in measured]
+    ranking = None if verdict is None else verdict.ranking(
+        verdicts.timing_kind(mask, sinks), q.dtype, q.shape[-1], v.shape[-1], k.shape[2]
+    )
     skipped = []
+    if ranking is not None:
+        if "mlx" in dict(ranking.times) and "mlx" not in order:
+            skipped.append("mlx: not a candidate for this mask (MLX's training path is unfused here, O(L^2) memory)")
+        ranking = verdicts.Ranking(ranking.row, [(n, t) for n, t in ranking.times if n in order])
+        measured = [name for name, _ in ranking.times]
+        order = measured + [name for name in order if name not in measured]
+        ranking = ranking if measured else None
     for name in order:
         note = ""
         if name in ("demo", "practical"):

@@ -22,12 +22,13 @@ nothing; ``additive`` has a whole key tile of ``-inf`` in one head;
 ``segments`` is causal over packed documents with padding in two rows;
 ``window`` causal with a window of 13; ``sinks`` causal with sinks.
 
-``first_use`` is what ``auto`` runs before it first sends a call to a kernel
-nobody validated on this machine: the units of that call's family, dtype,
-head dims and mask kinds, at the call's head counts, on their own small
-inputs, eagerly (they are concrete arrays, never the call's own, so this is
-safe inside ``mx.grad`` or ``mx.compile`` tracing); their results go into
-the verdict cache (``mlx_flash.verdicts``).
+``validate`` checks a unit and records the result in the verdict cache
+(``mlx_flash.verdicts``) as it goes. ``first_use`` is what ``auto`` runs
+before it first sends a call to a kernel nobody validated on this machine:
+the units of that call's family, dtype, head dims and mask kinds, at the
+call's head counts, on their own small inputs, eagerly (they are concrete
+arrays, never the call's own, so this is safe inside ``mx.grad`` or
+``mx.compile`` tracing).
 """
 
 import sys
@@ -235,7 +236,10 @@ def check(unit: Unit, shape: Shape = Shape()) -> Result:
 #: What a unit's verdict says while it is being validated: a GPU fault or
 #: hang that ends the process leaves it, so the kernel is not used again
 #: until a later validation replaces it.
-ENDED = "the process ended while this unit was being validated (a GPU fault or a hang?); python -m mlx_flash.doctor validates it again"
+ENDED = (
+    "the process ended while this unit was being validated (a GPU fault or a hang?); "
+    "python -m mlx_flash.doctor validates it again"
+)
 
 
 def validate(unit: Unit, backend: str, by: str, shapes: Sequence[Shape] = (Shape(),)) -> Result:

@@ -351,10 +351,12 @@ def test_auto_picks_the_fastest_validated_implementation(cache):
     # segments (it would materialise L x L scores), however fast it measured.
     plan = choice(700)
     assert plan.implementation == "demo"
-    assert "fastest validated on this machine (doctor: fwd+bwd causal+segments float16 D=64 L=512: mlx 1 ms, demo 2 ms" in plan.reason
+    assert "fastest validated on this machine (doctor: fwd+bwd causal+segments float16 D=64 L=512: demo 2 ms" in plan.reason
+    assert "mlx: not a candidate for this mask" in plan.reason
     assert choice(3000).implementation == "practical"
     # A kernel that failed is never chosen, however fast it measured.
-    verdicts.record("emulator", {verdicts.unit_key("practical", "float16", 64, 64, "segments"): {**passed, "status": "failed", "kernel": "dkdv", "detail": "wrong dk"}})
+    failed = {**passed, "status": "failed", "kernel": "dkdv", "detail": "wrong dk"}
+    verdicts.record("emulator", {verdicts.unit_key("practical", "float16", 64, 64, "segments"): failed})
     plan = choice(3000)
     assert plan.implementation == "demo"
     assert "practical failed validation on this machine (float16 64x64 segments: dkdv kernel: wrong dk)" in plan.reason
@@ -375,7 +377,8 @@ def test_model_shapes_come_from_config_json(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(tinyllama))
     g = grid.from_model(str(folder))
-    assert (g.heads, g.kv_heads, g.head_dim, g.value_dim, g.dtype, g.window, g.sinks) == (32, 4, 64, 64, "bfloat16", None, False)
+    assert (g.heads, g.kv_heads, g.head_dim, g.value_dim, g.dtype) == (32, 4, 64, 64, "bfloat16")
+    assert (g.window, g.sinks) == (None, False)
     qwen = {"num_attention_heads": 12, "num_key_value_heads": 2, "hidden_size": 1536, "torch_dtype": "bfloat16",
             "sliding_window": 32768, "use_sliding_window": False}  # fmt: skip
     assert (grid.from_config(qwen, "qwen").head_dim, grid.from_config(qwen, "qwen").window) == (128, None)
@@ -395,7 +398,7 @@ def test_model_shapes_come_from_config_json(tmp_path):
     # The model's shapes are what is validated and timed.
     g = grid.from_model(str(folder))
     units = grid.validation_units("default", g)
-    assert {(u.family, u.dtype, u.dim, u.value_dim) for u in units} == {("practical", "bfloat16", 64, 64), ("demo", "bfloat16", 64, 64)}
+    assert {(u.family, u.dtype, u.dim, u.value_dim) for u in units} == {(f, "bfloat16", 64, 64) for f in ("practical", "demo")}
     recipe = grid.Geometry("r", 32, 4, 64, 64, "bfloat16", window=1024, sinks=True, seq=2048, batch=2, packed=True)
     configs = grid.timing_plan("default", recipe).configs
     assert {(c.batch, c.heads, c.kv_heads, c.head_dim, c.dtype) for c in configs} == {(2, 32, 4, 64, "bfloat16")}

@@ -18,7 +18,12 @@ report and ``cli`` is the command. From Python::
 
 from typing import Optional, Sequence
 
-from .cli import main
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command (``python -m mlx_flash.doctor``); returns its exit status."""
+    from .cli import main as command
+
+    return command(argv)
 
 
 def doctor(

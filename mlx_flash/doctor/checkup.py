@@ -70,7 +70,7 @@ def where_kernels_run() -> str:
     return "emulator"
 
 
-def _validate(units: Sequence[validation.Unit], backend: str, shapes, progress, results: List[validation.Result]) -> None:
+def _validate(units: Sequence[validation.Unit], backend: str, shapes, progress, results: list) -> None:
     """Validate and record each unit, appending to ``results`` as it
     finishes (so Ctrl-C keeps what finished)."""
     for unit in units:
@@ -150,7 +150,8 @@ def time_kernels(
         rows.append(row)
         for name, detail in row["failed"].items():
             if name in validation.FAMILIES:
-                where = f"B={config.batch} H={config.heads}/{config.kv_heads} L={config.seq} {config.mask} {config.mode}"
+                c = config
+                where = f"B={c.batch} H={c.heads}/{c.kv_heads} L={c.seq} {c.mask} {c.mode}"
                 for k in kinds:
                     unit = verdicts.unit_key(name, config.dtype, config.head_dim, config.head_dim, k)
                     wrong[unit] = {
@@ -229,7 +230,10 @@ def run(
     finally:
         progress.close()
         # Validation recorded each unit as it finished; timings go in now.
-        saved = verdicts.record(backend, wrong, findings.timings) if wrong or findings.timings else verdicts.current(backend)
+        if wrong or findings.timings:
+            saved = verdicts.record(backend, wrong, findings.timings)
+        else:
+            saved = verdicts.current(backend)
         findings.unsaved = saved.unsaved if saved is not None else ""
         if not findings.interrupted:
             findings.auto_choices = [auto_choice(row) for row in findings.timings]

@@ -103,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if problem:
             return _fail(problem)
         geometry = grid.from_model(args.model) if args.model else grid.from_recipe(args.recipe) if args.recipe else None
-        command = "python -m mlx_flash.doctor " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        given = sys.argv[1:] if argv is None else argv
+        command = "python -m mlx_flash.doctor " + " ".join(shlex.quote(a) for a in given)
         findings = checkup.run(
             level,
             geometry,
