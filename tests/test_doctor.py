@@ -325,7 +325,8 @@ def test_first_use_validation_runs_eagerly_inside_transforms(cache, monkeypatch)
 
 
 def _timing(kind, seq, times, dtype="float16", dim=64, mode="fwdbwd"):
-    return {"mode": mode, "kind": kind, "mask": kind, "dtype": dtype, "head_dim": dim, "value_dim": dim,
+    mask = {"causal": "causal", "causal+segments": grid.PACKED}[kind]
+    return {"mode": mode, "kind": kind, "mask": mask, "dtype": dtype, "head_dim": dim, "value_dim": dim,
             "seq": seq, "batch": 1, "heads": 4, "kv_heads": 2, "median_s": times, "failed": {}}  # fmt: skip
 
 
@@ -354,6 +355,8 @@ def test_auto_picks_the_fastest_validated_implementation(cache):
     assert "fastest validated on this machine (doctor: fwd+bwd causal+segments float16 D=64 L=512: demo 2 ms" in plan.reason
     assert "mlx: not a candidate for this mask" in plan.reason
     assert choice(3000).implementation == "practical"
+    with emulator.metal():  # what the doctor's report says auto picks for each timed problem
+        assert [checkup.auto_choice(row) for row in rows[:2]] == ["demo", "practical"]
     # A kernel that failed is never chosen, however fast it measured.
     failed = {**passed, "status": "failed", "kernel": "dkdv", "detail": "wrong dk"}
     verdicts.record("emulator", {verdicts.unit_key("practical", "float16", 64, 64, "segments"): failed})
@@ -365,6 +368,24 @@ def test_auto_picks_the_fastest_validated_implementation(cache):
         x = mx.zeros((1, 4, 64, 64), mx.float16)
         plan = mlx_flash.explain(x, x, x, mask="causal", window=8)
     assert plan.implementation == "demo" and "no doctor timing for this case" in plan.reason
+
+
+def test_metal_run_times_what_passed_and_records_it(cache, monkeypatch):
+    """The doctor's Metal path (validation, then checked timing, rows, the
+    verdict, the report), run here by putting the kernels on the emulator."""
+    monkeypatch.setattr(checkup, "where_kernels_run", lambda: "metal")
+    tiny = grid.TimingPlan([harness.Config("fwdbwd", 1, 40, 4, 2, 64, "causal", "float16")], ("mlx", "practical", "demo"), 1)
+    monkeypatch.setattr(grid, "timing_plan", lambda *args: tiny)
+    with emulator.metal(schedule="forward"):
+        findings = mlx_flash.doctor(dtypes=["float16"], head_dims=[64], masks=["causal"])
+    assert findings.ok and findings.backend == "metal" and not findings.timing_note
+    (row,) = findings.timings
+    assert sorted(row["median_s"]) == ["demo", "mlx", "practical"] and not row["failed"]
+    saved = json.loads(verdicts.path_for(verdicts.machine_key("metal")).read_text())
+    assert saved["timings"] == [row] and len(saved["kernels"]) == 2
+    text = str(findings)
+    assert "| mode | mask | dtype | B | H/KV | D | L | mlx ms | demo ms | practical ms | auto |" in text
+    assert "| fwdbwd | causal | float16 | 1 | 4/2 | 64 | 40 | " in text and "x) |" in text
 
 
 # ---- model shapes and the report -----------------------------------------------------

@@ -1,6 +1,6 @@
 """``python -m mlx_flash.doctor``: validate and time the Metal kernels on this machine.
 
-    python -m mlx_flash.doctor                       # about a minute on a Mac
+    python -m mlx_flash.doctor                       # every kernel, then timing
     python -m mlx_flash.doctor --quick               # less: float16, head dims 64 and 128
     python -m mlx_flash.doctor --model path/to/model --out doctor.md
     python -m mlx_flash.doctor --recipe recipes/tinyllama-1.1b-lora.yaml
