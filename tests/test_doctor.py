@@ -1,6 +1,7 @@
 """The doctor, the verdict cache and how ``auto`` decides from it, on the emulator.
 
-Every test keeps its verdicts in its own ``MLX_FLASH_CACHE``. Broken kernels
+Every test keeps its verdicts in its own ``MLX_FLASH_CACHE`` and runs the
+kernels on the emulator (``--emulator`` on a Mac, where Metal is the default). Broken kernels
 are made on purpose: a forward launcher whose output is off (a wrong
 result), a kernel source that does not compile (an error with the generated
 source lines). Kernel units are checked at float16 / float32 and head dim
@@ -73,6 +74,11 @@ def _verdict_file() -> dict:
     return json.loads(verdicts.path_for(verdicts.machine_key("emulator")).read_text())
 
 
+def _doctor(families, dtype, kinds):
+    """The doctor on the emulator for ``families`` at ``dtype``, head dim 64, ``kinds``."""
+    return mlx_flash.doctor(emulator=True, families=families, dtypes=[dtype], head_dims=[64], masks=kinds)
+
+
 def _packed(length=40, heads=4, dtype=mx.float16, dim=64):
     q, k, v, dout = random_inputs(1, heads, 2, length, length, dim, dim, dtype, seed=3)
     ids = mx.array([[0] * (length // 2) + [1] * (length - length // 2)])
@@ -84,7 +90,7 @@ def _packed(length=40, heads=4, dtype=mx.float16, dim=64):
 
 def test_command_writes_verdicts_and_a_report(cache, tmp_path):
     out = tmp_path / "doctor.md"
-    command = [sys.executable, "-m", "mlx_flash.doctor", "--quick", "--family", "practical"]
+    command = [sys.executable, "-m", "mlx_flash.doctor", "--emulator", "--quick", "--family", "practical"]
     command += ["--dtype", "float16", "--head-dim", "64", "--out", str(out)]
     env = {**os.environ, "MLX_FLASH_CACHE": str(cache)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -116,7 +122,7 @@ def test_command_rejects_bad_input_in_one_line(cache, tmp_path, capsys):
         (["--model", str(tmp_path / "missing")], "--model: no model folder"),
         (["--head-dim", "64y"], "--head-dim: expected D or DxDv"),
         (["--out", str(folder)], "is a folder"),
-        (["--dtype", "float32", "--family", "demo"], "nothing to validate"),
+        (["--emulator", "--dtype", "float32", "--family", "demo"], "nothing to validate"),
     ]:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -142,7 +148,7 @@ def test_interrupted_run_keeps_what_finished(cache, monkeypatch):
         return check(unit, shape)
 
     monkeypatch.setattr(validation, "check", stop_second)
-    findings = mlx_flash.doctor(families=["practical"], dtypes=["float16"], head_dims=[64], masks=["causal", "window"])
+    findings = _doctor(["practical"], "float16", ["causal", "window"])
     assert findings.interrupted and not findings.ok and len(calls) == 2
     assert [r.unit.kind for r in findings.results] == ["causal"]
     assert list(_verdict_file()["kernels"]) == ["practical/float16/64x64/causal"]
@@ -153,7 +159,7 @@ def test_interrupted_run_keeps_what_finished(cache, monkeypatch):
 
 
 def test_wrong_result_fails_and_auto_falls_back(cache, wrong_demo):
-    findings = mlx_flash.doctor(families=["demo"], dtypes=["float16"], head_dims=[64], masks=["causal", "segments"])
+    findings = _doctor(["demo"], "float16", ["causal", "segments"])
     assert not findings.ok
     assert [(r.unit.kind, r.status, r.kernel) for r in findings.results] == [
         ("causal", "failed", "forward"),
@@ -179,7 +185,7 @@ def test_wrong_result_fails_and_auto_falls_back(cache, wrong_demo):
 
 
 def test_compile_error_is_reported_with_its_source_and_auto_falls_back(cache, broken_practical_dq):
-    findings = mlx_flash.doctor(families=["practical"], dtypes=["float32"], head_dims=[64], masks=["causal"])
+    findings = _doctor(["practical"], "float32", ["causal"])
     (result,) = findings.results
     assert (result.status, result.kernel) == ("failed", "dq")
     assert result.detail.startswith("CompileError: ")
@@ -238,6 +244,15 @@ def test_verdicts_of_another_key_are_ignored(cache, field):
     with emulator.metal():
         plan = mlx_flash.explain(q, k, v, mask="causal", segment_ids=ids)
     assert plan.implementation == "practical" and "demo failed validation" in plan.reason
+
+
+def test_a_cache_that_cannot_be_written_keeps_the_verdict_in_the_process(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MLX_FLASH_CACHE", str(blocker))
+    saved = verdicts.record("emulator", _failing_demo_entries())
+    assert saved.unsaved.startswith("cannot write ")
+    assert verdicts.current("emulator").status("demo", "float16", 64, 64, ("causal",))[0] == "failed"
 
 
 # ---- first-use validation ----------------------------------------------------------
@@ -373,7 +388,7 @@ def test_auto_picks_the_fastest_validated_implementation(cache):
 def test_metal_run_times_what_passed_and_records_it(cache, monkeypatch):
     """The doctor's Metal path (validation, then checked timing, rows, the
     verdict, the report), run here by putting the kernels on the emulator."""
-    monkeypatch.setattr(checkup, "where_kernels_run", lambda: "metal")
+    monkeypatch.setattr(checkup, "where_kernels_run", lambda emulated: "metal")
     tiny = grid.TimingPlan([harness.Config("fwdbwd", 1, 40, 4, 2, 64, "causal", "float16")], ("mlx", "practical", "demo"), 1)
     monkeypatch.setattr(grid, "timing_plan", lambda *args: tiny)
     with emulator.metal(schedule="forward"):

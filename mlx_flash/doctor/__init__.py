@@ -36,6 +36,7 @@ def doctor(
     head_dims: Optional[Sequence] = None,
     masks: Optional[Sequence[str]] = None,
     timing: bool = True,
+    emulator: bool = False,
     out: Optional[str] = None,
 ):
     """Run the doctor (the arguments are the command's options) and return
@@ -74,10 +75,13 @@ def doctor(
         head_dims=dims,
         kinds=masks or verdicts.MASK_KINDS,
         timing=timing,
+        emulated=emulator,
         command="mlx_flash.doctor()",
     )
     if out:
-        Path(out).expanduser().write_text(str(findings))
+        path = Path(out).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(findings))
     return findings
 
 

@@ -58,10 +58,10 @@ class Findings:
         return render(self)
 
 
-def where_kernels_run() -> str:
-    """``metal``, or ``emulator`` where Metal is absent (raises
-    ``DoctorError`` when the emulator has no C++ compiler either)."""
-    if mx.metal.is_available():
+def where_kernels_run(emulated: bool = False) -> str:
+    """``metal``, or ``emulator`` where Metal is absent or ``emulated`` asks
+    for it (raises ``DoctorError`` when the emulator has no C++ compiler)."""
+    if mx.metal.is_available() and not emulated:
         return "metal"
     try:
         emulator.compiler()
@@ -185,15 +185,17 @@ def run(
     head_dims: Optional[Sequence[Tuple[int, int]]] = None,
     kinds: Sequence[str] = verdicts.MASK_KINDS,
     timing: bool = True,
+    emulated: bool = False,
     progress=None,
     command: str = "",
 ) -> Findings:
     """Validate, time and record (see the module docstring); ``progress`` is
-    a ``harness.Progress`` (one is made on stderr when None)."""
+    a ``harness.Progress`` (one is made on stderr when None); ``emulated``
+    runs the kernels on the CPU emulator even where Metal is."""
     from ..bench import harness
 
     start = time.perf_counter()
-    backend = where_kernels_run()
+    backend = where_kernels_run(emulated)
     units = grid.validation_units(level, geometry, families, dtypes, head_dims, kinds)
     if not units:
         raise grid.DoctorError("nothing to validate: no kernel family supports the chosen dtypes and head dims")

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this mask kind (repeatable; default all)",
     )  # fmt: skip
     parser.add_argument("--no-timing", action="store_true", help="validate only; time nothing")
+    parser.add_argument(
+        "--emulator", action="store_true",
+        help="run the kernels on the CPU emulator even where Metal is (correctness only, nothing timed)",
+    )  # fmt: skip
     parser.add_argument("--out", metavar="FILE", help="also write the report to FILE (Markdown)")
     return parser
 
@@ -113,6 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             head_dims=head_dims,
             kinds=args.mask or verdicts.MASK_KINDS,
             timing=not args.no_timing,
+            emulated=args.emulator,
             command=command.strip(),
         )
     except grid.DoctorError as e:
@@ -125,7 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.flush()
     if args.out:
         try:
-            Path(args.out).expanduser().write_text(text)
+            path = Path(args.out).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
         except OSError as e:
             return _fail(f"--out: cannot write {args.out} ({e.strerror or e})")
         print(f"wrote {args.out}", file=sys.stderr)
