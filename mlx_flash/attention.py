@@ -312,9 +312,10 @@ def _choose(q, k, v, mask: StructuredMask, sinks, variant: str, force_fused: boo
 
 def _kernel_verdict(name: str, q, k, v, mask: StructuredMask, sinks, backend: str, verdict) -> Tuple[str, str]:
     """Whether kernel family ``name`` may run this call here: ``("passed",
-    "")``, ``("failed", why)``, or ``("unvalidated", why)``. A family nobody
-    validated for the call's dtype, head dims and mask kinds is validated
-    now, once per verdict key, where first-use validation is on."""
+    "")``, ``("failed", why)``, ``("not run", why)`` (its validation could
+    not run here) or ``("unvalidated", why)`` (first-use validation is off).
+    A family nobody validated for the call's dtype, head dims and mask kinds
+    is validated now, once per verdict key, where first-use validation is on."""
     kinds = verdicts.kinds_of(mask, sinks)
     dtype = verdicts.dtype_name(q.dtype)
     state, detail = ("unknown", "") if verdict is None else verdict.status(name, dtype, q.shape[-1], v.shape[-1], kinds)
