@@ -12,6 +12,14 @@ which one would run for given inputs and why.
 It keeps its own reference to MLX's function, taken at import, so assigning
 it over ``mx.fast.scaled_dot_product_attention`` works for every variant.
 
+``auto`` decides from this machine's verdicts (``mlx_flash.verdicts``, written
+by ``python -m mlx_flash.doctor``): MLX 0.32.4 fuses the backward on Metal
+only for no mask or causal without sinks, and falls back to unfused ops for
+array masks, segments, windows and sinks, so without timings ``auto`` takes
+MLX's op for the former and the Metal kernels for the latter; with timings,
+the fastest correct implementation measured here; never a kernel that failed
+validation here (see ``_choose_auto``). Requested variants run as requested.
+
 Implementations behind the dispatch see normalised inputs: ``q``, ``k``, ``v``
 rank 4 in one floating dtype and a ``StructuredMask`` whose causal rule has
 ``Lq <= Lk``. They return the output and the row log-sum-exp, ``+inf`` where
@@ -27,7 +35,7 @@ from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from . import blockwise, kernels, masks, reference
+from . import blockwise, kernels, masks, reference, verdicts
 from .masks import StructuredMask
 
 #: Every name ``variant=`` accepts.
@@ -289,24 +297,111 @@ def _choose(q, k, v, mask: StructuredMask, sinks, variant: str, force_fused: boo
 
     if backend is None:
         return Plan(variant, "blockwise", "mlx ops", "Metal is not available on this machine: using blockwise")
-    mlx_fuses = mask.array is None and not mask.has_segments and mask.window is None and sinks is None
-    if variant == "auto" and backend == "metal" and mlx_fuses and _mlx_has_fused_vjp():
-        return Plan(
-            variant,
-            "mlx",
-            "metal",
-            "MLX fuses this mask in training too (its own tiled backward); "
-            "running `python -m mlx_flash.doctor` may change the choice",
-        )
-    candidates = ("demo", "practical") if variant in ("auto", "demo") else ("practical",)
+    if variant == "auto":
+        return _choose_auto(q, k, v, mask, sinks, backend)
+    candidates = ("demo", "practical") if variant == "demo" else ("practical",)
     reasons = []
     for name in candidates:
         why_not = _fused_unsupported(name, q, k, v, mask)
         if why_not is None:
-            reason = "requested" if name == variant else f"fastest supported ({'; '.join(reasons) or 'auto'})"
+            reason = "requested" if name == variant else f"fastest supported ({'; '.join(reasons)})"
             return Plan(variant, name, backend, reason)
         reasons.append(f"{name}: {why_not}")
     return Plan(variant, "blockwise", "mlx ops", "; ".join(reasons) + ": using blockwise")
+
+
+def _kernel_verdict(name: str, q, k, v, mask: StructuredMask, sinks, backend: str, verdict) -> Tuple[str, str]:
+    """Whether kernel family ``name`` may run this call here: ``("passed",
+    "")``, ``("failed", why)``, ``("not run", why)`` (its validation could
+    not run here) or ``("unvalidated", why)`` (first-use validation is off).
+    A family nobody validated for the call's dtype, head dims and mask kinds
+    is validated now, once per verdict key, where first-use validation is on."""
+    kinds = verdicts.kinds_of(mask, sinks)
+    dtype = verdicts.dtype_name(q.dtype)
+    state, detail = ("unknown", "") if verdict is None else verdict.status(name, dtype, q.shape[-1], v.shape[-1], kinds)
+    if state == "failed":
+        return state, f"{name} failed validation on this machine ({detail})"
+    if state == "passed":
+        return state, ""
+    if not verdicts.validation_enabled(backend):
+        switch = "MLX_FLASH_VALIDATE=1 turns it on" if backend == "emulator" else "MLX_FLASH_VALIDATE=0"
+        return "unvalidated", f"{name}: not validated on this machine (first-use validation off; {switch})"
+    from . import validation
+
+    results = validation.first_use(name, q, k, v, kinds, backend)
+    for r in results:
+        if r.status == "failed":
+            unit = f"{dtype} {r.unit.dim}x{r.unit.value_dim} {r.unit.kind}: {r.kernel} kernel"
+            return "failed", f"{name} failed validation on this machine ({unit}: {verdicts.first_line(r.detail)})"
+    for r in results:
+        if r.status == "not run":
+            return "not run", f"{name} could not be validated here ({verdicts.first_line(r.detail)})"
+    return "passed", ""
+
+
+def _auto_reason(name: str, verdict, ranking, notes) -> str:
+    """Why ``auto`` chose ``name``: measured, or the default and what may
+    change it; then the candidates it skipped or could not validate."""
+    if ranking is not None:
+        reason = f"fastest validated on this machine (doctor: {ranking.describe()})"
+    else:
+        reason = "MLX fuses this mask in training too (its own tiled backward)" if name == "mlx" else "the default here"
+        missing = "no doctor verdict on this machine" if verdict is None else "no doctor timing for this case"
+        reason += f"; {missing}: running `python -m mlx_flash.doctor` may change the choice"
+    return "; ".join([reason] + list(notes))
+
+
+def _choose_auto(q, k, v, mask: StructuredMask, sinks, backend: str) -> Plan:
+    """``auto`` with Metal kernels available: the fastest validated
+    implementation measured on this machine, else the default order.
+
+    The default order is MLX's own op where MLX fuses the backward too (no
+    mask or causal, no sinks, Metal, MLX >= 0.32.4), then ``demo``,
+    ``practical``, ``blockwise``. Where ``python -m mlx_flash.doctor`` timed
+    this mask kind, dtype and head dims (at the length closest to this
+    call's), the measured implementations come first, fastest first (MLX's
+    op only where it fuses the backward: elsewhere it is O(L^2) memory).
+    The op cannot know whether gradients will flow: every call with more
+    queries than a decoding step is ranked by forward+backward time, as in
+    training. A kernel family that failed validation here is skipped, and
+    one nobody validated is validated first (``_kernel_verdict``); a skip
+    is named in the reason.
+    """
+    mlx_fuses = (
+        backend == "metal"
+        and mask.array is None
+        and not mask.has_segments
+        and mask.window is None
+        and sinks is None
+        and _mlx_has_fused_vjp()
+    )
+    order = (["mlx"] if mlx_fuses else []) + ["demo", "practical", "blockwise"]
+    verdict = verdicts.current(backend)
+    ranking = None if verdict is None else verdict.ranking(
+        verdicts.timing_kind(mask, sinks), q.dtype, q.shape[-1], v.shape[-1], k.shape[2]
+    )
+    skipped = []
+    if ranking is not None:
+        if "mlx" in dict(ranking.times) and "mlx" not in order:
+            skipped.append("mlx: not a candidate for this mask (MLX's training path is unfused here, O(L^2) memory)")
+        ranking = verdicts.Ranking(ranking.row, [(n, t) for n, t in ranking.times if n in order])
+        measured = [name for name, _ in ranking.times]
+        order = measured + [name for name in order if name not in measured]
+        ranking = ranking if measured else None
+    for name in order:
+        note = ""
+        if name in ("demo", "practical"):
+            why_not = _fused_unsupported(name, q, k, v, mask)
+            if why_not is not None:
+                skipped.append(f"{name}: {why_not}")
+                continue
+            state, note = _kernel_verdict(name, q, k, v, mask, sinks, backend, verdict)
+            if state in ("failed", "not run"):
+                skipped.append(note)
+                continue
+        backend_of = "mlx ops" if name == "blockwise" else backend
+        return Plan("auto", name, backend_of, _auto_reason(name, verdict, ranking, skipped + [note] * bool(note)))
+    raise AssertionError("blockwise is always a candidate")
 
 
 def _normalise(mask: Mask, dtype: mx.Dtype) -> Mask:

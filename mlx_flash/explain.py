@@ -25,7 +25,9 @@ def explain(
     """Which implementation ``scaled_dot_product_attention`` would run, and why.
 
     Takes the same arguments (``scale`` is not needed) and raises the same
-    errors. ``str()`` of the result reads like::
+    errors. For ``auto`` on Metal, asking validates a kernel nobody
+    validated on this machine, as the call would (once per verdict key;
+    ``mlx_flash.verdicts``). ``str()`` of the result reads like::
 
         blockwise (mlx ops): Metal is not available on this machine: using blockwise; causal + segments: tiles ...
         mlx-lm attention is not patched

@@ -1,14 +1,21 @@
-"""Whether a command can write the folder it was told to write into, asked before it starts.
+"""The project's folders: its cache, and whether a command can write the
+folder it was told to write into, asked before it starts.
 
-Shared by the fine-tuning and benchmark commands, so that an output folder
-that is a file, or that cannot be written, is one line before any work
-rather than a traceback after it.
+Shared by the fine-tuning, benchmark and doctor commands, so that an output
+folder that is a file, or that cannot be written, is one line before any
+work rather than a traceback after it.
 """
 
 import os
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+
+def cache_root() -> Path:
+    """The project's cache folder: ``$MLX_FLASH_CACHE``, default
+    ``~/.cache/mlx_flash`` (built-in models, kernel verdicts)."""
+    return Path(os.environ.get("MLX_FLASH_CACHE", "~/.cache/mlx_flash")).expanduser()
 
 
 def unwritable(path) -> Optional[str]:

@@ -67,6 +67,32 @@ def physical_memory() -> Optional[int]:
         return None
 
 
+def chip() -> str:
+    """The chip the default device computes on: the GPU's name on Metal (on
+    Apple silicon that is the chip, "Apple M2 Max"), else the CPU model."""
+    info = _device_info()
+    if backend() != "cpu" and info.get("device_name"):
+        return str(info["device_name"])
+    return _cpu_model()
+
+
+def gpu_architecture() -> Optional[str]:
+    """The GPU's architecture name on Metal ("applegpu_g14s"), else None."""
+    info = _device_info()
+    if backend() != "metal":
+        return None
+    return str(info["architecture"]) if info.get("architecture") else None
+
+
+def os_version() -> str:
+    """The operating system and its version: "macOS 14.5" on a Mac, else
+    Python's platform string."""
+    release = platform.mac_ver()[0]
+    if platform.system() == "Darwin" and release:
+        return f"macOS {release}"
+    return platform.platform()
+
+
 def source_state() -> Optional[dict]:
     """The git commit of the mlx_flash source that is running, and which of
     its files differ from it; None outside a git checkout (an installed wheel)."""
@@ -92,18 +118,13 @@ def describe() -> dict:
     """A JSON-ready description of this machine and software."""
     from . import __version__
 
-    info = _device_info()
     where = backend()
-    chip = _cpu_model()
-    if where != "cpu" and info.get("device_name"):
-        # On Apple silicon the GPU name is the chip ("Apple M2 Max").
-        chip = str(info["device_name"])
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         load = None
     return {
-        "chip": chip,
+        "chip": chip(),
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "memory_bytes": physical_memory(),
