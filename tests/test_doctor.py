@@ -445,10 +445,10 @@ def test_model_shapes_come_from_config_json(tmp_path):
 
 
 def test_recipe_shapes(tmp_path):
-    # The shipped offline recipe: the built-in tiny llama, 8 rows of 128 tokens.
+    # The shipped offline recipe: the built-in tiny llama, 4 packed rows of 512 tokens.
     g = grid.from_recipe(str(REPO / "recipes" / "quickstart.yaml"))
-    assert (g.heads, g.kv_heads, g.head_dim, g.seq, g.batch, g.packed) == (4, 2, 16, 128, 8, False)
-    assert [c.seq for c in grid.timing_plan("quick", g).configs] == [128, 128]
+    assert (g.heads, g.kv_heads, g.head_dim, g.seq, g.batch, g.packed) == (4, 2, 16, 512, 4, True)
+    assert [c.seq for c in grid.timing_plan("quick", g).configs] == [512, 512]
     with pytest.raises(grid.DoctorError, match="--recipe: recipe file not found"):
         grid.from_recipe(str(tmp_path / "missing.yaml"))
 
