@@ -33,7 +33,7 @@ from ..attention import explain
 from ..bench.harness import _percentile as percentile
 from ..bench.machine import describe
 from ..patch import patched
-from . import builtin, files
+from . import builtin, files, gguf
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer
 from .packing import PackedDataset
@@ -62,7 +62,10 @@ def load_base(recipe):
 
     path = str(builtin.ensure(recipe.model)) if builtin.is_builtin(recipe.model) else recipe.model
     try:
-        model, tokenizer, config = load(path, return_config=True)
+        if gguf.is_gguf(path):
+            model, tokenizer, config = gguf.load(path)
+        else:
+            model, tokenizer, config = load(path, return_config=True)
     except Exception as e:  # noqa: BLE001 - every load failure is reported the same way
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RecipeError(f"model: cannot load '{recipe.model}': {first_line}") from None
@@ -91,7 +94,8 @@ def attach_adapters(model: nn.Module, recipe) -> None:
         # mlx-lm would only fail later, inside value_and_grad, with nothing to
         # differentiate.
         layers = n_layers if recipe.num_layers == -1 else recipe.num_layers
-        linear = sorted(name for name, m in model.layers[-1].named_modules() if isinstance(m, nn.Linear))
+        linear_types = (nn.Linear, nn.QuantizedLinear)
+        linear = sorted(name for name, m in model.layers[-1].named_modules() if isinstance(m, linear_types))
         raise RecipeError(
             f"lora_parameters.keys: no layer matches {recipe.lora_parameters['keys']} in the last {layers} "
             f"layer(s); the linear layers there are {', '.join(linear)}"
