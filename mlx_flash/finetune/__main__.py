@@ -103,7 +103,7 @@ def _main(args, state: dict) -> int:
     """The command; ``state`` says how far it got, for the Ctrl-C message."""
     import mlx.core as mx
 
-    from . import files, report, train
+    from . import files, generations, report, train
     from .config import RecipeError, load_recipe
 
     try:
@@ -152,12 +152,16 @@ def _main(args, state: dict) -> int:
             file=sys.stderr,
         )
 
-    summaries, metrics = [], {}
+    summaries, metrics, answers = [], {}, {}
     try:
+        prompts = generations.held_out(recipe)
         for variant, run_dir in runs:
             state["variant"] = variant
             summary = train.run(recipe, variant, run_dir)
             state["finished"] += 1
+            if rank == 0 and prompts:
+                adapters = train.adapter_dir(recipe, run_dir)
+                answers[variant] = generations.run(recipe, variant, run_dir, adapters, prompts)
             if rank == 0:
                 timing = ""
                 if summary["median_iteration_s"] is not None:
@@ -180,7 +184,7 @@ def _main(args, state: dict) -> int:
         return EXIT_INTERRUPTED
 
     if rank == 0 and len(runs) > 1:
-        written = report.write(out_dir, recipe.name, summaries, metrics, draw=recipe.output["plot"])
+        written = report.write(out_dir, recipe.name, summaries, metrics, draw=recipe.output["plot"], answers=answers)
         print((out_dir / report.COMPARE_MD).read_text())
         print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import files
+from .generations import markdown as generations_markdown
 
 COMPARE_MD = "compare.md"
 COMPARE_JSON = "compare.json"
@@ -148,13 +149,29 @@ def plot(path: Path, metrics: Dict[str, List[dict]]) -> Optional[Path]:
     return path
 
 
-def write(out_dir: Path, recipe_name: str, summaries: List[dict], metrics: Dict[str, List[dict]], draw: bool = True):
-    """Write compare.md, compare.json and (if possible) compare.png; return their paths."""
+def write(
+    out_dir: Path,
+    recipe_name: str,
+    summaries: List[dict],
+    metrics: Dict[str, List[dict]],
+    draw: bool = True,
+    answers: Optional[Dict[str, List[dict]]] = None,
+):
+    """Write compare.md, compare.json and (if possible) compare.png; return their paths.
+
+    ``answers``: per variant, the before/after generations (generations.py),
+    shown below the table.
+    """
     out_dir = Path(out_dir)
     table = rows(summaries)
     environment = {k: summaries[0][k] for k in ("machine", "device", "mlx_lm")}
-    files.write_text(out_dir / COMPARE_MD, markdown(recipe_name, table, environment))
-    files.write_json(out_dir / COMPARE_JSON, {"recipe": recipe_name, **environment, "rows": table})
+    text = markdown(recipe_name, table, environment)
+    if answers:
+        text += "\n" + generations_markdown(answers)
+    files.write_text(out_dir / COMPARE_MD, text)
+    files.write_json(
+        out_dir / COMPARE_JSON, {"recipe": recipe_name, **environment, "rows": table, "generations": answers or {}}
+    )
     written = [out_dir / COMPARE_MD, out_dir / COMPARE_JSON]
     if draw and plot(out_dir / COMPARE_PNG, metrics) is not None:
         written.append(out_dir / COMPARE_PNG)
