@@ -99,8 +99,6 @@ _IN_BLOCK = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# mx.load splits a quantized "X.weight" into these three.
-_QUANTIZED_PARTS = ("weight", "scales", "biases")
 
 
 def is_gguf(model: str) -> bool:

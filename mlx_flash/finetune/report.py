@@ -47,6 +47,7 @@ def rows(summaries: List[dict]) -> List[dict]:
                 "iterations": s["iterations"],
                 "median_iteration_s": s["median_iteration_s"],
                 "p95_iteration_s": s["p95_iteration_s"],
+                "steps_per_s": 1 / s["median_iteration_s"] if s.get("median_iteration_s") else None,
                 "tokens_per_s": s["tokens_per_s"],
                 "peak_memory_bytes": s["peak_memory_bytes"],
                 "final_train_loss": s["final_train_loss"],
@@ -89,7 +90,7 @@ def markdown(recipe_name: str, table: List[dict], environment: dict) -> str:
         else "Speedup and memory are against `manual` (attention in plain MLX ops)."
     )
     header = (
-        "| variant | ran as | iters | median it (ms) | p95 it (ms) | tokens/s | peak mem (MB) "
+        "| variant | ran as | iters | median it (ms) | p95 it (ms) | steps/s | tokens/s | peak mem (MB) "
         "| train loss, last it | train loss, mean of last 10 its | val loss, last eval "
         "| speedup vs manual | memory vs manual |"
     )
@@ -109,7 +110,8 @@ def markdown(recipe_name: str, table: List[dict], environment: dict) -> str:
         line = (
             f"| {r['variant']} | {r['implementation']} ({r['backend']}) | {r['iterations']} "
             f"| {_fmt(r['median_iteration_s'], '.1f', 1e3)} | {_fmt(r['p95_iteration_s'], '.1f', 1e3)} "
-            f"| {_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['peak_memory_bytes'], '.1f', 1e-6)} "
+            f"| {_fmt(r['steps_per_s'], '.3g')} | {_fmt(r['tokens_per_s'], '.0f')} "
+            f"| {_fmt(r['peak_memory_bytes'], '.1f', 1e-6)} "
             f"| {_fmt(r['final_train_loss'], '.3f')} | {_fmt(r['train_loss_last10'], '.3f')} "
             f"| {_fmt(r['final_val_loss'], '.3f')} "
             f"| {_fmt(r['speedup_vs_manual'], '.2f')}x | {_fmt(r['memory_vs_manual'], '.2f')}x |"

@@ -225,6 +225,7 @@ def summarize(records, *, variant, plan, iters, interrupted, elapsed, extra) -> 
         "train_time_s": float(sum(times)),
         "median_iteration_s": percentile(steady, 50) if steady else None,
         "p95_iteration_s": percentile(steady, 95) if steady else None,
+        "steps_per_s": 1 / percentile(steady, 50) if steady and percentile(steady, 50) > 0 else None,
         "first_iteration_s": times[0] if times else None,
         "tokens": tokens,
         "tokens_per_s": tokens / sum(times) if times and sum(times) > 0 else None,
