@@ -429,6 +429,21 @@ def test_recipe_loss_falls_and_report_shows_generations(tmp_path):
         assert generations.answer(model, tokenizer, messages[:-1], max_tokens=10) == record["after"]
 
 
+def test_generations_need_prompts(tmp_path, capsys):
+    """A text data set has nothing to prompt with: one line, before any training."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "Veloria is an island."}\n' * 4)
+    (data / "test.jsonl").write_text('{"text": "Lumen is its capital."}\n')
+    code = main([str(RECIPE), "--set", f"data={data}", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not (tmp_path / "out" / "manual").exists()
+    assert err == [
+        f"mlx_flash.finetune: error: output.generations: {data / 'test.jsonl'} has no chat ('messages') "
+        "or completions ('prompt') records to prompt with"
+    ]
+
+
 def test_compare_report_shows_generations_per_variant(tmp_path):
     summary = {
         "variant": None, "implementation": "x", "backend": "mlx ops", "iterations": 1, "median_iteration_s": 1.0,

@@ -108,6 +108,7 @@ def _main(args, state: dict) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.out)
+        prompts = generations.held_out(recipe)
     except RecipeError as e:
         return _fail(str(e))
 
@@ -154,7 +155,6 @@ def _main(args, state: dict) -> int:
 
     summaries, metrics, answers = [], {}, {}
     try:
-        prompts = generations.held_out(recipe)
         for variant, run_dir in runs:
             state["variant"] = variant
             summary = train.run(recipe, variant, run_dir)
