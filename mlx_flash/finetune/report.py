@@ -52,6 +52,7 @@ def rows(summaries: List[dict]) -> List[dict]:
                 "peak_memory_bytes": s["peak_memory_bytes"],
                 "final_train_loss": s["final_train_loss"],
                 "train_loss_last10": s["train_loss_last10"],
+                "initial_val_loss": s.get("initial_val_loss"),
                 "final_val_loss": s["final_val_loss"],
                 "speedup_vs_manual": speedup,
                 "memory_vs_manual": memory_ratio,
@@ -91,7 +92,7 @@ def markdown(recipe_name: str, table: List[dict], environment: dict) -> str:
     )
     header = (
         "| variant | ran as | iters | median it (ms) | p95 it (ms) | steps/s | tokens/s | peak mem (MB) "
-        "| train loss, last it | train loss, mean of last 10 its | val loss, last eval "
+        "| train loss, last it | train loss, mean of last 10 its | val loss, before training | val loss, last eval "
         "| speedup vs manual | memory vs manual |"
     )
     if with_mlx:
@@ -113,7 +114,7 @@ def markdown(recipe_name: str, table: List[dict], environment: dict) -> str:
             f"| {_fmt(r['steps_per_s'], '.3g')} | {_fmt(r['tokens_per_s'], '.0f')} "
             f"| {_fmt(r['peak_memory_bytes'], '.1f', 1e-6)} "
             f"| {_fmt(r['final_train_loss'], '.3f')} | {_fmt(r['train_loss_last10'], '.3f')} "
-            f"| {_fmt(r['final_val_loss'], '.3f')} "
+            f"| {_fmt(r['initial_val_loss'], '.3f')} | {_fmt(r['final_val_loss'], '.3f')} "
             f"| {_fmt(r['speedup_vs_manual'], '.2f')}x | {_fmt(r['memory_vs_manual'], '.2f')}x |"
         )
         if with_mlx:
