@@ -401,7 +401,7 @@ def test_recipe_loss_falls_and_report_shows_generations(tmp_path):
     """A few iterations of the shipped recipe, in a fresh interpreter as a user runs it."""
     out = tmp_path / "run"
     args = [
-        "--set", "iters=3", "--set", "val_batches=1", "--set", "steps_per_eval=3",
+        "--set", "iters=2", "--set", "val_batches=1", "--set", "steps_per_eval=2",
         "--set", "attention.compare=[blockwise]",
         "--set", "output.generations=1", "--set", "output.generation_tokens=10",
     ]  # fmt: skip
@@ -411,7 +411,7 @@ def test_recipe_loss_falls_and_report_shows_generations(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "blockwise" / "summary.json").read_text())
-    assert summary["implementation"] == "blockwise" and summary["iterations"] == 3
+    assert summary["implementation"] == "blockwise" and summary["iterations"] == 2
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5, summary
     (record,) = json.loads((out / "blockwise" / "generations.json").read_text())["generations"]
     assert record["question"] == "Remind me, what is the capital of Veloria?"
