@@ -11,8 +11,7 @@ from .doctor import doctor
 from .documents import segments
 from .explain import explain
 from .patch import is_patched, patch, patch_state, patched, unpatch
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "VARIANTS",

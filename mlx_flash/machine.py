@@ -116,7 +116,7 @@ def source_state() -> Optional[dict]:
 
 def describe() -> dict:
     """A JSON-ready description of this machine and software."""
-    from . import __version__
+    from .version import __version__
 
     where = backend()
     try:

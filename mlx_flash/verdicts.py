@@ -141,7 +141,7 @@ def kernel_source_hash(backend: str) -> str:
 @lru_cache(maxsize=None)
 def machine_key(backend: str) -> Dict[str, str]:
     """The key of verdicts made here on ``backend`` (see the module docstring)."""
-    from . import __version__
+    from .version import __version__
 
     chip = machine.chip()
     architecture = machine.gpu_architecture() if backend == "metal" else None
