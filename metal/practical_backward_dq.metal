@@ -27,6 +27,7 @@ threadgroup vec<T, 4> do_tile[BQ * DV4];
 threadgroup vec<T, 4> k_tile[BK * D4];
 threadgroup vec<T, 4> v_tile[BK * DV4];
 threadgroup float ds_tile[BQ * BK];
+threadgroup int k_id_tile[BK]; // the key tile's document ids (practical_key_id)
 
 const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
@@ -88,10 +89,13 @@ for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
       k_tile, k, k_base, 0, k_strides[2], k_strides[3], 1, BK, k0, mask.k_len, D, tid);
   practical_stage<T, BK, DV4, NT>(
       v_tile, v, v_base, 0, v_strides[2], v_strides[3], 1, BK, k0, mask.k_len, DV, tid);
+  for (int t = tid; t < BK; t += NT) {
+    k_id_tile[t] = practical_key_id(mask, k_segments, k_segments_strides, batch, k0 + t);
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   const int key = k0 + j;
-  const int k_id = practical_key_id(mask, k_segments, k_segments_strides, batch, key);
+  const int k_id = k_id_tile[j];
   float s[RL];
   float dp[RL];
   practical_dots<T, RL, D4>(s, q_tile + (sg * R + lr) * D4, LR * D4, k_tile + j * D4);
