@@ -100,9 +100,14 @@ for (int g = 0; g < group; ++g) {
   const int64_t stat_base = (int64_t(batch) * mask.n_q_heads + head) * mask.q_len;
 
   for (int q0 = (row_begin / BQ) * BQ; q0 < row_end; q0 += BQ) {
-    if (mask.segments &&
-        !flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q0 / BQ), k_range)) {
-      continue;
+    if (mask.segments) {
+      // No query tile from here on holds an id of this key block.
+      if (flash_min_id_from(q_ranges, q_ranges_strides, batch, q0 / BQ) > k_range.y) {
+        break;
+      }
+      if (!flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q0 / BQ), k_range)) {
+        continue;
+      }
     }
     // Every simdgroup is done with the previous tile before it is overwritten.
     threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -106,12 +106,20 @@ const int2 q_range = mask.segments
 const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
 
-for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
-  // Documents that cannot meet: skipped before anything is staged (the
-  // ranges are the same for every thread, so no barrier is split).
-  if (mask.segments &&
-      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
-    continue;
+// Walked from the last key tile down. With segment ids the walk ends where
+// no tile below holds an id of this query tile, and documents that cannot
+// meet are skipped before anything is staged (the ranges are the same for
+// every thread, so no barrier is split).
+const int k_first = (key_begin / BK) * BK;
+const int k_last = key_end > k_first ? k_first + (key_end - 1 - k_first) / BK * BK : k_first - BK;
+for (int k0 = k_last; k0 >= k_first; k0 -= BK) {
+  if (mask.segments) {
+    if (flash_max_id_through(k_ranges, k_ranges_strides, batch, k0 / BK) < q_range.x) {
+      break;
+    }
+    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
+      continue;
+    }
   }
   // Every simdgroup is done with the previous tile before it is overwritten.
   threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -12,10 +12,13 @@ Masks are structured (``mlx_flash.masks``; the kernels' contract is
 metal/flash_common.h): causal (bottom-right), sliding window, segment ids
 and a boolean or additive array compose, and no ``L x L`` mask is ever
 built. Tile pairs that the causal and window rules exclude lie outside the
-loops' bounds (``flash_key_begin/end``, ``flash_row_begin/end``), and pairs
+loops' bounds (``flash_key_begin/end``, ``flash_row_begin/end``), pairs
 whose segment-id ranges cannot meet are skipped before anything is staged,
-so a packed row costs the sum of its documents' squared lengths and a
-windowed layer ``O(L * window)``. Sinks start the forward's online softmax;
+and a tile loop ends where the running id bounds (``masks.segment_bounds``)
+say no later tile can meet (the forward and dQ walk key tiles from the
+diagonal down, dK/dV query tiles up), so a packed row costs the sum of its
+documents' squared lengths, other documents' tiles not even tested one by
+one, and a windowed layer ``O(L * window)``. Sinks start the forward's online softmax;
 their gradient is ``fused.sink_grad``.
 
 Work layout. A threadgroup has ``NSG`` simdgroups; a forward or dQ query
