@@ -31,6 +31,7 @@ def test_kept_pairs_by_hand():
     assert bounds.kept_pairs(masks.build(8, 8, None, segment_ids=_ids(3, 2, 3))) == 9 + 4 + 9
     assert bounds.kept_pairs(masks.build(5, 5, "causal", window=2)) == 1 + 2 + 2 + 2 + 2
     assert bounds.kept_pairs(masks.build(3, 5, "causal")) == 3 + 4 + 5  # bottom-right
+    assert bounds.kept_pairs(CAUSAL8, batch=2) == 72
     padded = mx.array([[0, 0, -1, 1, 1, -1]], dtype=mx.int32)
     assert bounds.kept_pairs(masks.build(6, 6, "causal", segment_ids=padded)) == 3 + 3
 
@@ -77,6 +78,7 @@ def test_visits_follow_the_kernels_loops():
     assert cost.visits(CAUSAL8, query) == 2 + 4
     # Key tiles (x2 heads): keys 0-3 visit every row tile, keys 4-7 the last two.
     assert cost.visits(CAUSAL8, key) == (4 + 2) * 2
+    assert cost.visits(CAUSAL8, query, batch=3) == 3 * (2 + 4)
     # Two documents of 4: rows 4-7 skip the key tiles of document 0.
     assert cost.visits(PACKED8, query) == 2 + 2
     assert cost.evaluated_pairs(PACKED8, query, q_heads=2) == 4 * 4 * 2 * 2
@@ -200,3 +202,23 @@ def test_cost_arguments_are_checked(args, message, capsys, tmp_path):
     assert cli.main(args + ["--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "x")
+
+
+def test_an_interrupted_cost_run_keeps_what_it_counted(tmp_path, monkeypatch):
+    count = cost.count
+    calls = []
+
+    def interrupt_second(case, seed=0):
+        calls.append(case)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return count(case, seed)
+
+    monkeypatch.setattr(cost, "count", interrupt_second)
+    out = tmp_path / "cost"
+    status = cli.main(["--cost", "--seq", "32", "--head-dim", "64", "--heads", "2", "--variants", "demo",
+                       "--out", str(out)])
+    assert status == 130
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["cells"]) == 3 and results["settings"]["interrupted"] == "after 1 of 2 cases"
+    assert "**Interrupted** after 1 of 2 cases" in (out / "report.md").read_text()

@@ -44,7 +44,7 @@ and the segment ids are not tensors and are reported apart.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -134,10 +134,13 @@ def _union_length(spans) -> int:
     return total
 
 
-def kept_pairs(mask: StructuredMask) -> int:
-    """Pairs one head of each batch row keeps, summed over the batch rows."""
-    batches = concrete(mask.q_segments).shape[0] if mask.has_segments else 1
-    return int(sum(np.diff(key_intervals(mask, b), axis=1).sum() for b in range(batches)))
+def kept_pairs(mask: StructuredMask, batch: int = 1) -> int:
+    """Pairs one head keeps, summed over ``batch`` rows (the segment ids'
+    rows where there are ids)."""
+    if mask.has_segments:
+        rows = concrete(mask.q_segments).shape[0]
+        return int(sum(np.diff(key_intervals(mask, b), axis=1).sum() for b in range(rows)))
+    return batch * int(np.diff(key_intervals(mask), axis=1).sum())
 
 
 def seen_per_tile(mask: StructuredMask, tiling: Tiling, batch: int = 0) -> np.ndarray:
@@ -179,7 +182,7 @@ class Problem:
 
 def bound_flops(kernel: str, problem: Problem, pairs: int) -> int:
     """FLOPs of ``kernel``'s products (``PRODUCTS``) over ``pairs`` kept
-    pairs per (batch row, query head)."""
+    pairs per query head (summed over the batch rows, ``kept_pairs``)."""
     per_pair = {"S": problem.head_dim, "dP": problem.value_dim, "O": problem.value_dim,
                 "dV": problem.value_dim, "dQ": problem.head_dim, "dK": problem.head_dim}
     return 2 * pairs * problem.q_heads * sum(per_pair[p] for p in PRODUCTS[kernel])

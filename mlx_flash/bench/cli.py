@@ -20,8 +20,9 @@ FlashAttention-2 lower bounds, with its own targets; ``--seq``,
 (practical, demo) narrow it, ``--before JSON`` adds an earlier commit's
 counts (``bench/emulator-cost/before.py``).
 
-Exit status 1 when a declared target FAILs or a cell fails its correctness
-check (or crashes); 2 for bad arguments (one line, no traceback), an output
+Exit status 1 when a declared target FAILs (``--cost``: one of its own) or a
+cell fails its correctness check (or crashes); 130 when ``--cost`` is
+interrupted (the report then holds the cases counted); 2 for bad arguments (one line, no traceback), an output
 folder that cannot be written or already holds a report (``--overwrite``), or
 a run estimated to take hours that was not confirmed (``--yes``).
 """

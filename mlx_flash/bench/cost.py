@@ -30,7 +30,6 @@ count), the FLOPs follow from the visits; for demo the visits must give
 exactly the counted ``simdgroup_multiply_accumulate`` operations.
 """
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -132,9 +131,10 @@ def kernel_tiling(case: Case, kernel: str) -> Tuple[bounds.Tiling, str, int, int
     return tiling, text, tiles.registers(dim)[name], tiles.threadgroup_bytes(dim)[name]
 
 
-def visits(mask: masks.StructuredMask, tiling: bounds.Tiling) -> int:
-    """(own tile, inner tile) pairs the kernel's loops visit for one column
-    of its grid (one head group or KV head), summed over the batch rows."""
+def visits(mask: masks.StructuredMask, tiling: bounds.Tiling, batch: int = 1) -> int:
+    """(own tile, inner tile) pairs the kernel's loops visit for one head
+    group (or KV head), summed over ``batch`` rows (the segment ids' rows
+    where there are ids)."""
     q_len, k_len = mask.q_len, mask.k_len
     own, inner = tiling.own, tiling.inner
     if tiling.owner == "query":
@@ -152,21 +152,20 @@ def visits(mask: masks.StructuredMask, tiling: bounds.Tiling) -> int:
             span = (t * own, min(t * own + own, own_len))
             begin, end = mask.key_bounds(span) if tiling.owner == "query" else mask.row_bounds(span)
             for start in range((begin // inner) * inner, end, inner):
-                if mask.has_segments and not masks.ranges_meet(
-                    own_ranges[b][t] if tiling.owner == "query" else inner_ranges[b][start // inner],
-                    inner_ranges[b][start // inner] if tiling.owner == "query" else own_ranges[b][t],
-                ):
+                # ranges_meet is symmetric: own and inner tile in either role.
+                if mask.has_segments and not masks.ranges_meet(own_ranges[b][t], inner_ranges[b][start // inner]):
                     continue
                 total += 1
-    return total * (tiling.heads if tiling.owner == "key" else 1)
+    rows = 1 if mask.has_segments else batch
+    return total * rows * (tiling.heads if tiling.owner == "key" else 1)
 
 
-def evaluated_pairs(mask: masks.StructuredMask, tiling: bounds.Tiling, q_heads: int) -> int:
+def evaluated_pairs(mask: masks.StructuredMask, tiling: bounds.Tiling, q_heads: int, batch: int = 1) -> int:
     """(query, key) pairs the kernel evaluates: every pair of every visited
-    tile pair, for every query head."""
+    tile pair, for every query head and batch row."""
     per_visit = tiling.own * tiling.inner * (tiling.heads if tiling.owner == "query" else 1)
     columns = q_heads // tiling.heads
-    return visits(mask, tiling) * per_visit * columns
+    return visits(mask, tiling, batch) * per_visit * columns
 
 
 def product_flops(kernel: str, pairs: int, head_dim: int, value_dim: int) -> int:
@@ -179,8 +178,7 @@ def product_flops(kernel: str, pairs: int, head_dim: int, value_dim: int) -> int
 
 #: Which buffers are tensors (the bounds' bytes), mask data, or metadata
 #: (shapes, strides, params: uniform values every thread reads).
-TENSOR_BUFFERS = {"q": "q", "k": "k", "v": "v", "dout": "dout", "o": "o", "out": "o",
-                  "lse": "lse", "delta": "delta", "dq": "dq", "dk": "dk", "dv": "dv"}
+TENSOR_BUFFERS = ("q", "k", "v", "dout", "o", "out", "lse", "delta", "dq", "dk", "dv")
 MASK_BUFFERS = ("mask_array", "q_segments", "k_segments", "q_ranges", "k_ranges", "sinks")
 
 
@@ -276,12 +274,12 @@ def count(case: Case, seed: int = 0) -> List[dict]:
 
 def cell(case: Case, kernel: str, profile: emulator.Profile, tiling: bounds.Tiling,
          mask: masks.StructuredMask, tiles: str, registers: Optional[int], declared: Optional[int],
-         seconds: float, matrix_products: bool = None) -> dict:
+         seconds: float) -> dict:
     """One kernel's counts beside its bounds, as the report stores them."""
     totals, factor = scaled_totals(profile)
     problem = _problem(case)
-    pairs = bounds.kept_pairs(mask) * case.q_heads
-    evaluated = evaluated_pairs(mask, tiling, case.q_heads)
+    pairs = bounds.kept_pairs(mask, case.batch) * case.q_heads
+    evaluated = evaluated_pairs(mask, tiling, case.q_heads, case.batch)
     device: Dict[str, List[int]] = {}
     classes = {"tensor": 0, "mask": 0, "metadata": 0}
     for name, (loaded, stored) in profile.device_bytes.items():
@@ -289,8 +287,6 @@ def cell(case: Case, kernel: str, profile: emulator.Profile, tiling: bounds.Tili
         device[name] = [loaded, stored]
         classes[buffer_class(name)] += loaded + stored
     counted_mma = totals.get("simdgroup_matrix.multiply_accumulate", 0)
-    if matrix_products is None:
-        matrix_products = case.family == "demo"
     return {
         **asdict(case),
         "dtype": case.dtype,
@@ -309,7 +305,7 @@ def cell(case: Case, kernel: str, profile: emulator.Profile, tiling: bounds.Tili
             "issued": product_flops(kernel, evaluated, case.head_dim, case.head_dim),
             # demo: 8x8x8 multiply-accumulates, 2 FLOPs each; practical: scalar
             # FMAs the profiler does not count (issued follows from the visits).
-            "counted": 2 * 512 * counted_mma if matrix_products else None,
+            "counted": 2 * 512 * counted_mma if case.family == "demo" else None,
         },
         "bytes": {
             "tensor": classes["tensor"],

@@ -262,6 +262,8 @@ def markdown(results: dict) -> str:
         lines.append(f"- **Conditions:** {s['note']}")
     lines += ["", "Counted by the CPU emulator: exact counts of what the kernels issue, not Metal timings.", ""]
     lines += [DEFINITIONS, ""]
+    if s.get("interrupted"):
+        lines += [f"**Interrupted** {s['interrupted']}: the tables hold the cases counted.", ""]
     if s.get("omitted"):
         lines += [f"**Not counted:** {s['omitted']}", ""]
     lines += ["## Targets", "", "| target | result | counted |", "|---|---|---|"]
