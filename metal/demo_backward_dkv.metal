@@ -96,9 +96,14 @@ for (int g = 0; g < group; ++g) {
   const int64_t mask_head = demo_mask_row(mask_array_shape, mask_array_strides, batch, head, 0);
 
   for (int q_start = (row_begin / BQ) * BQ; q_start < row_end; q_start += BQ) {
-    if (m.segments &&
-        !flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q_start / BQ), k_range)) {
-      continue;  // no query of the tile shares a document with a key of it
+    if (m.segments) {
+      // No query tile from here on holds an id of this key tile.
+      if (flash_min_id_from(q_ranges, q_ranges_strides, batch, q_start / BQ) > k_range.y) {
+        break;
+      }
+      if (!flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q_start / BQ), k_range)) {
+        continue;  // no query of the tile shares a document with a key of it
+      }
     }
     // Everyone is done with the previous q/dout tile (and the k tile is
     // staged, the first time).

@@ -96,10 +96,17 @@ const int key_end = flash_key_end(m, q_start + BQ);
 const int2 q_range = m.segments ? flash_tile_range(q_ranges, q_ranges_strides, batch, q_tile_index) : int2(0);
 bool kept = false;  // unused: the forward's lse already says which rows keep nothing
 
-for (int k_start = (key_begin / BK) * BK; k_start < key_end; k_start += BK) {
-  if (m.segments &&
-      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
-    continue;
+// From the last key tile down, as the forward walks them.
+const int k_first = (key_begin / BK) * BK;
+const int k_last = key_end > k_first ? k_first + (key_end - 1 - k_first) / BK * BK : k_first - BK;
+for (int k_start = k_last; k_start >= k_first; k_start -= BK) {
+  if (m.segments) {
+    if (flash_max_id_through(k_ranges, k_ranges_strides, batch, k_start / BK) < q_range.x) {
+      break;
+    }
+    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
+      continue;
+    }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   demo_stage_keys<T, BK, D, LD>(

@@ -10,9 +10,10 @@
 // group, of every head.
 //
 // Only key tiles the causal / window band of the query tile reaches are
-// visited, and with segment ids a key tile whose id range cannot meet the
-// query tile's is skipped before it is staged, so a packed row costs the
-// sum of its documents' squared lengths and a window O(L * window).
+// visited, from the last down; with segment ids a key tile whose id range
+// cannot meet the query tile's is skipped before it is staged, and the walk
+// ends where no tile below holds an id of the query tile, so a packed row
+// costs the sum of its documents' squared lengths and a window O(L * window).
 //
 // Template constants: T (half or bfloat), D (head dim of q, k and v), BQ
 // (query rows per head, a multiple of 8), BK (keys per tile, a multiple of
@@ -96,10 +97,18 @@ const int key_begin = flash_key_begin(m, q_start);
 const int key_end = flash_key_end(m, q_start + BQ);
 const int2 q_range = m.segments ? flash_tile_range(q_ranges, q_ranges_strides, batch, q_tile_index) : int2(0);
 
-for (int k_start = (key_begin / BK) * BK; k_start < key_end; k_start += BK) {
-  if (m.segments &&
-      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
-    continue;  // no query of the tile shares a document with a key of it
+// Walked from the last key tile down; with segment ids the walk ends where
+// no tile below holds an id of this query tile.
+const int k_first = (key_begin / BK) * BK;
+const int k_last = key_end > k_first ? k_first + (key_end - 1 - k_first) / BK * BK : k_first - BK;
+for (int k_start = k_last; k_start >= k_first; k_start -= BK) {
+  if (m.segments) {
+    if (flash_max_id_through(k_ranges, k_ranges_strides, batch, k_start / BK) < q_range.x) {
+      break;
+    }
+    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
+      continue;  // no query of the tile shares a document with a key of it
+    }
   }
   // Everyone is done with Q (first tile) or the previous K/V tile.
   threadgroup_barrier(mem_flags::mem_threadgroup);

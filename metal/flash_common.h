@@ -10,11 +10,13 @@
 //     `<name>_shape` occurs in the body, and `mask_shape` contains `k_shape`.
 //   q_segments (B, Lq), k_segments (B, Lk): int32 document ids, any strides
 //     (views are not copied); placeholders unless params[7].
-//   q_ranges (B, ceil(Lq / q_tile), 2), k_ranges (B, ceil(Lk / k_tile), 2):
+//   q_ranges (B, ceil(Lq / q_tile), 4), k_ranges (B, ceil(Lk / k_tile), 4):
 //     int32 (min, max) of the non-negative ids of each tile of q_tile query
 //     (k_tile key) positions, the tile sizes the launcher passed to
 //     fused.kernel_inputs; (INT_MAX, -1) for a tile with none, which meets
-//     nothing. Placeholders unless params[7].
+//     nothing. Then two running bounds (masks.segment_bounds): the largest
+//     id of tiles 0..t (-1 for none) and the smallest id of tiles t..T-1.
+//     Placeholders unless params[7].
 //   sinks (Hq,): float32 logits in natural units; a placeholder unless
 //     params[8].
 //   params (int32): [q_len, k_len, n_q_heads, n_kv_heads, array_kind, causal,
@@ -49,9 +51,12 @@
 // causal and window rules keep none of it (flash_key_begin / flash_key_end
 // bound a query tile's key loop, flash_row_begin / flash_row_end a key
 // tile's query loop) or when its segment ranges cannot meet
-// (flash_ranges_meet). Every input of those decisions is the same for every
-// thread of a threadgroup, so skipping never splits a threadgroup at a
-// barrier.
+// (flash_ranges_meet), and a loop over tiles ends at the last tile whose
+// running bound still allows a meeting (flash_max_id_through walking key
+// tiles down, flash_min_id_from walking query tiles up), so the tiles of
+// other documents are not even tested one by one. Every input of those
+// decisions is the same for every thread of a threadgroup, so skipping never
+// splits a threadgroup at a barrier.
 //
 // Helpers take values, or pointers through a template parameter: MLX gives an
 // input the `device` or the `constant` address space depending on its size,
@@ -139,6 +144,22 @@ template <typename P, typename S>
 inline int2 flash_tile_range(P ranges, S strides, int batch, int tile) {
   const int64_t at = batch * strides[0] + tile * strides[1];
   return int2(ranges[at], ranges[at + strides[2]]);
+}
+
+// The largest id of tiles 0..tile of a ranges input (-1 if none has one):
+// walking tiles downwards, none at or before `tile` meets a range whose
+// minimum is above it.
+template <typename P, typename S>
+inline int flash_max_id_through(P ranges, S strides, int batch, int tile) {
+  return ranges[batch * strides[0] + tile * strides[1] + 2 * strides[2]];
+}
+
+// The smallest id of tiles tile..T-1 of a ranges input (INT_MAX if none has
+// one): walking tiles upwards, none from `tile` on meets a range whose
+// maximum is below it.
+template <typename P, typename S>
+inline int flash_min_id_from(P ranges, S strides, int batch, int tile) {
+  return ranges[batch * strides[0] + tile * strides[1] + 3 * strides[2]];
 }
 
 // Whether two tiles' id ranges can hold an equal id. A tile with no

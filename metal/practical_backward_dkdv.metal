@@ -15,7 +15,9 @@
 // positions per staged tile: 32, 16 or 8).
 //
 // The block's K and V stay in threadgroup memory; Q and dO tiles of BQ
-// positions of one head are staged in turn. Per query tile: lane (c, i) of
+// positions of one head are staged in turn, with their lse, delta and
+// document ids (each read once from device memory instead of by every
+// lane that pairs the query with a key). Per query tile: lane (c, i) of
 // the simdgroup's (32 / BQ) x BQ lanes computes S and dP of query i against
 // the simdgroup's keys c, c + 32 / BQ, ... (each pair once, by one lane),
 // then P and dS into threadgroup memory; lanes over columns accumulate
@@ -36,6 +38,9 @@ threadgroup vec<T, 4> q_tile[BQ * D4];
 threadgroup vec<T, 4> do_tile[BQ * DV4];
 threadgroup float p_tile[BKV * BQ];
 threadgroup float ds_tile[BKV * BQ];
+threadgroup float lse_tile[BQ];
+threadgroup float delta_tile[BQ];
+threadgroup int q_id_tile[BQ];
 
 const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
@@ -95,9 +100,14 @@ for (int g = 0; g < group; ++g) {
   const int64_t stat_base = (int64_t(batch) * mask.n_q_heads + head) * mask.q_len;
 
   for (int q0 = (row_begin / BQ) * BQ; q0 < row_end; q0 += BQ) {
-    if (mask.segments &&
-        !flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q0 / BQ), k_range)) {
-      continue;
+    if (mask.segments) {
+      // No query tile from here on holds an id of this key block.
+      if (flash_min_id_from(q_ranges, q_ranges_strides, batch, q0 / BQ) > k_range.y) {
+        break;
+      }
+      if (!flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q0 / BQ), k_range)) {
+        continue;
+      }
     }
     // Every simdgroup is done with the previous tile before it is overwritten.
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -105,15 +115,22 @@ for (int g = 0; g < group; ++g) {
         q_tile, q, q_base, 0, q_strides[2], q_strides[3], 1, BQ, q0, mask.q_len, D, tid);
     practical_stage<T, BQ, DV4, NT>(
         do_tile, dout, do_base, 0, dout_strides[2], dout_strides[3], 1, BQ, q0, mask.q_len, DV, tid);
+    for (int t = tid; t < BQ; t += NT) {
+      // Queries past the end: lse +inf, so their weights are exactly 0.
+      const int pos = q0 + t;
+      const bool valid = pos < mask.q_len;
+      lse_tile[t] = valid ? lse[stat_base + pos] : INFINITY;
+      delta_tile[t] = valid ? delta[stat_base + pos] : 0.0f;
+      q_id_tile[t] = practical_query_id(mask, q_segments, q_segments_strides, batch, pos, valid);
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
     // Query i of the tile: its part of the mask, lse and delta.
     const int pos = q0 + i;
-    const bool valid = pos < mask.q_len;
-    const PracticalRow row = practical_row(
-        mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
-    const float row_lse = valid ? lse[stat_base + pos] : INFINITY;
-    const float row_delta = valid ? delta[stat_base + pos] : 0.0f;
+    const PracticalRow row =
+        practical_row_of(mask, array_strides, q_id_tile[i], batch, head, pos, pos < mask.q_len);
+    const float row_lse = lse_tile[i];
+    const float row_delta = delta_tile[i];
 
     float s[KL];
     float dp[KL];

@@ -27,6 +27,7 @@ threadgroup vec<T, 4> do_tile[BQ * DV4];
 threadgroup vec<T, 4> k_tile[BK * D4];
 threadgroup vec<T, 4> v_tile[BK * DV4];
 threadgroup float ds_tile[BQ * BK];
+threadgroup int k_id_tile[BK]; // the key tile's document ids (practical_key_id)
 
 const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
@@ -78,20 +79,30 @@ const int2 q_range = mask.segments
 const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
 
-for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
-  if (mask.segments &&
-      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
-    continue;
+// From the last key tile down, as the forward walks them.
+const int k_first = (key_begin / BK) * BK;
+const int k_last = key_end > k_first ? k_first + (key_end - 1 - k_first) / BK * BK : k_first - BK;
+for (int k0 = k_last; k0 >= k_first; k0 -= BK) {
+  if (mask.segments) {
+    if (flash_max_id_through(k_ranges, k_ranges_strides, batch, k0 / BK) < q_range.x) {
+      break;
+    }
+    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
+      continue;
+    }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   practical_stage<T, BK, D4, NT>(
       k_tile, k, k_base, 0, k_strides[2], k_strides[3], 1, BK, k0, mask.k_len, D, tid);
   practical_stage<T, BK, DV4, NT>(
       v_tile, v, v_base, 0, v_strides[2], v_strides[3], 1, BK, k0, mask.k_len, DV, tid);
+  for (int t = tid; t < BK; t += NT) {
+    k_id_tile[t] = practical_key_id(mask, k_segments, k_segments_strides, batch, k0 + t);
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   const int key = k0 + j;
-  const int k_id = practical_key_id(mask, k_segments, k_segments_strides, batch, key);
+  const int k_id = k_id_tile[j];
   float s[RL];
   float dp[RL];
   practical_dots<T, RL, D4>(s, q_tile + (sg * R + lr) * D4, LR * D4, k_tile + j * D4);

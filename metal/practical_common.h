@@ -190,19 +190,33 @@ struct PracticalRow {
   int64_t array_base;
 };
 
+// Query `pos`'s document id as PracticalRow::q_id holds it: -1 for padding,
+// for a row past the end (valid false) and without segments.
+template <typename P, typename S>
+inline int practical_query_id(FlashMask mask, P q_segments, S q_segments_strides, int batch, int pos, bool valid) {
+  if (!valid || !mask.segments) {
+    return -1;
+  }
+  return max(q_segments[batch * q_segments_strides[0] + pos * q_segments_strides[1]], -1);
+}
+
+inline PracticalRow practical_row_of(
+    FlashMask mask, PracticalArrayStrides array, int q_id, int batch, int head, int pos, bool valid) {
+  PracticalRow row;
+  row.key_lo = valid ? flash_key_begin(mask, pos) : 0;
+  row.key_hi = valid ? flash_key_end(mask, pos + 1) : 0;
+  row.q_id = q_id;
+  row.array_base = batch * array.batch + head * array.head + pos * array.row;
+  return row;
+}
+
 template <typename P, typename S>
 inline PracticalRow practical_row(
     FlashMask mask, PracticalArrayStrides array, P q_segments, S q_segments_strides,
     int batch, int head, int pos, bool valid) {
-  PracticalRow row;
-  row.key_lo = valid ? flash_key_begin(mask, pos) : 0;
-  row.key_hi = valid ? flash_key_end(mask, pos + 1) : 0;
-  row.q_id = -1;
-  if (valid && mask.segments) {
-    row.q_id = max(q_segments[batch * q_segments_strides[0] + pos * q_segments_strides[1]], -1);
-  }
-  row.array_base = batch * array.batch + head * array.head + pos * array.row;
-  return row;
+  return practical_row_of(
+      mask, array, practical_query_id(mask, q_segments, q_segments_strides, batch, pos, valid),
+      batch, head, pos, valid);
 }
 
 // A key's document id for the comparison with PracticalRow::q_id: -2 for

@@ -16,12 +16,16 @@
 //   1. scores: lane (r, j) of the simdgroup's LR x BK lanes computes the
 //      score of key j against rows r, r + LR, ... (RL = R / LR of them), a
 //      full dot product over the Q and K tiles: each score once, by one
-//      lane; it masks it and takes the row's tile maximum (one group max);
-//   2. online softmax, per score: p = exp(s - m'), and per row the
-//      correction exp(m - m'); l is kept per lane (each lane its keys' part)
-//      and summed once at the end;
+//      lane, which masks it;
+//   2. online softmax with a lazy maximum: m only has to bound the row's
+//      scores to within PRACTICAL_SLACK (p = exp(s - m) <= e^SLACK cannot
+//      overflow), so the row maximum and the correction exp(m - m') are
+//      taken only when some score of the simdgroup's tile passes its row's
+//      m + SLACK (one simd_any per lane and tile; after the first tiles of
+//      a row almost never). Then p = exp(s - m) per score; l is kept per
+//      lane (each lane its keys' part) and summed once at the end;
 //   3. O: lane l owns output columns l, l + 32, ...: O = O * correction + P V
-//      with P read from threadgroup memory.
+//      with P read from threadgroup memory, the rescale only after a new m.
 
 constexpr int NT = NSG * 32;
 constexpr int BQ = NSG * R;
@@ -30,12 +34,17 @@ constexpr int RL = R / LR; // rows per lane in the score phase
 constexpr int D4 = (D + 3) / 4 + 1; // Q and K tile rows, in vectors, padded
 constexpr int DV4 = (DV + 3) / 4; // V tile rows (read along columns)
 constexpr int DVT = (DV + 31) / 32; // output columns per lane
+// How far a score may exceed its row's running maximum m before m moves
+// (natural units): p <= e^8 ~ 3000, and l <= k_len * 3000 stays far from
+// float32's range. The result does not depend on it: lse = m + log(l).
+constexpr float PRACTICAL_SLACK = 8.0f;
 
 threadgroup vec<T, 4> q_tile[BQ * D4];
 threadgroup vec<T, 4> k_tile[BK * D4];
 threadgroup vec<T, 4> v_tile[BK * DV4];
 threadgroup float p_tile[BQ * BK];
 threadgroup float row_scale[BQ];
+threadgroup int k_id_tile[BK]; // the key tile's document ids (practical_key_id)
 
 const FlashMask mask = flash_read_mask(params);
 const float scale = fparams[0];
@@ -56,12 +65,14 @@ practical_stage<T, BQ, D4, NT>(
 const int lr = lane / BK;
 const int j = lane % BK;
 PracticalRow rows[RL];
-// Running maximum, natural units. It starts at -FLT_MAX rather than -inf:
+// Running maximum, natural units, kept lazily: every score seen so far is
+// at most m + PRACTICAL_SLACK. It starts at -FLT_MAX rather than -inf:
 // every later maximum is then finite, so exp(x - m) and the correction need
 // no -inf guard (flash_exp_base), and while nothing is kept l and O are 0
 // whatever the correction is. A kept row whose scores are all -inf still
 // ends with l = 0 (NaN) and lse = -FLT_MAX + log(0) = -inf.
 float m[RL];
+float limit[RL]; // m + PRACTICAL_SLACK: a score above it moves m
 float l[RL]; // this lane's part of the running sum
 bool kept[RL]; // whether this lane kept any score of the row
 for (int u = 0; u < RL; ++u) {
@@ -74,6 +85,7 @@ for (int u = 0; u < RL; ++u) {
   // A sink starts the row: m = sink, l = 1 (held by the lane-row's lane 0).
   const bool sink = valid && mask.sinks;
   m[u] = sink ? sinks[head] : -FLT_MAX;
+  limit[u] = m[u] + PRACTICAL_SLACK;
   l[u] = (sink && j == 0) ? 1.0f : 0.0f;
   kept[u] = false;
 }
@@ -94,12 +106,20 @@ const int2 q_range = mask.segments
 const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
 
-for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
-  // Documents that cannot meet: skipped before anything is staged (the
-  // ranges are the same for every thread, so no barrier is split).
-  if (mask.segments &&
-      !flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
-    continue;
+// Walked from the last key tile down. With segment ids the walk ends where
+// no tile below holds an id of this query tile, and documents that cannot
+// meet are skipped before anything is staged (the ranges are the same for
+// every thread, so no barrier is split).
+const int k_first = (key_begin / BK) * BK;
+const int k_last = key_end > k_first ? k_first + (key_end - 1 - k_first) / BK * BK : k_first - BK;
+for (int k0 = k_last; k0 >= k_first; k0 -= BK) {
+  if (mask.segments) {
+    if (flash_max_id_through(k_ranges, k_ranges_strides, batch, k0 / BK) < q_range.x) {
+      break;
+    }
+    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
+      continue;
+    }
   }
   // Every simdgroup is done with the previous tile before it is overwritten.
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -107,40 +127,55 @@ for (int k0 = (key_begin / BK) * BK; k0 < key_end; k0 += BK) {
       k_tile, k, k_base, 0, k_strides[2], k_strides[3], 1, BK, k0, mask.k_len, D, tid);
   practical_stage<T, BK, DV4, NT>(
       v_tile, v, v_base, 0, v_strides[2], v_strides[3], 1, BK, k0, mask.k_len, DV, tid);
+  for (int t = tid; t < BK; t += NT) {
+    k_id_tile[t] = practical_key_id(mask, k_segments, k_segments_strides, batch, k0 + t);
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   // 1-2. Scores of key j, masked; online softmax of each row.
   const int key = k0 + j;
-  const int k_id = practical_key_id(mask, k_segments, k_segments_strides, batch, key);
+  const int k_id = k_id_tile[j];
   float s[RL];
   practical_dots<T, RL, D4>(s, q_tile + (sg * R + lr) * D4, LR * D4, k_tile + j * D4);
+  bool passes = false;
   for (int u = 0; u < RL; ++u) {
     bool keep;
-    const float x = practical_masked_score(
+    s[u] = practical_masked_score(
         mask, rows[u], key, k_id, mask_array, array_strides.key, s[u] * scale, keep);
     kept[u] = kept[u] || keep;
-    const float m_new = max(m[u], practical_group_max<BK>(x));
-    const float p = flash_exp(x - m_new);
-    const float correction = flash_exp(m[u] - m_new);
-    l[u] = l[u] * correction + p;
-    m[u] = m_new;
-    const int row = sg * R + lr + LR * u;
-    p_tile[row * BK + j] = p;
-    if (j == 0) {
-      row_scale[row] = correction;
+    passes = passes || s[u] > limit[u];
+  }
+  // The same answer in every lane of the simdgroup: a uniform branch.
+  const bool rescale = simd_any(passes);
+  if (rescale) {
+    for (int u = 0; u < RL; ++u) {
+      const float m_new = max(m[u], practical_group_max<BK>(s[u]));
+      const float correction = flash_exp(m[u] - m_new);
+      l[u] *= correction;
+      m[u] = m_new;
+      limit[u] = m_new + PRACTICAL_SLACK;
+      if (j == 0) {
+        row_scale[sg * R + lr + LR * u] = correction;
+      }
     }
+  }
+  for (int u = 0; u < RL; ++u) {
+    const float p = flash_exp(s[u] - m[u]);
+    l[u] += p;
+    p_tile[(sg * R + lr + LR * u) * BK + j] = p;
   }
   simdgroup_barrier(mem_flags::mem_threadgroup);
 
-  // 3. O = O * correction + P V, lanes over output columns. The correction
-  // is exactly 1 where the row's maximum did not change (most tiles after
-  // the first few); it is the same value in every lane, so skipping the
-  // rescale there is a uniform branch.
-  for (int r = 0; r < R; ++r) {
-    const float correction = row_scale[sg * R + r];
-    if (correction != 1.0f) {
-      for (int t = 0; t < DVT; ++t) {
-        o_acc[r][t] *= correction;
+  // 3. O = O * correction + P V, lanes over output columns. Only after a
+  // new maximum, and only rows whose correction is not exactly 1 (the same
+  // value in every lane: a uniform branch).
+  if (rescale) {
+    for (int r = 0; r < R; ++r) {
+      const float correction = row_scale[sg * R + r];
+      if (correction != 1.0f) {
+        for (int t = 0; t < DVT; ++t) {
+          o_acc[r][t] *= correction;
+        }
       }
     }
   }

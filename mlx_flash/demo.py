@@ -14,9 +14,11 @@ sliding window, segment ids, an optional boolean or additive array and sinks
 compose inside the kernels, exactly, and no ``L x L`` mask is ever built. Key
 tiles outside a query tile's causal / window band are never visited (and
 query tiles outside a key tile's, in the dK/dV kernel), and with segment ids
-a tile pair whose id ranges cannot meet is skipped before anything is staged,
-so a packed row costs the sum of its documents' squared lengths and a
-windowed layer ``O(L * window)``. The structure is read at run time from
+a tile pair whose id ranges cannot meet is skipped before anything is staged
+and a tile loop ends where the running id bounds (``masks.segment_bounds``)
+say no later tile can meet (key tiles are walked from the diagonal down,
+query tiles in dK/dV up), so a packed row costs the sum of its documents'
+squared lengths and a windowed layer ``O(L * window)``. The structure is read at run time from
 ``params`` (uniform branches, no template constant), so one compiled
 pipeline per dtype, head dim and tile shape serves every mask: fewer Metal
 compiles on a Mac and fewer emulator builds in CI. The lse is natural-log,

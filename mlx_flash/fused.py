@@ -78,9 +78,10 @@ def kernel_inputs(q, k, v, scale: float, mask: StructuredMask, sinks, q_tile: in
     """The inputs of ``KERNEL_INPUTS`` for a kernel whose query tiles have
     ``q_tile`` rows and key tiles ``k_tile`` keys.
 
-    ``q_ranges`` / ``k_ranges`` are ``masks.segment_ranges`` of the ids at
-    those tile sizes, ``(B, T, 2)`` int32, so a kernel can skip a tile pair
-    whose ranges cannot meet before it stages anything. Absent parts are
+    ``q_ranges`` / ``k_ranges`` are ``masks.segment_bounds`` of the ids at
+    those tile sizes, ``(B, T, 4)`` int32: each tile's ``(min, max)``, so a
+    kernel can skip a tile pair whose ranges cannot meet before it stages
+    anything, and the running bounds that end its tile loop early. Absent parts are
     small placeholders the kernels never read (``params`` says which).
     """
     B, n_q_heads, q_len, _ = q.shape
@@ -104,11 +105,11 @@ def kernel_inputs(q, k, v, scale: float, mask: StructuredMask, sinks, q_tile: in
     array = mask.array if mask.array is not None else mx.zeros((1, 1, 1, 1), mx.bool_)
     if mask.has_segments:
         q_ids, k_ids = mask.q_segments, mask.k_segments
-        q_ranges = masks.segment_ranges(q_ids, q_tile)
-        k_ranges = masks.segment_ranges(k_ids, k_tile)
+        q_ranges = masks.segment_bounds(q_ids, q_tile)
+        k_ranges = masks.segment_bounds(k_ids, k_tile)
     else:
         q_ids = k_ids = mx.zeros((1, 1), mx.int32)
-        q_ranges = k_ranges = mx.zeros((1, 1, 2), mx.int32)
+        q_ranges = k_ranges = mx.zeros((1, 1, 4), mx.int32)
     sink_logits = sinks.astype(mx.float32) if sinks is not None else mx.zeros((1,), mx.float32)
     return [q, k, v, array, q_ids, k_ids, q_ranges, k_ranges, sink_logits, params, fparams]
 

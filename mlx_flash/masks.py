@@ -25,7 +25,9 @@ predicate (``keep``), the dense form (for ``manual`` and the tests), and the
 tile-skip predicate. A (query tile, key tile) pair is skipped when no pair
 inside can attend: above the causal diagonal, outside the window (both
 static, from Python ints), or when the tiles' segment-id ranges cannot meet
-(``segment_ranges``: per-tile minimum and maximum of the non-negative ids;
+(``segment_ranges``: per-tile minimum and maximum of the non-negative ids,
+and ``segment_bounds`` for the kernels, with running bounds that end a
+tile loop at the last tile that can meet;
 for packed rows, whose ids are non-decreasing, the ranges of two different
 documents never meet).
 """
@@ -190,6 +192,22 @@ def segment_ranges(ids: mx.array, tile: int) -> mx.array:
     low = mx.min(mx.where(valid, ids, EMPTY_RANGE[0]), axis=-1)
     high = mx.max(mx.where(valid, ids, EMPTY_RANGE[1]), axis=-1)
     return mx.stack([low, high], axis=-1)
+
+
+def segment_bounds(ids: mx.array, tile: int) -> mx.array:
+    """``segment_ranges`` with two running bounds per tile, int32
+    ``(B, T, 4)``: ``(min, max, max_through, min_from)``, where
+    ``max_through[t]`` is the largest id of tiles ``0..t`` (-1 for none)
+    and ``min_from[t]`` the smallest id of tiles ``t..T-1``. A loop over
+    tiles can stop early with them whatever the layout: walking down, no
+    tile at or before ``t`` meets a range whose minimum exceeds
+    ``max_through[t]``; walking up, none from ``t`` on meets one whose
+    maximum is below ``min_from[t]``. Lazy MLX ops, ``O(L)``.
+    """
+    ranges = segment_ranges(ids, tile)
+    through = mx.cummax(ranges[..., 1], axis=1)
+    since = mx.cummin(ranges[..., 0], axis=1, reverse=True)
+    return mx.concatenate([ranges, through[..., None], since[..., None]], axis=-1)
 
 
 def ranges_meet(q_range, k_range) -> bool:

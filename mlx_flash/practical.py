@@ -12,10 +12,13 @@ Masks are structured (``mlx_flash.masks``; the kernels' contract is
 metal/flash_common.h): causal (bottom-right), sliding window, segment ids
 and a boolean or additive array compose, and no ``L x L`` mask is ever
 built. Tile pairs that the causal and window rules exclude lie outside the
-loops' bounds (``flash_key_begin/end``, ``flash_row_begin/end``), and pairs
+loops' bounds (``flash_key_begin/end``, ``flash_row_begin/end``), pairs
 whose segment-id ranges cannot meet are skipped before anything is staged,
-so a packed row costs the sum of its documents' squared lengths and a
-windowed layer ``O(L * window)``. Sinks start the forward's online softmax;
+and a tile loop ends where the running id bounds (``masks.segment_bounds``)
+say no later tile can meet (the forward and dQ walk key tiles from the
+diagonal down, dK/dV query tiles up), so a packed row costs the sum of its
+documents' squared lengths, other documents' tiles not even tested one by
+one, and a windowed layer ``O(L * window)``. Sinks start the forward's online softmax;
 their gradient is ``fused.sink_grad``.
 
 Work layout. A threadgroup has ``NSG`` simdgroups; a forward or dQ query
@@ -37,40 +40,48 @@ them. Each tile product has two phases:
 Non-matrix work per (query, key) pair, beyond the dot products' FMAs, in
 lane operations (one lane executing one instruction; a SIMD instruction is
 32 of them) and lane-collectives (one lane taking part in one simd_sum,
-simd_max or shuffle), for a causal window with segments and no array (an
-array adds a load and a compare or an add):
+simd_max, simd_any or shuffle), for a causal window with segments and no
+array (an array adds a load and a compare or an add); the ``python -m
+mlx_flash.bench --cost`` report counts the exps and collectives on the
+emulator (``mlx_flash.bench.cost.practical_alu``):
 
 ================  ===============================  ===============================
-                  before: lanes split the head     now: one pair per lane
-                  dim
+                  one lane per pair, a group max   now: a lazy maximum
+                  and correction every tile
 ================  ===============================  ===============================
-forward ALU       ~78: 64 to pick the score out    16: mask 7 (2 position
-                  of its reduction (lane == j,     compares, 1 id compare, 2
-                  select, all 32 lanes), mask 5,   ands, 1 select, 1 kept flag),
-                  exp 3, correction and its -inf   scale 1, exp argument 2, exp
-                  guard ~5, sum and rescale ~1     1, correction 3, max 1, sum 1
-forward           ~66: a 32-lane simd_sum for the  1: one group max per lane and
-collectives       score and a 32-lane shuffle for  row (a simd_max; 3-4 shuffles
-                  P V per pair, simd_max and       and maxes with 8 or 16 keys
-                  simd_sum per row and tile        per tile); the row sum stays
-                                                   per lane until the end
-backward ALU      ~320 per kernel: mask, exp and   12 per kernel: mask 5, select
-                  dS on all 32 lanes               1, scale 1, exp argument 2,
-                                                   exp 1, dS 2
-backward          64 per kernel: two 32-lane       0
-collectives       simd_sums (S and dP)
+forward ALU       ~20: mask 7 (2 position          ~13: mask 7, scale 1, the lazy-
+                  compares, 1 id compare, 2 ands,  maximum test 2 (a compare and
+                  1 select, 1 kept flag), scale    an or), exp argument 2, exp 1,
+                  1, the group max's maxes 3 (8    sum 1; the group max and the
+                  keys per tile), max 1, exp       correction (~9 and an exp per
+                  argument 2, exp 1, correction    lane and row) only on the tiles
+                  3, sum 1                         where a score passes its row's
+                                                   maximum by more than the slack
+forward           3-4: the group max's shuffles    1 / RL: one simd_any per lane
+collectives       (8 or 16 keys per tile)          and tile (RL rows per lane);
+                                                   the shuffles on rescales only
+backward ALU      12 per kernel: mask 5, select    the same
+                  1, scale 1, exp argument 2, exp
+                  1, dS 2
+backward          0                                0
+collectives
 ================  ===============================  ===============================
 
-A scalar kernel (one thread per pair) needs the same mask work, the scale,
-a max, the exp and its argument and an add: 12 forward (plus ``1 / BK`` of
-a correction), 11 backward. The kernels do 16 and 12, within 1.4x; the
-excess is the forward's correction, computed by every lane that holds part
-of a row's sum, and exp2's conversion to log2 units. The forward also
-rescales its output, ``Dv / BK`` multiplies per pair as in a scalar kernel,
-and skips that for a row whose maximum did not change in the tile (a
-uniform branch). Memory operations per pair: one threadgroup store of P
-(or dS) and a quarter of a broadcast load in the accumulation, against a
-register shuffle before.
+Counted at L = 1024, D = 128, causal, float32: the forward went from 2.0 exp2
+and 3.1 shuffles per pair to 1.02 and 0.14 (plus one simd_any); in the
+cost report's terms, from 2.5x the scalar minimum (one thread per pair, 8
+lane operations) to 1.7x. The lazy maximum: every score the row has seen
+is at most ``m + PRACTICAL_SLACK`` (8, natural units), so ``p = exp(s - m)
+<= e^8`` cannot overflow, and ``lse = m + log(l)`` is exact whatever ``m``
+is; only a score past that bound moves ``m`` (a branch that is uniform per
+simdgroup, ``simd_any``), which after a row's first tiles almost never
+happens. The output's rescale (``Dv / BK`` multiplies per pair in a scalar
+kernel too) runs only after a new maximum, and only for rows whose
+correction is not exactly 1. Memory operations per pair: one threadgroup
+store of P (or dS) and a quarter of a broadcast load in the accumulation.
+The key tile's document ids (forward, dQ) and the query tile's lse, delta
+and ids (dK/dV) are staged with their tiles, read once from device memory
+instead of by every lane that pairs them.
 
 Tile sizes (``tile_sizes``; template constants) keep threadgroup memory
 within 16 KB where possible and always within Metal's 32 KB, with about 32
@@ -90,54 +101,54 @@ bfloat16 is as float16. ``NSG/R/BK`` reads ``NSG/KPS/BQ`` for dK/dV.
 ====  ====  =====  =======  ==========  =====  =========
 D     Dv    dtype  kernel   NSG/R/BK    bytes  registers
 ====  ====  =====  =======  ==========  =====  =========
-32    32    f16    forward  4/8/16      6656   73
-32    32    f16    dq       4/8/16      8960   73
-32    32    f16    dkdv     4/8/16      11008  69
-32    32    f32    forward  4/8/16      11136  73
-32    32    f32    dq       4/8/16      15872  73
-32    32    f32    dkdv     4/8/8       13568  61
-64    64    f16    forward  4/8/16      10752  86
-64    64    f16    dq       4/8/16      15104  86
-64    64    f16    dkdv     4/8/8       12928  82
-64    64    f32    forward  4/8/8       14080  68
-64    64    f32    dq       4/4/8       13568  51
-64    64    f32    dkdv     4/4/8       14080  62
-80    80    f16    forward  4/8/16      12800  99
-80    80    f16    dq       4/8/8       14464  81
-80    80    f16    dkdv     4/4/16      12800  79
-80    80    f32    forward  4/4/8       11200  60
-80    80    f32    dq       4/4/8       16640  60
-80    80    f32    dkdv     4/4/8       17152  75
-96    64    f16    forward  4/8/16      13824  86
-96    64    f16    dq       4/8/8       14464  81
-96    64    f16    dkdv     4/4/16      12800  75
-96    64    f32    forward  4/4/8       12224  51
-96    64    f32    dq       4/4/8       16640  60
-96    64    f32    dkdv     4/4/8       17152  71
-128   64    f16    forward  4/8/8       12736  68
-128   64    f16    dq       4/4/16      13824  78
-128   64    f16    dkdv     4/4/16      14848  84
-128   64    f32    forward  4/4/8       15296  51
-128   64    f32    dq       4/4/8       19712  69
-128   64    f32    dkdv     4/4/8       20224  80
-128   128   f16    forward  4/8/8       13760  94
-128   128   f16    dq       4/4/8       13184  69
-128   128   f16    dkdv     4/4/8       13696  88
-128   128   f32    forward  4/4/8       17344  69
-128   128   f32    dq       4/4/8       25856  69
-128   128   f32    dkdv     4/4/8       26368  88
-256   64    f16    forward  4/4/8       14080  51
-256   64    f16    dq       4/4/8       16256  105
-256   64    f16    dkdv     4/2/16      16768  96
-256   64    f32    forward  4/4/8       27584  51
-256   64    f32    dq       4/4/8       32000  105
-256   64    f32    dkdv     4/2/16      32512  96
-256   256   f16    forward  4/4/8       17152  105
-256   256   f16    dq       4/4/8       25472  105
-256   256   f16    dkdv     4/2/16      25984  108
-256   256   f32    forward  2/4/8       25120  105
-256   256   f32    dq       1/4/8       25088  105
-256   256   f32    dkdv     1/4/8       25216  140
+32    32    f16    forward  4/8/16      6720   77
+32    32    f16    dq       4/8/16      9024   73
+32    32    f16    dkdv     4/8/16      11200  69
+32    32    f32    forward  4/8/16      11200  77
+32    32    f32    dq       4/8/16      15936  73
+32    32    f32    dkdv     4/8/8       13664  61
+64    64    f16    forward  4/8/16      10816  90
+64    64    f16    dq       4/8/16      15168  86
+64    64    f16    dkdv     4/8/8       13024  82
+64    64    f32    forward  4/8/8       14112  70
+64    64    f32    dq       4/4/8       13600  51
+64    64    f32    dkdv     4/4/8       14176  62
+80    80    f16    forward  4/8/16      12864  103
+80    80    f16    dq       4/8/8       14496  81
+80    80    f16    dkdv     4/4/16      12992  79
+80    80    f32    forward  4/4/8       11232  61
+80    80    f32    dq       4/4/8       16672  60
+80    80    f32    dkdv     4/4/8       17248  75
+96    64    f16    forward  4/8/16      13888  90
+96    64    f16    dq       4/8/8       14496  81
+96    64    f16    dkdv     4/4/16      12992  75
+96    64    f32    forward  4/4/8       12256  52
+96    64    f32    dq       4/4/8       16672  60
+96    64    f32    dkdv     4/4/8       17248  71
+128   64    f16    forward  4/8/8       12768  70
+128   64    f16    dq       4/4/16      13888  78
+128   64    f16    dkdv     4/4/16      15040  84
+128   64    f32    forward  4/4/8       15328  52
+128   64    f32    dq       4/4/8       19744  69
+128   64    f32    dkdv     4/4/8       20320  80
+128   128   f16    forward  4/8/8       13792  96
+128   128   f16    dq       4/4/8       13216  69
+128   128   f16    dkdv     4/4/8       13792  88
+128   128   f32    forward  4/4/8       17376  70
+128   128   f32    dq       4/4/8       25888  69
+128   128   f32    dkdv     4/4/8       26464  88
+256   64    f16    forward  4/4/8       14112  52
+256   64    f16    dq       4/4/8       16288  105
+256   64    f16    dkdv     4/2/16      16960  96
+256   64    f32    forward  4/4/8       27616  52
+256   64    f32    dq       4/4/8       32032  105
+256   64    f32    dkdv     4/2/16      32704  96
+256   256   f16    forward  4/4/8       17184  106
+256   256   f16    dq       4/4/8       25504  105
+256   256   f16    dkdv     4/2/16      26176  108
+256   256   f32    forward  2/4/8       25152  106
+256   256   f32    dq       1/4/8       25120  105
+256   256   f32    dkdv     1/4/8       25312  140
 ====  ====  =====  =======  ==========  =====  =========
 
 None of this was tuned on a GPU (no Mac was available): the rule is a
@@ -207,17 +218,17 @@ def _configuration(kernel: str, dim: int, value_dim: int, size: int, simdgroups:
     d4, dv4 = _vectors(dim, True), _vectors(value_dim, True)
     dt, dvt = _per_lane(dim), _per_lane(value_dim)
     slots = rows * tile // 32  # pairs per lane in the score phase
-    if kernel == "forward":  # Q; K, V (V read along columns only); P, corrections
+    if kernel == "forward":  # Q; K, V (V read along columns only); P, corrections; key ids
         vectors = shared * d4 + tile * (d4 + _vectors(value_dim, False))
-        floats = shared * tile + shared
-        accumulators, columns, state, fixed = rows * dvt, dvt, 9, 24
-    elif kernel == "dq":  # Q, dO; K, V; dS
+        floats = shared * tile + shared + tile
+        accumulators, columns, state, fixed = rows * dvt, dvt, 10, 24
+    elif kernel == "dq":  # Q, dO; K, V; dS; key ids
         vectors = (shared + tile) * (d4 + dv4)
-        floats = shared * tile
+        floats = shared * tile + tile
         accumulators, columns, state, fixed = rows * dt, dt, 9, 24
-    else:  # K, V; Q, dO; P, dS
+    else:  # K, V; Q, dO; P, dS; the query tile's lse, delta and ids
         vectors = (shared + tile) * (d4 + dv4)
-        floats = 2 * shared * tile
+        floats = 2 * shared * tile + 3 * tile
         accumulators, columns, state, fixed = rows * (dt + dvt), max(dt, dvt), 4, 32
     # Per score slot: its row's (or key's) bounds, id and statistics; per
     # output column: the accumulation's four staged values and its index.

@@ -1433,6 +1433,35 @@ def test_profile_counts_atomics_and_is_collected_by_metal_sessions():
     assert session.profiles[0].threadgroups == 4
 
 
+def test_a_subset_of_threadgroups_runs_and_is_counted_alone():
+    x = mx.arange(512, dtype=mx.float32) / 512
+    call = dict(
+        inputs=[x], grid=(512, 1, 1), threadgroup=(64, 1, 1),
+        output_shapes=[(8,)], output_dtypes=[mx.float32],
+    )
+    (full,), whole = emulator.run(REDUCE_EXP, profile=True, **call)
+    (part,), profile = emulator.run(REDUCE_EXP, profile=True, threadgroups=[(5, 0, 0), (2,)], **call)
+    # Rows in linear order; the threadgroups not run write nothing (NaN fill).
+    assert profile.positions == [(2, 0, 0), (5, 0, 0)]
+    assert profile.threadgroups == 2 and profile.group_counts == (8, 1, 1)
+    np.testing.assert_array_equal(profile.per_threadgroup, whole.per_threadgroup[[2, 5]])
+    assert profile["math.exp"] == 2 * 64 and profile.device_bytes["x"] == (2 * 64 * 4, 0)
+    ran = np.array([2, 5])
+    np.testing.assert_array_equal(np.array(part)[ran], np.array(full)[ran])
+    assert np.isnan(np.delete(np.array(part), ran)).all()
+    # Positions on a 3-D grid; a session's selection is a function of each
+    # launch's threadgroup counts.
+    call.update(grid=(128, 2, 2), output_shapes=[(2,)])
+    with emulator.metal(schedule=("forward", "reverse"), profile=True,
+                        threadgroups=lambda counts: [(1, y, 1) for y in range(counts[1])]) as session:
+        emulator.run(REDUCE_EXP, **call)
+    assert session.profiles[0].positions == [(1, 0, 1), (1, 1, 1)]
+    assert session.profiles[0]["barrier.threadgroup"] == 2
+    with pytest.raises(ValueError, match="outside"):
+        emulator.run(REDUCE_EXP, threadgroups=[(2, 0, 0)], **call)
+    with pytest.raises(ValueError, match="no threadgroup"):
+        emulator.run(REDUCE_EXP, threadgroups=[], **call)
+
 
 # --------------------------------------------------- the project's kernels --
 

@@ -217,6 +217,26 @@ def _poisoned(x, start: int, stop: int):
     return mx.where((position >= start) & (position < stop), mx.array(math.nan, x.dtype), x)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_lazy_maximum_rescales_exactly(backend):
+    # The forward moves a row's maximum only when a score passes it by more
+    # than PRACTICAL_SLACK. Scores along the keys rise by up to ~18 per key
+    # tile in some rows (a rescale at every tile, corrections far below 1),
+    # by less than the slack in others (weights above 1 between rescales),
+    # and fall in others (no rescale after the first tile); with and without
+    # causal masking and sinks.
+    L, dim = 96, 32
+    slope = mx.linspace(-3.0, 3.0, L)[None, None, :, None]  # per query row
+    q, k, v, dout = random_inputs(1, 2, 1, L, L, dim, dim, mx.float32, 5)
+    q = q * 0.1 + mx.concatenate([mx.broadcast_to(slope * 400.0, (1, 2, L, 1)), mx.zeros((1, 2, L, dim - 1))], axis=-1)
+    ramp = mx.arange(L, dtype=mx.float32)[None, None, :, None] / L
+    k = k * 0.1 + mx.concatenate([ramp, mx.zeros((1, 1, L, dim - 1))], axis=-1)
+    for mask, sinks in ((structured(L, L), None), (structured(L, L, "causal"), mx.array([1.0, -30.0]))):
+        kernel_checks.check_kernels_match_reference(
+            practical, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks
+        )
+
+
 def test_tiles_outside_the_mask_are_never_read():
     # Each kernel reads a staged tile into its accumulation whether or not the
     # mask keeps a pair (0 * NaN = NaN), so poisoning one tile with NaN shows

@@ -347,6 +347,12 @@ def test_segment_ranges():
     empty = list(masks.EMPTY_RANGE)
     assert ranges == [[[0, 1], [1, 1], [2, 2]], [empty, [3, 3], [3, 3]]]
     assert not masks.ranges_meet(empty, [0, 5])
+    # Running bounds: the largest id of tiles 0..t, the smallest of t..T-1.
+    bounds = masks.segment_bounds(ids, 3).tolist()
+    assert bounds == [[[0, 1, 1, 0], [1, 1, 1, 1], [2, 2, 2, 2]],
+                      [empty + [-1, 3], [3, 3, 3, 3], [3, 3, 3, 3]]]
+    unsorted = masks.segment_bounds(mx.array([[2, 2, 0, 0, 1, 1]]), 2).tolist()
+    assert unsorted == [[[2, 2, 2, 0], [0, 0, 2, 0], [1, 1, 2, 1]]]
 
 
 # ---- errors -----------------------------------------------------------------

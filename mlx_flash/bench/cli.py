@@ -11,9 +11,18 @@ Presets fill the axes; any axis flag given on the command line wins::
     python -m mlx_flash.bench --sinks --seq 4096       # attention sinks (gpt-oss)
     python -m mlx_flash.bench --quick --targets --out runs/bench   # with the shipped targets
     python -m mlx_flash.bench --render runs/bench/results.json     # re-draw an earlier run
+    python -m mlx_flash.bench --cost                   # what the Metal kernels issue, counted by the emulator
 
-Exit status 1 when a declared target FAILs or a cell fails its correctness
-check (or crashes); 2 for bad arguments (one line, no traceback), an output
+``--cost`` counts instead of timing (``mlx_flash.bench.cost``): every kernel
+of the practical and demo families on the emulator's profiler, against
+FlashAttention-2 lower bounds, with its own targets; ``--seq``,
+``--head-dim``, ``--heads``, ``--kv-heads``, ``--mask`` and ``--variants``
+(practical, demo) narrow it, ``--before JSON`` adds an earlier commit's
+counts (``bench/emulator-cost/before.py``).
+
+Exit status 1 when a declared target FAILs (``--cost``: one of its own) or a
+cell fails its correctness check (or crashes); 130 when ``--cost`` is
+interrupted (the report then holds the cases counted); 2 for bad arguments (one line, no traceback), an output
 folder that cannot be written or already holds a report (``--overwrite``), or
 a run estimated to take hours that was not confirmed (``--yes``).
 """
@@ -32,6 +41,7 @@ from ..folders import unwritable
 from . import harness, masks, report, targets
 
 DEFAULT_OUT = os.path.join("runs", "bench")
+DEFAULT_COST_OUT = os.path.join("runs", "bench-cost")
 
 #: Runs estimated to take longer than this ask before they start.
 CONFIRM_ABOVE_S = 3600
@@ -118,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preset.add_argument("--quick", action="store_true", help="a small matrix that runs in well under a minute")
     preset.add_argument(
+        "--cost",
+        action="store_true",
+        help="count what the practical and demo kernels issue (bytes, FLOPs, collectives, threadgroup memory) "
+        "on the emulator against FlashAttention-2 lower bounds, instead of timing (minutes on a CPU)",
+    )
+    preset.add_argument(
         "--memory",
         action="store_true",
         help="forward+backward peak memory and time of manual, mlx and blockwise at B=1, H=8, D=64, "
@@ -176,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RESULTS_JSON",
         help="measure nothing: rewrite the report, CSV and plots of an earlier run from its JSON "
         "(with --targets, evaluate those targets on it)",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="JSON",
+        help="with --cost: counts of an earlier commit's kernels to set beside these "
+        "(written by bench/emulator-cost/before.py)",
     )
     parser.add_argument("--title", help="title of the Markdown report")
     parser.add_argument("--note", help="conditions of the run, printed in the report")
@@ -370,8 +392,118 @@ def _finish(results: dict, paths: dict) -> int:
     return 1 if bad or targets.any_failed(results["targets"]) else 0
 
 
+#: Flags that mean nothing to a --cost run.
+_NOT_WITH_COST = ("decode", "documents", "window", "sinks", "batch", "dtype", "mode", "warmup", "repeats",
+                  "max_memory_gb", "targets", "render")
+
+
+def cost_cases(args: argparse.Namespace) -> List:
+    """The cases of a --cost run: the shipped grid, or the product of the given axes."""
+    from . import cost
+
+    for name in _NOT_WITH_COST:
+        value = getattr(args, name)
+        if value not in (None, False):
+            raise ValueError(f"--{name.replace('_', '-')}: not with --cost (it counts practical in float32 and "
+                             "demo in float16, causal and packed, B=1)")
+    families = _flat(args.variants) or list(cost.FAMILIES)
+    for name in families:
+        if name not in cost.FAMILIES:
+            raise ValueError(f"--variants: --cost counts {', '.join(cost.FAMILIES)}, not '{name}'")
+    axes = (args.seq, args.head_dim, args.heads, args.kv_heads, args.mask)
+    if all(a is None for a in axes):
+        return [c for c in cost.default_cases() if c.family in families]
+    heads = _flat(args.heads) or [cost.QUERY_HEADS]
+    cases = []
+    for q_heads in heads:
+        kv = _flat(args.kv_heads) or [q_heads]
+        for value in kv:
+            if value < 1 or q_heads % value:
+                raise ValueError(f"--kv-heads: {value} does not divide --heads {q_heads}")
+        cases += cost.grid(_flat(args.seq) or list(cost.SEQS), _flat(args.head_dim) or list(cost.HEAD_DIMS), kv,
+                           families, _flat(args.mask) or list(cost.MASKS), q_heads)
+    for case in cases:
+        if case.seq < 1:
+            raise ValueError(f"--seq: must be at least 1, got {case.seq}")
+        if case.family == "demo" and case.head_dim not in cost.demo.HEAD_DIMS:
+            raise ValueError(f"--head-dim: demo takes {', '.join(map(str, cost.demo.HEAD_DIMS))}, not {case.head_dim}")
+        if case.head_dim > cost.practical.MAX_HEAD_DIM:
+            raise ValueError(f"--head-dim: at most {cost.practical.MAX_HEAD_DIM}, got {case.head_dim}")
+        cost.structured_mask(case)  # ValueError for masks --cost does not count
+    return cases
+
+
+def run_cost(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    """``--cost``: count every case, write the report; status 1 if a target FAILs."""
+    from . import cost, cost_report
+
+    out = args.out or DEFAULT_COST_OUT
+    try:
+        for mask in _flat(args.mask) or []:
+            masks.check(mask)
+        cases = cost_cases(args)
+        before = None
+        if args.before:
+            with open(args.before) as f:
+                before = json.load(f)
+            if not isinstance(before, dict) or "cells" not in before or "source" not in before:
+                raise ValueError(f"--before: {args.before} is not the output of bench/emulator-cost/before.py")
+    except OSError as e:
+        return _fail(f"--before: cannot read {args.before} ({e.strerror or e})")
+    except ValueError as e:
+        return _fail(str(e))
+    problem = _out_problem(out, args.overwrite)
+    if problem:
+        return _fail(problem)
+    about = machine.describe()
+    start = time.perf_counter()
+    cells, interrupted = [], False
+    try:
+        for i, case in enumerate(cases):
+            print(f"[{i + 1}/{len(cases)}] {case.label()} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
+                  flush=True)
+            cells += cost.count(case, seed=args.seed)
+    except KeyboardInterrupt:
+        interrupted = True
+    omitted = None
+    if all(a is None for a in (args.seq, args.head_dim, args.heads, args.kv_heads, args.mask)):
+        omitted = ("GQA 8 (8 query heads, 1 KV head) at L=4096: a launch's grid column is then a whole KV group, "
+                   "eight heads of dK/dV work (and of practical's forward and dQ, whose query tiles hold all "
+                   "eight heads), about half an hour more on this CPU; GQA 8 is counted at L=1024, and "
+                   "`--seq 4096 --kv-heads 1` counts it at 4096.")
+    results = {
+        "schema": cost_report.SCHEMA,
+        "machine": about,
+        "settings": {
+            "command": "python -m mlx_flash.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+            "title": args.title,
+            "note": args.note,
+            "seed": args.seed,
+            "cases": len(cases),
+            "omitted": omitted,
+            "interrupted": f"after {len(cells) // 3} of {len(cases)} cases" if interrupted else None,
+            "seconds": round(time.perf_counter() - start, 1),
+        },
+        "cells": cells,
+        "before": before,
+        "targets": cost_report.evaluate(cells),
+    }
+    paths = cost_report.write_all(results, out)
+    for t in results["targets"]:
+        print(f"{t['status']:>12}  {t['name']}: {t['detail']}")
+    print("wrote " + ", ".join(paths.values()))
+    if interrupted:
+        print(f"mlx_flash.bench: interrupted: the report holds the {len(cells) // 3} cases counted", file=sys.stderr)
+        return 130
+    return 1 if targets.any_failed(results["targets"]) else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cost:
+        return run_cost(args, argv)
+    if args.before:
+        return _fail("--before: only with --cost")
     if args.render:
         return render(args)
     chosen = settings(args)

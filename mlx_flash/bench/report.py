@@ -169,19 +169,25 @@ def _memory_growth(cells: List[dict]) -> List[str]:
     return lines
 
 
-def markdown(results: dict, plots: List[str] = ()) -> str:
-    m, s, cells = results["machine"], results["settings"], results["cells"]
-    title = s.get("title") or "mlx-flash benchmark"
-    lines = [f"# {title}", ""]
+def machine_lines(m: dict) -> List[str]:
+    """The report's hardware and software lines for ``machine.describe()``."""
     memory = f", {m['memory_bytes'] / 2**30:.0f} GiB RAM" if m.get("memory_bytes") else ""
     source = ""
     if m.get("source"):
         source = f" at commit {m['source']['commit']}"
         if m["source"]["uncommitted"]:
             source += " with uncommitted changes to " + ", ".join(m["source"]["uncommitted"])
-    lines += [
+    return [
         f"- **Hardware:** {m['chip']} ({m['cpu_cores']} CPU cores{memory}), MLX backend **{m['backend']}**",
         f"- **Software:** {m['os']}, Python {m['python']}, MLX {m['mlx_version']}, mlx-flash {m['mlx_flash_version']}{source}",
+    ]
+
+
+def markdown(results: dict, plots: List[str] = ()) -> str:
+    m, s, cells = results["machine"], results["settings"], results["cells"]
+    title = s.get("title") or "mlx-flash benchmark"
+    lines = [f"# {title}", ""] + machine_lines(m)
+    lines += [
         f"- **Run:** {m['started']} · dtype {', '.join(s['dtypes'])} · mask {', '.join(s['masks'])} · "
         f"{s['warmup']} warm-up (the first is the correctness check) + {s['repeats']} timed runs per cell · "
         f"load average at start {m.get('load_average')}, at end {s.get('load_average_end')}",

@@ -48,7 +48,7 @@ from .strict import StrictReport, strict_check
 
 
 @contextlib.contextmanager
-def metal(schedule=CHECKED_SCHEDULES, math=None, strict=False, profile=False):
+def metal(schedule=CHECKED_SCHEDULES, math=None, strict=False, profile=False, threadgroups=None):
     """Run the project's Metal kernels through the emulator inside the block.
 
     ``schedule`` is a name in ``SCHEDULES``, an int seed, or a sequence of
@@ -57,12 +57,16 @@ def metal(schedule=CHECKED_SCHEDULES, math=None, strict=False, profile=False):
     ``"precise"`` or ``"fast"`` (Metal's fast math accuracy), or None for
     each kernel's own (see ``MATH``).
     ``strict``: run ``strict_check`` on every kernel launched. ``profile``:
-    count what every launch does. Yields a ``context.Session`` whose
+    count what every launch does. ``threadgroups``: a function of a launch's
+    threadgroup counts ``(nx, ny, nz)`` returning the ``(x, y, z)``
+    positions to run (see ``run``), to count part of large launches. Yields a ``context.Session`` whose
     ``profiles`` and ``strict_reports`` collect what the launches report.
     Eager mode only: the emulator reads its inputs, so it cannot run inside
     ``mx.compile``.
     """
-    session = context.Session(schedule=schedule, math=math, strict=strict, profile=profile)
+    session = context.Session(
+        schedule=schedule, math=math, strict=strict, profile=profile, threadgroups=threadgroups
+    )
     context.push(session)
     try:
         yield session

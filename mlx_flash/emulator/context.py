@@ -7,7 +7,7 @@ strict pass and profiling too.
 """
 
 import dataclasses
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 Schedule = Union[str, int]
 
@@ -18,13 +18,15 @@ class Session:
 
     ``profiles`` holds a ``Profile`` per launch when ``profile`` is set;
     ``strict_reports`` a ``StrictReport`` per kernel source the strict pass
-    checked.
+    checked. ``threadgroups``: None (every threadgroup) or a function of a
+    launch's threadgroup counts that says which to run (``emulator.run``).
     """
 
     schedule: Union[Schedule, Sequence[Schedule]]
     math: Optional[str]
     strict: bool
     profile: bool
+    threadgroups: Optional[Callable] = None
     profiles: List = dataclasses.field(default_factory=list)
     strict_reports: List = dataclasses.field(default_factory=list)
 

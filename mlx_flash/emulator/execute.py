@@ -71,6 +71,8 @@ class _Launch(ctypes.Structure):
         ("atomic_n", ctypes.POINTER(ctypes.POINTER(ctypes.c_uint32))),
         ("atomic_abs", ctypes.POINTER(ctypes.POINTER(ctypes.c_float))),
         ("tg_float_adds", ctypes.c_uint64),
+        ("only", ctypes.POINTER(ctypes.c_uint64)),
+        ("n_only", ctypes.c_uint64),
     ]
 
 
@@ -179,12 +181,38 @@ def _math_for(math: Optional[str], captured: source.Capture) -> str:
     return "fast" if captured.math_mode == "fast" else "precise"
 
 
+def _group_counts(grid, threadgroup) -> Tuple[int, int, int]:
+    """Threadgroups along x, y and z (Metal clips the threadgroup to the grid)."""
+    return tuple(-(-g // min(t, g)) if min(t, g) else 0 for g, t in zip(grid, threadgroup))
+
+
 def _threadgroups(grid, threadgroup) -> int:
-    n = 1
-    for g, t in zip(grid, threadgroup):
-        t = min(t, g)
-        n *= -(-g // t) if t else 0
-    return n
+    nx, ny, nz = _group_counts(grid, threadgroup)
+    return nx * ny * nz
+
+
+def _selected(threadgroups, grid, threadgroup) -> Optional[np.ndarray]:
+    """Ascending linear indices of the threadgroups to run, or None for all.
+
+    ``threadgroups`` is None, a sequence of ``(x, y, z)`` threadgroup
+    positions, or a function of the launch's threadgroup counts
+    ``(nx, ny, nz)`` that returns one.
+    """
+    if threadgroups is None:
+        return None
+    counts = _group_counts(grid, threadgroup)
+    if callable(threadgroups):
+        threadgroups = threadgroups(counts)
+    nx, ny, nz = counts
+    linear = set()
+    for position in threadgroups:
+        x, y, z = (tuple(int(c) for c in position) + (0, 0))[:3]
+        if not (0 <= x < nx and 0 <= y < ny and 0 <= z < nz):
+            raise ValueError(f"threadgroup {tuple(position)} is outside the launch's {counts} threadgroups")
+        linear.add(x + nx * (y + ny * z))
+    if not linear:
+        raise ValueError("threadgroups selects no threadgroup")
+    return np.array(sorted(linear), dtype=np.uint64)
 
 
 @dataclasses.dataclass
@@ -209,6 +237,7 @@ def _launch(
     math: str,
     detect_races: bool,
     profile: bool,
+    only: Optional[np.ndarray] = None,
 ) -> _Result:
     code, seed = _schedule_code(schedule)
     output_shapes = call["output_shapes"]
@@ -294,6 +323,9 @@ def _launch(
     launch.msg_len = _MESSAGE_SIZE
     launch.detect_races = int(detect_races)
     launch.fast_math = int(math == "fast")
+    if only is not None:
+        launch.only = only.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))
+        launch.n_only = len(only)
 
     counter_names = None
     counters = None
@@ -336,7 +368,8 @@ def _launch(
         results.append(a.view(dtype) if dtype in _STORAGE else a)
     prof = None
     if profile:
-        prof = Profile(captured.name, call["grid"], call["threadgroup"], counter_names, counters)
+        rows = counters if only is None else counters[only.astype(np.int64)]
+        prof = Profile(captured.name, call["grid"], call["threadgroup"], counter_names, rows, only)
     return _Result(results, prof, stats, int(launch.tg_float_adds), captured.init_value)
 
 
@@ -350,6 +383,14 @@ def _resolve(schedule, math, strict_pass):
     if strict_pass is None:
         strict_pass = session.strict if session else False
     return schedule, _check_math(math), strict_pass
+
+
+def _resolve_threadgroups(threadgroups):
+    """``threadgroups``, or the active ``metal()`` block's when None."""
+    session = context.current()
+    if threadgroups is None and session is not None:
+        return session.threadgroups
+    return threadgroups
 
 
 def _profiling(profile: bool) -> bool:
@@ -374,6 +415,7 @@ def run(
     profile: bool = False,
     verbose: bool = False,
     detect_races: bool = False,
+    threadgroups=None,
 ):
     """Run an ``mx.fast.metal_kernel`` on the CPU.
 
@@ -390,15 +432,21 @@ def run(
     source lines of two accesses that no barrier orders. ``math`` is
     ``"precise"`` or ``"fast"`` (see ``MATH``). ``strict`` first runs
     ``strict_check`` on the kernel (``StrictError`` if Apple's compiler would
-    reject it). Inside ``with emulator.metal(...)`` the block's settings
+    reject it). ``threadgroups`` runs only some threadgroups of the grid (a
+    sequence of ``(x, y, z)`` positions, or a function of the threadgroup
+    counts ``(nx, ny, nz)`` returning one): the outputs the others would
+    write keep their initial fill, and a profile has rows for the ones run
+    (``Profile.positions``); for counting part of a launch too large to
+    run whole. Inside ``with emulator.metal(...)`` the block's settings
     apply to arguments left as None.
     """
     schedule, math, strict_pass = _resolve(schedule, math, strict)
+    threadgroups = _resolve_threadgroups(threadgroups)
     if not isinstance(schedule, (str, int, np.integer)):
         return run_checked(
             kernel, inputs, output_shapes, output_dtypes, grid, threadgroup,
             template=template, init_value=init_value, schedules=schedule,
-            math=math, strict=strict_pass, profile=profile,
+            math=math, strict=strict_pass, profile=profile, threadgroups=threadgroups,
         )
     _schedule_code(schedule)
     inputs, call = source.prepare_call(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
@@ -408,9 +456,11 @@ def run(
     if strict_pass:
         _strict(kernel, inputs, call, captured)
     counting = _profiling(profile)
+    only = _selected(threadgroups, call["grid"], call["threadgroup"])
     compiled = build.load(captured.source, captured.math_mode, instrumented=detect_races or counting)
     result = _launch(
-        compiled, captured, inputs, call, schedule, _math_for(math, captured), detect_races, counting
+        compiled, captured, inputs, call, schedule, _math_for(math, captured), detect_races, counting,
+        only,
     )
     return _finish(result, profile)
 
@@ -490,6 +540,7 @@ def run_checked(
     math: Optional[str] = None,
     strict: Optional[bool] = None,
     profile: bool = False,
+    threadgroups=None,
 ):
     """``run`` under each of ``schedules``; returns the first run's outputs
     (and its ``Profile`` with ``profile=True``).
@@ -502,6 +553,7 @@ def run_checked(
     rounding their order explains: ``OrderDependentWarning``, not a race.
     """
     _, math, strict_pass = _resolve("forward", math, strict)
+    threadgroups = _resolve_threadgroups(threadgroups)
     counting = _profiling(profile)
     schedules = list(schedules)
     if len(schedules) < 2:
@@ -512,6 +564,7 @@ def run_checked(
     captured = source.capture(kernel, inputs, call)
     if strict_pass:
         _strict(kernel, inputs, call, captured)
+    only = _selected(threadgroups, call["grid"], call["threadgroup"])
     has_atomic_floats = "atomic<float>" in captured.source.replace(" ", "")
     compiled = build.load(
         captured.source, captured.math_mode,
@@ -522,7 +575,7 @@ def run_checked(
     for i, schedule in enumerate(schedules):
         result = _launch(
             compiled, captured, inputs, call, schedule, _math_for(math, captured), detect_races,
-            counting and i == 0,
+            counting and i == 0, only,
         )
         if first is None:
             first = result

@@ -908,6 +908,8 @@ struct Launch {
   uint32_t** atomic_n;  // per buffer: float atomic adds per element, or null
   float** atomic_abs;   // per buffer: sum of their |operands|, or null
   uint64_t tg_float_adds; // out: float atomic additions to threadgroup memory
+  const uint64_t* only;   // linear indices of the threadgroups to run, or null: all
+  uint64_t n_only;
 };
 
 struct Runtime {
@@ -2593,17 +2595,20 @@ extern "C" MTL_NOINSTR int mtl_run(mtl::Launch* launch) {
     std::memset((void*)r.shadow, 0xff, sizeof(Shadow) * r.tg_cap);
   }
 
-  uint64_t n_groups = uint64_t(ngroups.x) * ngroups.y * ngroups.z;
+  // A launch may run a subset of its threadgroups (launch->only, ascending
+  // linear indices): the others are not run at all.
+  uint64_t n_groups = launch->only ? launch->n_only : uint64_t(ngroups.x) * ngroups.y * ngroups.z;
   uint64_t rng = launch->seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
   if (rng == 0) rng = 1;
   // Group order follows the schedule too, so races between threadgroups on
   // device memory show as well.
   bool reversed = schedule == 1 || schedule == 4;
-  uint64_t* gorder = new uint64_t[n_groups];
+  uint64_t* gorder = new uint64_t[n_groups ? n_groups : 1];
   for (uint64_t i = 0; i < n_groups; i++) {
-    gorder[i] = reversed ? n_groups - 1 - i : i;
+    uint64_t k = reversed ? n_groups - 1 - i : i;
+    gorder[i] = launch->only ? launch->only[k] : k;
   }
-  if (schedule == 2) {
+  if (schedule == 2 && n_groups > 1) {
     for (uint64_t i = n_groups - 1; i > 0; i--) {
       uint64_t j = next_random(rng) % (i + 1);
       uint64_t t = gorder[i];

@@ -1,8 +1,10 @@
 """What a kernel launch cost, as the emulator counted it.
 
-A ``Profile`` holds one row of counters per threadgroup (``per_threadgroup``,
-threadgroups in linear order, x fastest) under ``counter_names``, and their
-totals over the launch. Counter names:
+A ``Profile`` holds one row of counters per threadgroup run
+(``per_threadgroup``, threadgroups in linear order, x fastest; their grid
+positions in ``positions``: every threadgroup of the launch unless it ran
+only some, ``emulator.run(threadgroups=...)``) under ``counter_names``, and
+their totals. Counter names:
 
 * ``device.<buffer>.loaded_bytes`` / ``.stored_bytes``: bytes the kernel read
   from / wrote to each buffer of its signature (inputs, their ``_shape``,
@@ -20,7 +22,7 @@ totals over the launch. Counter names:
 * ``atomic.device`` / ``atomic.threadgroup``: atomic operations per thread.
 """
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,12 +37,14 @@ class Profile:
     """
 
     def __init__(self, kernel: str, grid, threadgroup, counter_names: Sequence[str],
-                 per_threadgroup: np.ndarray):
+                 per_threadgroup: np.ndarray, indices: Optional[Sequence[int]] = None):
         self.kernel = kernel
         self.grid = tuple(grid)
         self.threadgroup = tuple(threadgroup)
         self.counter_names = tuple(counter_names)
         self.per_threadgroup = per_threadgroup
+        # Linear index of each row's threadgroup (all of them when None).
+        self._indices = None if indices is None else [int(i) for i in indices]
         sums = per_threadgroup.sum(axis=0, dtype=np.uint64)
         self.totals: Dict[str, int] = {n: int(v) for n, v in zip(self.counter_names, sums)}
         if _PEAK in self.totals:
@@ -52,7 +56,20 @@ class Profile:
 
     @property
     def threadgroups(self) -> int:
+        """Threadgroups counted (run)."""
         return int(self.per_threadgroup.shape[0])
+
+    @property
+    def group_counts(self) -> Tuple[int, int, int]:
+        """Threadgroups of the launch along x, y and z."""
+        return tuple(-(-g // min(t, g)) if min(t, g) else 0 for g, t in zip(self.grid, self.threadgroup))
+
+    @property
+    def positions(self) -> List[Tuple[int, int, int]]:
+        """``(x, y, z)`` of the threadgroup of each row of ``per_threadgroup``."""
+        nx, ny, _ = self.group_counts
+        indices = self._indices if self._indices is not None else range(self.threadgroups)
+        return [(i % nx, (i // nx) % ny, i // (nx * ny)) for i in indices]
 
     def _group(self, prefix: str) -> Dict[str, int]:
         return {
@@ -93,7 +110,8 @@ class Profile:
     def __str__(self) -> str:
         lines = [
             f"kernel {self.kernel}: grid {self.grid}, threadgroup {self.threadgroup}, "
-            f"{self.threadgroups} threadgroups",
+            f"{self.threadgroups} threadgroups"
+            + ("" if self._indices is None else f" counted of {_product(self.group_counts)}"),
             f"  {'counter':48s} {'total':>14s} {'min/tg':>10s} {'mean/tg':>12s} {'max/tg':>10s}",
         ]
         for name, (low, mean, high) in self.summary().items():
@@ -104,3 +122,10 @@ class Profile:
 
     def __repr__(self) -> str:
         return f"<Profile {self.kernel}: {len(self.summary())} nonzero counters>"
+
+
+def _product(counts) -> int:
+    n = 1
+    for c in counts:
+        n *= c
+    return n
