@@ -83,10 +83,12 @@ for (int u = 0; u < RL; ++u) {
   rows[u] = practical_row(
       mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
   // A sink starts the row: m = sink, l = 1 (held by the lane-row's lane 0).
-  const bool sink = valid && mask.sinks;
-  m[u] = sink ? sinks[head] : -FLT_MAX;
+  // A sink of -inf adds nothing: the row starts as without one (m = -inf
+  // would make exp(s - m) NaN for the -inf scores of an additive mask).
+  const float sink = valid && mask.sinks ? float(sinks[head]) : -INFINITY;
+  m[u] = sink == -INFINITY ? -FLT_MAX : sink;
   limit[u] = m[u] + PRACTICAL_SLACK;
-  l[u] = (sink && j == 0) ? 1.0f : 0.0f;
+  l[u] = (sink != -INFINITY && j == 0) ? 1.0f : 0.0f;
   kept[u] = false;
 }
 

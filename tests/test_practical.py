@@ -329,6 +329,20 @@ def test_mlx_edge_cases_end_to_end(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sink_of_minus_infinity_adds_nothing(backend):
+    # A sink of -inf contributes exp(-inf) = 0 to its row's denominator.
+    # The forward walks key tiles from the last down, and here the keys of
+    # the last tile are -inf in an additive mask: a row that started its
+    # running maximum at the sink (-inf) would take exp(-inf - -inf) = NaN.
+    L, dim = 40, 32
+    q, k, v, dout = random_inputs(1, 2, 1, L, L, dim, dim, mx.float32, 21)
+    additive = mx.concatenate([mx.zeros((L, L - 8)), mx.full((L, 8), -math.inf)], axis=1)
+    mask = structured(L, L, additive)
+    sinks = mx.array([-math.inf, 0.5])
+    kernel_checks.check_kernels_match_reference(practical, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_value_and_grad_and_checkpoint(backend):
     dtype = mx.float16
     q, k, v, dout = random_inputs(1, 2, 2, 9, 9, 32, 32, dtype, seed=8)
