@@ -53,8 +53,10 @@
 // tile's query loop) or when its segment ranges cannot meet
 // (flash_ranges_meet), and a loop over tiles ends at the last tile whose
 // running bound still allows a meeting (flash_max_id_through walking key
-// tiles down, flash_min_id_from walking query tiles up), so the tiles of
-// other documents are not even tested one by one. Every input of those
+// tiles down, flash_min_id_from walking query tiles up), so with causal the
+// tiles of other documents are not even tested one by one (without it, the
+// later documents' key tiles, or earlier documents' query tiles, are each
+// tested and skipped). Every input of those
 // decisions is the same for every thread of a threadgroup, so skipping never
 // splits a threadgroup at a barrier.
 //

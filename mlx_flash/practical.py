@@ -17,8 +17,9 @@ whose segment-id ranges cannot meet are skipped before anything is staged,
 and a tile loop ends where the running id bounds (``masks.segment_bounds``)
 say no later tile can meet (the forward and dQ walk key tiles from the
 diagonal down, dK/dV query tiles up), so a packed row costs the sum of its
-documents' squared lengths, other documents' tiles not even tested one by
-one, and a windowed layer ``O(L * window)``. Sinks start the forward's online softmax;
+documents' squared lengths (with causal, other documents' tiles are not
+even tested one by one; without it, those on the far side of the diagonal
+are each tested and skipped), and a windowed layer ``O(L * window)``. Sinks start the forward's online softmax;
 their gradient is ``fused.sink_grad``.
 
 Work layout. A threadgroup has ``NSG`` simdgroups; a forward or dQ query

@@ -140,6 +140,42 @@ def test_practical_forward_counts_by_hand():
     assert forward["device_bytes"]["o"] == [0, 16 * 32 * 4]
 
 
+def _practical_forward_cell(case, q, k, v):
+    mask = cost.structured_mask(case)
+    scale = case.head_dim ** -0.5
+    (profile,) = cost.profile_launches(lambda: mx.eval(cost.practical.forward(q, k, v, scale, mask, None)))
+    tiling, text, registers, declared = cost.kernel_tiling(case, "forward")
+    return cost.cell(case, "forward", profile, tiling, mask, text, registers, declared, seconds=0.0)
+
+
+def test_practical_forward_rescales_depend_on_the_scores():
+    # The lazy maximum rescales a simdgroup's rows only when a score passes
+    # a row's maximum by more than the slack. float32, D=64: 4 simdgroups of
+    # 8 rows, 8-key tiles, each lane one key of one row (RL = 1).
+    L, dim = 256, 64
+    case = cost.Case("practical", L, dim, "causal", q_heads=1, kv_heads=1)
+    assert _practical_forward_cell(case, *cost.inputs(case)[:3])["tiles"].startswith("NSG/R/BK 4/8/8")
+    pairs = sum(32 * 8 for t in range(L // 32) for _ in range(0, 32 * t + 32, 8))
+
+    # Seeded normal scores: after a row's first tiles almost nothing passes.
+    normal = _practical_forward_cell(case, *cost.inputs(case)[:3])
+    assert normal["evaluated_pairs"] == pairs
+    assert pairs < normal["math"]["exp2"] < 1.1 * pairs
+    assert cost.practical_alu(normal)["ratio"] <= 2.0
+
+    # Scores that rise by 9 (> the slack, 8) at every key the walk reaches
+    # (key tiles from the diagonal down): every (simdgroup, key tile) that
+    # keeps a key rescales, one correction exp per lane and row besides the
+    # weight's; a simdgroup whose rows all end before the tile keeps none.
+    first = mx.zeros((1, 1, L, dim)).at[..., 0].add(1.0)
+    rising = first * ((L - mx.arange(L, dtype=mx.float32)) * 9.0 * dim ** 0.5)[None, None, :, None]
+    worst = _practical_forward_cell(case, first, rising, cost.inputs(case)[2])
+    rescaling = sum(8 * 8 for t in range(L // 32) for k0 in range(0, 32 * t + 32, 8)
+                    for sg in range(4) if k0 <= 32 * t + 8 * sg + 7)
+    assert worst["math"]["exp2"] == pairs + rescaling
+    assert 2.0 < cost.practical_alu(worst)["ratio"] < 3.5
+
+
 @pytest.mark.parametrize("family", ["practical", "demo"])
 def test_one_grid_column_scales_exactly_to_the_launch(family):
     case = cost.Case(family, 48, 64, "causal+docs16", q_heads=4, kv_heads=2)
@@ -180,6 +216,12 @@ def test_cost_report_is_written(tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
     # An existing report is kept unless --overwrite.
     assert cli.main(["--cost", "--seq", "32", "--head-dim", "64", "--variants", "demo", "--out", str(out)]) == 2
+    # --render draws the same report from results.json alone, its targets evaluated again.
+    again = tmp_path / "again"
+    assert cli.main(["--render", str(out / "results.json"), "--out", str(again)]) == 0
+    assert (again / "report.md").read_text() == text
+    assert cli.main(["--render", str(out / "results.json"), "--targets", "--out", str(again), "--overwrite"]) == 2
+    assert "has its own targets" in capsys.readouterr().err
 
 
 def test_cost_targets_fail_above_their_bound():

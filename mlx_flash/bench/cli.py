@@ -362,11 +362,17 @@ def _out_problem(out: str, overwrite: bool, source: Optional[str] = None) -> Opt
 
 
 def render(args: argparse.Namespace) -> int:
-    """``--render``: the reports of an earlier run, from its JSON alone."""
+    """``--render``: the reports of an earlier run, from its JSON alone (a
+    ``--cost`` run's too, with its own targets)."""
+    from . import cost_report
+
     out = args.out or os.path.dirname(os.path.abspath(args.render))
     try:
         with open(args.render) as f:
             results = json.load(f)
+        counted = isinstance(results, dict) and results.get("schema") == cost_report.SCHEMA
+        if counted and args.targets:
+            raise ValueError("a --cost report has its own targets; --targets is for timed runs")
         if args.targets:
             results["targets"] = targets.evaluate(targets.load(args.targets), results["cells"], results["machine"])
     except OSError as e:
@@ -376,6 +382,14 @@ def render(args: argparse.Namespace) -> int:
     problem = _out_problem(out, args.overwrite, source=args.render)
     if problem:
         return _fail(problem)
+    if counted:
+        # Its own targets, evaluated again on its cells.
+        results["targets"] = cost_report.evaluate(results["cells"])
+        paths = cost_report.write_all(results, out)
+        for t in results["targets"]:
+            print(f"{t['status']:>12}  {t['name']}: {t['detail']}")
+        print("wrote " + ", ".join(paths.values()))
+        return 1 if targets.any_failed(results["targets"]) else 0
     return _finish(results, report.write_all(results, out))
 
 

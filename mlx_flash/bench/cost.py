@@ -14,16 +14,20 @@ How a launch is counted. A fiber per thread is slow (a head of causal
 attention at L = 4096 is minutes), so each launch runs one column of its
 grid: every threadgroup along x (query tiles, or key tiles for dK/dV) of
 the first y (a group of query heads, or a KV head) and z (batch row), and
-the totals are multiplied by the number of columns. That is exact, not an
-estimate: a threadgroup's counted events depend on its y and z only through
-addresses (no mask here depends on the head; the batch is 1), which
-``tests/test_cost.py`` checks against whole launches. The inputs are
-seeded normal values; lse and delta come from ``mlx_flash.blockwise``.
+the totals are multiplied by the number of columns. For every kernel but
+one that is exact: a threadgroup's counted events depend on its y and z
+only through addresses (no mask here depends on the head; the batch is 1),
+which ``tests/test_cost.py`` checks against whole launches. The exception
+is the practical forward's lazy maximum: how often a row rescales depends
+on its scores, so its totals assume the other columns rescale as often as
+the counted one. The inputs are seeded normal values; lse and delta come
+from ``mlx_flash.blockwise``.
 
 The kernels' loops (``visits``) follow metal/flash_common.h: a kernel owning
-query tiles visits the key tiles from the first its rows can see by the
-causal and window rules to the last, skipping those whose segment ranges do
-not meet its own; dK/dV the same with rows and keys swapped. Every visit
+query tiles visits the key tiles its rows can see by the causal and window
+rules (from the last down, stopping where the running id bounds say no
+lower tile can meet), skipping those whose segment ranges do not meet its
+own; dK/dV the same with rows and keys swapped (from the first up). Every visit
 evaluates every pair of the two tiles, so ``evaluated_pairs`` and, for the
 practical kernels (whose products are scalar FMAs the profiler does not
 count), the FLOPs follow from the visits; for demo the visits must give
@@ -252,6 +256,8 @@ def profile_launches(run: Callable[[], None]) -> List[emulator.Profile]:
 
 def count(case: Case, seed: int = 0) -> List[dict]:
     """The cells (``cell``) of the three kernels of ``case.family`` on ``case``."""
+    if case.batch != 1:
+        raise ValueError(f"--cost counts one batch row (a launch's first column), not {case.batch}")
     family = {"practical": practical, "demo": demo}[case.family]
     mask = structured_mask(case, seed)
     q, k, v, dout = inputs(case, seed)
