@@ -236,7 +236,9 @@ the tiling itself costs (K/V read once per query tile).
 **Per pair.** Evaluated pairs: every pair of every tile pair a kernel visits
 (diagonal tiles and tile padding included). exp / pair: exp and exp2 calls per
 evaluated pair; lane-collectives: SIMD collectives × 32 lanes per evaluated
-pair."""
+pair. Math calls count the lanes that made them: a call under a branch
+that only some lanes of a SIMD group take (the backward's exp of kept
+scores) counts those lanes, where a GPU issues it for the whole group."""
 
 ALU_DEFINITION = """\
 The practical kernels' non-MMA work per evaluated pair, in lane operations
