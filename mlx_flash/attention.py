@@ -224,18 +224,21 @@ def _fused_unsupported(implementation: str, q, k, v, mask: StructuredMask) -> Op
     return module.unsupported_reason(q, k, v, mask)
 
 
-def _mask_note(mask: StructuredMask, implementation: str) -> str:
-    """How ``implementation`` handles the structure MLX does not have
-    (segments, windows), for ``explain``."""
+def _mask_note(mask: StructuredMask, implementation: str, sinks: bool = False) -> str:
+    """How ``implementation`` handles what MLX does not have in training
+    (segments, windows, the sinks' gradient), for ``explain``."""
+    notes = [note for note in (_structure_note(mask, implementation), _sinks_note(implementation, sinks)) if note]
+    return "; ".join(notes)
+
+
+def _structure_note(mask: StructuredMask, implementation: str) -> str:
     if not (mask.has_segments or mask.window is not None):
         return ""
     text = mask.describe()
     if implementation == "manual":
         return f"{text}: dense Lq x Lk mask (the reference)"
     if implementation == "mlx":
-        if mask.has_segments or mask.window is not None:
-            return f"{text}: passed to MLX as a dense Lq x Lk boolean mask"
-        return ""
+        return f"{text}: passed to MLX as a dense Lq x Lk boolean mask"
     if implementation == "empty":
         return ""
     skipped = []
@@ -251,6 +254,16 @@ def _mask_note(mask: StructuredMask, implementation: str) -> str:
     elif mask.has_segments:
         skipped.append("with segment-id ranges that cannot meet (ids read by the kernels)")
     return f"{text}: tiles {' or '.join(skipped)} are skipped; no Lq x Lk mask is built"
+
+
+def _sinks_note(implementation: str, sinks: bool) -> str:
+    if not sinks or implementation == "empty":
+        return ""
+    if implementation == "manual":
+        return "sinks: a column of the reference softmax"
+    if implementation == "mlx":
+        return "sinks: passed to MLX, whose fused backward does not take them (training runs unfused)"
+    return "sinks: start each row's online softmax; their gradient comes from the lse (fused.sink_grad)"
 
 
 def plan(
@@ -269,7 +282,7 @@ def plan(
     check_variant(variant)
     structure = masks.build(q.shape[2], k.shape[2], mask, segment_ids, window)
     chosen = _choose(q, k, v, structure, sinks, variant, force_fused)
-    note = _mask_note(structure, chosen.implementation)
+    note = _mask_note(structure, chosen.implementation, sinks is not None)
     return Plan(chosen.variant, chosen.implementation, chosen.backend, chosen.reason, note)
 
 

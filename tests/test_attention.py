@@ -319,6 +319,9 @@ def test_explain_names_the_fallback_without_metal():
     # Sinks are fused (with their gradient) by blockwise, not sent to MLX.
     with_sinks = mlx_flash.explain(q, k, v, sinks=mx.zeros((2,)), variant="blockwise")
     assert with_sinks.implementation == "blockwise"
+    assert "sinks: start each row's online softmax" in with_sinks.mask
+    assert "does not take them" in mlx_flash.explain(q, k, v, sinks=mx.zeros((2,)), variant="mlx").mask
+    assert "sinks" not in mlx_flash.explain(q, k, v, variant="blockwise").mask
 
 
 def test_explain_reports_the_mlx_lm_patch():
