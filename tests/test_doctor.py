@@ -449,6 +449,9 @@ def test_recipe_shapes(tmp_path):
     g = grid.from_recipe(str(REPO / "recipes" / "quickstart.yaml"))
     assert (g.heads, g.kv_heads, g.head_dim, g.seq, g.batch, g.packed) == (4, 2, 16, 512, 4, True)
     assert [c.seq for c in grid.timing_plan("quick", g).configs] == [512, 512]
+    # The kernels are timed against MLX, and beyond --quick against blockwise too.
+    assert grid.timing_plan("quick", g).variants == ("mlx", "practical", "demo")
+    assert grid.timing_plan("default", g).variants == ("mlx", "practical", "demo", "blockwise")
     with pytest.raises(grid.DoctorError, match="--recipe: recipe file not found"):
         grid.from_recipe(str(tmp_path / "missing.yaml"))
 

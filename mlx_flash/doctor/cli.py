@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     level.add_argument(
         "--full", action="store_true",
-        help="more: a second, longer problem per unit; timing up to L 8192 with windows, sinks and blockwise",
+        help="more: a second, longer problem per unit; timing up to L 8192 with windows and sinks",
     )  # fmt: skip
     model = parser.add_mutually_exclusive_group()
     model.add_argument(

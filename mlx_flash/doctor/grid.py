@@ -12,9 +12,10 @@ level       validation                         timing (Metal only)
 quick       float16, head dims 64 and 128      forward+backward, L 2048,
             (the model's dtype and head dims)  causal and packed
 default     every dtype and head dim of each   forward and forward+backward,
-            family (the model's)               L 512..4096, causal and packed
-full        default, plus a second problem     default plus L 8192, windows,
-            per unit (longer, other seed)      sinks, and ``blockwise``
+            family (the model's)               L 512..4096, causal and packed,
+                                               ``blockwise`` beside the kernels
+full        default, plus a second problem     default plus L 8192, windows
+            per unit (longer, other seed)      and sinks
 ==========  =================================  ===============================
 
 Packed rows are documents of 128 to 1024 tokens (``causal+docs128-1024``),
@@ -218,7 +219,9 @@ def timing_plan(
     from ..bench import harness
 
     modes = ("fwdbwd",) if level == "quick" else ("fwd", "fwdbwd")
-    variants = ("mlx", "practical", "demo") + (("blockwise",) if level == "full" else ())
+    # Every level times the kernels against MLX; beyond quick, also against
+    # blockwise (the portable fallback auto would otherwise take).
+    variants = ("mlx", "practical", "demo") + (("blockwise",) if level != "quick" else ())
     repeats = 5 if level == "full" else 3
     heads, kv_heads, batch = 16, 4, 1
     dims = [64, 128] if level != "quick" else [128]
