@@ -293,7 +293,7 @@ def markdown(results: dict) -> str:
         now = (m.get("source") or {}).get("commit", "now")
         lines += [
             "", f"## Before and after: the kernels at {commit} and at {now} (causal)", "",
-            f"{commit}: the kernels and launch geometry of that commit ({before['source']['what']}), "
+            f"{commit}: the {before['source']['what']}, "
             f"counted with the same profiler and rules by `bench/emulator-cost/before.py` "
             f"({before.get('seconds', 0):.0f} s); packed documents did not exist then.",
             "",
