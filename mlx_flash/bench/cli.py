@@ -385,12 +385,16 @@ def render(args: argparse.Namespace) -> int:
     if counted:
         # Its own targets, evaluated again on its cells.
         results["targets"] = cost_report.evaluate(results["cells"])
-        paths = cost_report.write_all(results, out)
-        for t in results["targets"]:
-            print(f"{t['status']:>12}  {t['name']}: {t['detail']}")
-        print("wrote " + ", ".join(paths.values()))
+        _print_cost_outcome(results, cost_report.write_all(results, out))
         return 1 if targets.any_failed(results["targets"]) else 0
     return _finish(results, report.write_all(results, out))
+
+
+def _print_cost_outcome(results: dict, paths: dict) -> None:
+    """A cost report's targets and the files written."""
+    for t in results["targets"]:
+        print(f"{t['status']:>12}  {t['name']}: {t['detail']}")
+    print("wrote " + ", ".join(paths.values()))
 
 
 def _finish(results: dict, paths: dict) -> int:
@@ -502,10 +506,7 @@ def run_cost(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
         "before": before,
         "targets": cost_report.evaluate(cells),
     }
-    paths = cost_report.write_all(results, out)
-    for t in results["targets"]:
-        print(f"{t['status']:>12}  {t['name']}: {t['detail']}")
-    print("wrote " + ", ".join(paths.values()))
+    _print_cost_outcome(results, cost_report.write_all(results, out))
     if interrupted:
         print(f"mlx_flash.bench: interrupted: the report holds the {len(cells) // 3} cases counted", file=sys.stderr)
         return 130
