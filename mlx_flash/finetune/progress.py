@@ -30,7 +30,18 @@ class Progress:
         self.first = first
         # it/s counts from here: make the bar just before the first iteration.
         self.start = time.perf_counter()
+        self.paused_at: Optional[float] = None
         self.open_line = False
+
+    def pause(self) -> None:
+        """Stop the it/s clock while other work runs (another run's turn)."""
+        if self.paused_at is None:
+            self.paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self.paused_at is not None:
+            self.start += time.perf_counter() - self.paused_at
+            self.paused_at = None
 
     def line(self, iteration: int, loss: float, it_per_s: float, val_loss: Optional[float] = None) -> str:
         filled = int(self.width * iteration / max(self.total, 1))
@@ -59,3 +70,29 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self.open_line = False
+
+
+#: Longest a long phase (loading, tokenizing, generating) stays silent, in seconds.
+QUIET_S = 10.0
+
+
+def note(label: str, text: str, enabled: bool = True) -> None:
+    """One progress line on stderr: ``[label] text``."""
+    if enabled:
+        sys.stderr.write(f"[{label}] {text}\n")
+        sys.stderr.flush()
+
+
+class Every:
+    """``due()`` is true at most once per ``seconds``: progress lines inside a long loop."""
+
+    def __init__(self, seconds: float = QUIET_S):
+        self.seconds = seconds
+        self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True

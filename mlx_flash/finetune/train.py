@@ -48,7 +48,7 @@ from .config import build_optimizer as _build_optimizer
 from . import packing
 from .config import run_entry
 from .packing import PackedDataset
-from .progress import Progress
+from .progress import Every, Progress, note
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,17 +128,19 @@ def attach_adapters(model: nn.Module, recipe) -> None:
         )
 
 
-def load_data(recipe, tokenizer, packed: bool = False):
+def load_data(recipe, tokenizer, packed: bool = False, label: Optional[str] = None):
     """``(train, valid, test)`` as mlx-lm ``CacheDataset`` objects, or, when
     ``packed``, whole examples packed into ``max_seq_length`` rows with
     document ids (``PackedDataset``); a missing optional split is an empty
-    list."""
+    list. With ``label``, progress lines say what is being done."""
     from mlx_lm.tuner.datasets import CacheDataset
 
     sets = [CacheDataset(s) if len(s) else s for s in data.load(recipe, tokenizer)]
     for name, dataset in zip(("train", "valid", "test"), sets):
-        _tokenize(name, dataset)
+        _tokenize(name, dataset, label)
     if packed:
+        if label:
+            note(label, f"packing {len(sets[0])} training examples into rows of {recipe.max_seq_length} tokens")
         sets = [
             PackedDataset(s, recipe.max_seq_length, recipe.batch_size, mask_prompt=recipe.mask_prompt) if len(s) else s
             for s in sets
@@ -146,16 +148,21 @@ def load_data(recipe, tokenizer, packed: bool = False):
     return tuple(sets)
 
 
-def _tokenize(name: str, dataset) -> None:
+def _tokenize(name: str, dataset, label: Optional[str] = None) -> None:
     """Tokenize every example now (mlx-lm does it lazily, at the first batch),
     so that a tokenizer problem is one line naming the split, not a
     traceback mid-run: chat and completions data need a chat template."""
+    if label and len(dataset):
+        note(label, f"tokenizing {len(dataset)} {name} examples")
+    every = Every()
     for i in range(len(dataset)):
         try:
             dataset[i]
         except Exception as e:  # noqa: BLE001 - the tokenizer's own error, whatever its type
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RecipeError(f"data: cannot tokenize example {i + 1} of {name}.jsonl: {first}") from None
+        if label and every.due():
+            note(label, f"tokenized {i + 1} of {len(dataset)} {name} examples")
 
 
 def build_optimizer(recipe):
@@ -315,12 +322,46 @@ def validation_skipped(recipe, valid_set) -> Optional[str]:
     return None
 
 
-def _stop_notice(signum: int) -> None:
-    interrupts.announce(
-        signum,
-        f"stopping after the iteration in progress, to save a checkpoint ({interrupts.NAMES[signum]} again "
-        "stops at once, keeping only the last checkpoint)",
-    )
+def _in_progress(runs: List["Run"]) -> "Run":
+    """The run whose phase started last: the one the process is in."""
+    return max(runs, key=lambda r: r.phase_since)
+
+
+def stop_notices(runs: List["Run"]):
+    """``(notice, at_once)`` for ``interrupts.deferred``: what the first signal
+    does now, truthfully timed, and the line for a second one that ends the
+    process in the middle of a step."""
+
+    def notice(signum: int) -> None:
+        run = _in_progress(runs)
+        name = interrupts.NAMES[signum]
+        running = time.perf_counter() - run.phase_since
+        steady = [r["wall_s"] for r in run.records if not r.get("warmup")]
+        if not run.phase.startswith("iteration"):
+            expect = ""
+        elif steady:
+            typical = percentile(steady, 50)
+            expect = f"; its iterations take about {typical:.1f} s, so about {max(typical - running, 0):.0f} s more"
+        else:
+            expect = "; it is the first of this session (warm-up included), with no earlier one to time it by"
+        kept = f"iteration {run.saved_iteration}" if run.saved_iteration else "none yet"
+        interrupts.announce(
+            signum,
+            f"stopping after the {run.phase} of {run.entry} (running {running:.0f} s{expect}), then saving a "
+            f"checkpoint; {name} again stops at once, keeping the last checkpoint ({kept})",
+        )
+
+    def at_once(signum: int) -> str:
+        run = _in_progress(runs)
+        kept = ", ".join(
+            f"{r.entry} iteration {r.saved_iteration}" if r.saved_iteration else f"{r.entry} none" for r in runs
+        )
+        return (
+            f"{interrupts.NAMES[signum]}: stopped at once during the {run.phase} of {run.entry}; last checkpoints: "
+            f"{kept}; metrics.jsonl may list iterations after them, which --set resume=true trains again"
+        )
+
+    return notice, at_once
 
 
 def _any_rank_stopping(signum: Optional[int]) -> Optional[int]:
@@ -377,6 +418,16 @@ class Run:
     at_once: bool = False  # stopped mid-iteration: only the last checkpoint is kept
     metrics: Optional[files.JsonlWriter] = None  # rank 0 only
     progress: Optional[Progress] = None
+    # Bytes of other runs' arrays held in this process (a comparison trains
+    # its variants side by side), left out of this run's peak memory.
+    others_bytes: int = 0
+    # What the run is doing ("iteration 7") and since when (perf_counter), for
+    # the line a stop request prints.
+    phase: str = "set-up"
+    phase_since: float = 0.0
+
+    def enter(self, phase: str) -> None:
+        self.phase, self.phase_since = phase, time.perf_counter()
     extra: dict = field(default_factory=dict)  # summary entries of this run
 
     @property
@@ -445,13 +496,17 @@ def set_up(recipe, entry: str, run_dir: Path) -> Run:
 
     mx.random.seed(recipe.seed)
     np.random.seed(recipe.seed)
+    label = entry if rank == 0 else None
+    tic = time.perf_counter()
+    note(entry, f"loading model {recipe.model}", enabled=rank == 0)
     model, tokenizer, config, model_path = load_base(recipe)
+    note(entry, f"model loaded in {time.perf_counter() - tic:.1f} s", enabled=rank == 0)
     if packed:
         try:
             packing.check_model(model, config.get("model_type", type(model).__module__))
         except ValueError as e:
             raise RecipeError(str(e)) from None
-    train_set, valid_set, test_set = load_data(recipe, tokenizer, packed)
+    train_set, valid_set, test_set = load_data(recipe, tokenizer, packed, label)
     if len(train_set) < recipe.batch_size:
         raise RecipeError(f"batch_size: {recipe.batch_size} is more than the {len(train_set)} training examples")
     mx.random.seed(recipe.seed)
@@ -500,6 +555,15 @@ def resume_from(run: Run) -> None:
             f"longer than max_seq_length ({recipe.max_seq_length} tokens) and are truncated",
             file=sys.stderr,
         )
+    repeated = getattr(run.train_set, "unique_rows", len(run.train_set)) < len(run.train_set)
+    if repeated and run.start == 1:
+        print(
+            f"[{run.entry}] the {run.train_set.examples} training examples pack into {run.train_set.unique_rows} "
+            f"row(s) of {recipe.max_seq_length} tokens, fewer than batch_size {recipe.batch_size}: rows are repeated "
+            f"to fill each step, so an epoch is {len(run.batches)} step(s) over the same "
+            f"{run.train_set.unique_rows} unique row(s)",
+            file=sys.stderr,
+        )
     adapter_config = recipe_dict(recipe)
     adapter_config.update(model=run.model_path, adapter_path=str(run.adapters))
     adapter_config["attention"] = {"variant": run.variant, "implementation": run.plan.implementation}
@@ -541,13 +605,14 @@ def one_iteration(run: Run, iteration: int) -> dict:
     """Train ``iteration`` (1-based): step, time, validate when due, record,
     save when due. Returns its metrics record."""
     recipe = run.recipe
+    run.enter(f"iteration {iteration}")
     batch = run.batches.batch(iteration - 1)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     loss, tokens, run.grad = run.step(batch, run.grad, iteration % recipe.grad_accumulation_steps == 0)
     mx.eval(run.state, loss, tokens, run.grad)
     wall = time.perf_counter() - tic
-    peak = mx.get_peak_memory()
+    peak = mx.get_peak_memory() - run.others_bytes
     if recipe.clear_cache_threshold and mx.get_cache_memory() > recipe.clear_cache_threshold:
         mx.clear_cache()
     if run.world_size > 1:
@@ -567,6 +632,7 @@ def one_iteration(run: Run, iteration: int) -> dict:
     if iteration == run.start:
         record["warmup"] = True
     if iteration % recipe.steps_per_eval == 0 or iteration == recipe.iters:
+        run.enter(f"validation after iteration {iteration}")
         record["val_loss"] = validate(run, run.valid_set, recipe.val_batches)
     run.records.append(record)
     if run.writer:
@@ -597,24 +663,44 @@ def save(run: Run, iteration: int) -> None:
         files.write_safetensors(run.adapters / f"{iteration:07d}_{ADAPTER_FILE}", arrays["adapters"])
 
 
-def train(run: Run) -> None:
-    """Validate before training (a fresh run), then train to ``recipe.iters``;
-    the first Ctrl-C or SIGTERM stops after the iteration in progress, with a
-    checkpoint (``stop``)."""
+def _batch_count(batches: int) -> str:
+    return "the whole validation set" if batches == -1 else f"{batches} batch(es)"
+
+
+def begin(run: Run) -> None:
+    """Validate before training (a fresh run) and start the progress bar."""
     recipe = run.recipe
     if run.start == 1:
+        run.enter("validation before training")
+        if not validation_skipped(recipe, run.valid_set):
+            note(run.entry, f"validating before training ({_batch_count(recipe.val_batches)})", enabled=run.writer)
         run.initial_val_loss = validate(run, run.valid_set, recipe.val_batches)
     run.model.train()
     # Made here so that its clock (it/s) leaves out the initial validation.
     run.progress = Progress(recipe.iters, run.entry, every=recipe.steps_per_report, enabled=run.writer, first=run.start)
-    with interrupts.deferred(_stop_notice if run.writer else None) as request:
-        for iteration in range(run.start, recipe.iters + 1):
+
+
+def train(run: Run) -> None:
+    """``begin``, then train to ``recipe.iters``; the first Ctrl-C or SIGTERM
+    stops after the iteration in progress, with a checkpoint (``stop``)."""
+    notice, at_once = stop_notices([run])
+    with interrupts.deferred(notice if run.writer else None, at_once) as request:
+        begin(run)
+        if stop_requested(run, request):
+            stop(run, request.signal)
+            return
+        for iteration in range(run.start, run.recipe.iters + 1):
             one_iteration(run, iteration)
-            if run.world_size > 1:
-                request.signal = _any_rank_stopping(request.signal)
-            if request:
+            if stop_requested(run, request):
                 stop(run, request.signal)
                 return
+
+
+def stop_requested(run: Run, request) -> bool:
+    """Whether a stop was asked for, on any rank (all ranks stop together)."""
+    if run.world_size > 1:
+        request.signal = _any_rank_stopping(request.signal)
+    return bool(request)
 
 
 def stop(run: Run, signum: int) -> None:
@@ -679,6 +765,8 @@ def stopped_message(run: Run) -> str:
         )
         during = f"during iteration {run.done + 1}" if run.done < run.recipe.iters else "after the last iteration"
         return f"{name}: stopped at once {during}; {kept}; summary in {summary}"
+    if run.done == 0:
+        return f"{name}: stopped before iteration 1, during the {run.phase}: nothing was trained or saved"
     return (
         f"{name}: stopped after iteration {run.done}: checkpoint {run.saved_path}, adapters in {run.adapters}, "
         f"metrics in {run.metrics_path}, summary in {summary}; --set resume=true continues"
