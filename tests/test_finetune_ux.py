@@ -304,3 +304,22 @@ def test_make_installs_the_plot_extra():
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     install = [line for line in makefile.splitlines() if "pip install" in line and " -e " in line]
     assert len(install) == 1 and "plot" in install[0].split("-e", 1)[1]
+
+
+def test_long_iterations_each_get_a_progress_line(monkeypatch):
+    import io
+
+    from mlx_flash.finetune import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    stream = io.StringIO()
+    bar = progress.Progress(100, "manual", every=10, stream=stream)
+    for iteration in (1, 2, 3):
+        clock[0] += 2.0  # short iterations: only every 10th gets a line
+        bar.update(iteration, 1.0)
+    assert stream.getvalue() == ""
+    for iteration in (4, 5):
+        clock[0] += progress.QUIET_S + 1  # long ones: a line each
+        bar.update(iteration, 1.0)
+    assert [line.split("|")[0] for line in stream.getvalue().splitlines()] == ["[manual]   4/100 ", "[manual]   5/100 "]

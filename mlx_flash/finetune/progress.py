@@ -1,12 +1,17 @@
 """A plain-text progress bar on stderr: iteration, loss, it/s.
 
 On a terminal the bar redraws in place; otherwise (a log file, CI) it prints
-one line per report interval, so logs stay readable.
+one line per report interval, and one per iteration when iterations are
+long (``QUIET_S``), so logs stay readable and never go quiet for long.
 """
 
 import sys
 import time
 from typing import Optional, TextIO
+
+#: Longest a long phase (loading, tokenizing, training, generating) stays
+#: silent, in seconds, where it can say how far it got.
+QUIET_S = 10.0
 
 
 class Progress:
@@ -31,6 +36,7 @@ class Progress:
         # it/s counts from here: make the bar just before the first iteration.
         self.start = time.perf_counter()
         self.paused_at: Optional[float] = None
+        self.last_line = self.start
         self.open_line = False
 
     def pause(self) -> None:
@@ -58,11 +64,18 @@ class Progress:
         done = iteration - self.first + 1
         it_per_s = done / max(time.perf_counter() - self.start, 1e-9)
         text = self.line(iteration, loss, it_per_s, val_loss)
+        now = time.perf_counter()
         if self.interactive:
             self.stream.write("\r\033[K" + text)
             self.open_line = True
-        elif iteration % self.every == 0 or iteration == self.total or val_loss is not None:
+        elif (
+            iteration % self.every == 0
+            or iteration == self.total
+            or val_loss is not None
+            or now - self.last_line >= QUIET_S  # long iterations: a line for each
+        ):
             self.stream.write(text + "\n")
+            self.last_line = now
         self.stream.flush()
 
     def close(self) -> None:
@@ -70,10 +83,6 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self.open_line = False
-
-
-#: Longest a long phase (loading, tokenizing, generating) stays silent, in seconds.
-QUIET_S = 10.0
 
 
 def note(label: str, text: str, enabled: bool = True) -> None:

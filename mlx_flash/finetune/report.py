@@ -37,11 +37,12 @@ NO_DIFFERENCE = "no measurable difference"
 
 def windows(records: Sequence[dict], width: Optional[int]) -> Dict[int, dict]:
     """Per window (0-based), the real tokens, seconds and iterations of the
-    steady records (warm-up left out). Without ``width`` the run is one window."""
+    steady records (warm-up left out, unless there is nothing else). Without
+    ``width`` the run is one window."""
     out: Dict[int, dict] = {}
-    for r in records:
-        if r.get("warmup"):
-            continue
+    # A run of warm-up iterations only is measured by them, as its summary is.
+    steady = [r for r in records if not r.get("warmup")] or list(records)
+    for r in steady:
         w = (r["iteration"] - 1) // width if width else 0
         slot = out.setdefault(w, {"tokens": 0, "seconds": 0.0, "iterations": 0})
         slot["tokens"] += r["tokens"]

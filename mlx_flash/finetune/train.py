@@ -21,6 +21,13 @@ A checkpoint is written every ``save_every`` iterations, after the last one,
 and when Ctrl-C or SIGTERM stops the run (after the iteration in progress);
 ``resume: true`` continues from it (resume.py) along the same loss
 trajectory as a run that never stopped.
+
+``run`` reads top to bottom as its steps, each a function of one ``Run``
+(what was set up, and how far the run got)::
+
+    set_up -> resume_from -> begin -> one_iteration ... -> stop or finish -> write_summary
+
+``interleave.compare`` drives the same steps for several variants in turns.
 """
 
 import signal
@@ -664,7 +671,7 @@ def save(run: Run, iteration: int) -> None:
 
 
 def _batch_count(batches: int) -> str:
-    return "the whole validation set" if batches == -1 else f"{batches} batch(es)"
+    return "every batch" if batches == -1 else f"{batches} batch(es)"
 
 
 def begin(run: Run) -> None:
@@ -711,9 +718,14 @@ def stop(run: Run, signum: int) -> None:
 
 def finish(run: Run) -> None:
     """After the last iteration: the test loss and the packing check, when asked for."""
+    if run.progress is not None:
+        run.progress.close()  # lines below start on a line of their own
     if run.recipe.test:
+        note(run.entry, f"testing ({_batch_count(run.recipe.test_batches)})", enabled=run.writer)
         run.extra["test_loss"] = validate(run, run.test_set, run.recipe.test_batches)
     if run.packed and run.writer:
+        if len(run.valid_set):
+            note(run.entry, "checking that packing changed no validation document's loss")
         run.extra["packing"] = packing_summary(run.train_set, packing_check(run.model, run.valid_set))
 
 
