@@ -173,6 +173,10 @@ def model_availability(model: str):
 def main(argv=None) -> int:
     from . import interrupts
 
+    if argv is None:
+        from ..blas import reexec_with_fast_blas
+
+        reexec_with_fast_blas()
     args = build_parser().parse_args(argv)
     state = {"phase": None, "finished": 0, "out_dir": None}
     with interrupts.raising():
