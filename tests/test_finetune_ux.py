@@ -323,3 +323,20 @@ def test_long_iterations_each_get_a_progress_line(monkeypatch):
         clock[0] += progress.QUIET_S + 1  # long ones: a line each
         bar.update(iteration, 1.0)
     assert [line.split("|")[0] for line in stream.getvalue().splitlines()] == ["[manual]   4/100 ", "[manual]   5/100 "]
+
+
+def test_a_stopped_comparison_resumes_to_the_uninterrupted_one(tmp_path):
+    from test_resume import assert_same_run, drive
+
+    recipe = [str(QUICKSTART), *FAST, "--set", "max_seq_length=256", "--set", "attention.compare=[manual, blockwise]"]
+    assert main([*recipe, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "parts"
+    # Ctrl-C as manual fetches iteration 5's batch: manual finishes 5, blockwise
+    # (its turn comes next) stays at 4, and both save.
+    proc = drive(tmp_path, "SIGINT", 5, [*recipe, "--out", out])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Ctrl-C: stopped manual after iteration 5, blockwise after iteration 4, each with a checkpoint" in err.strip().splitlines()[-1]
+    assert main([*recipe, "--set", "resume=true", "--out", str(out)]) == 0
+    for variant in ("manual", "blockwise"):
+        assert_same_run(out / variant, tmp_path / "whole" / variant, iters=8)
