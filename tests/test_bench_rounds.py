@@ -1,7 +1,6 @@
 """The benchmark times its variants in rounds (A B C A B C ...) and reports
 each speedup with the range of its round-by-round ratios."""
 
-import mlx.core as mx
 import pytest
 
 import mlx_flash

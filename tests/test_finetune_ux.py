@@ -7,7 +7,6 @@ also checked on summaries made up here, so every column rule is exercised.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time

@@ -34,11 +34,6 @@ def window_size(iters: int) -> int:
     return max(1, math.ceil(iters / WINDOWS))
 
 
-def window_of(iteration: int, iters: int) -> int:
-    """The 0-based window of ``iteration`` (1-based) in a run of ``iters``."""
-    return (iteration - 1) // window_size(iters)
-
-
 def load_average() -> Optional[float]:
     """The machine's 1-minute load average, or None where there is none."""
     try:
@@ -152,6 +147,8 @@ def stopped_message(jobs: List[train.Run]) -> str:
     if job.at_once:
         kept = ", ".join(f"{j.entry} at iteration {j.saved_iteration}" for j in jobs)
         return f"{name}: stopped at once; the last checkpoints are {kept}, and metrics were cut back to them"
+    if all(j.done == 0 for j in jobs):
+        return f"{name}: stopped before iteration 1, during the {train.in_progress(jobs).phase}: nothing was trained or saved"
     done = ", ".join(f"{j.entry} after iteration {j.done}" for j in jobs)
     return (
         f"{name}: stopped {done}, each with a checkpoint, adapters and summary in its folder under "

@@ -339,15 +339,6 @@ def plot(path: Path, metrics: Dict[str, List[dict]]) -> Optional[Path]:
     return path
 
 
-def terminal_lines(table: List[dict], summaries: List[dict]) -> List[str]:
-    """What the terminal shows after a comparison: load, and each ratio in words."""
-    lines = [line for line in [load_line(summaries)] if line]
-    for r in table:
-        if r["stock"] and r["variant"] != r["stock"] and r["tokens_vs_stock"]:
-            lines.append(f"[{r['variant']}] real tokens/s vs {r['stock']}: {ratio_text(r['tokens_vs_stock'])}")
-    return lines
-
-
 def write(
     out_dir: Path,
     recipe_name: str,

@@ -329,7 +329,7 @@ def validation_skipped(recipe, valid_set) -> Optional[str]:
     return None
 
 
-def _in_progress(runs: List["Run"]) -> "Run":
+def in_progress(runs: List["Run"]) -> "Run":
     """The run whose phase started last: the one the process is in."""
     return max(runs, key=lambda r: r.phase_since)
 
@@ -340,7 +340,7 @@ def stop_notices(runs: List["Run"]):
     process in the middle of a step."""
 
     def notice(signum: int) -> None:
-        run = _in_progress(runs)
+        run = in_progress(runs)
         name = interrupts.NAMES[signum]
         running = time.perf_counter() - run.phase_since
         steady = [r["wall_s"] for r in run.records if not r.get("warmup")]
@@ -348,7 +348,8 @@ def stop_notices(runs: List["Run"]):
             expect = ""
         elif steady:
             typical = percentile(steady, 50)
-            expect = f"; its iterations take about {typical:.1f} s, so about {max(typical - running, 0):.0f} s more"
+            left = f"about {typical - running:.0f} s more" if typical > running else "it should end soon"
+            expect = f"; its iterations take about {typical:.1f} s, so {left}"
         else:
             expect = "; it is the first of this session (warm-up included), with no earlier one to time it by"
         kept = f"iteration {run.saved_iteration}" if run.saved_iteration else "none yet"
@@ -359,7 +360,7 @@ def stop_notices(runs: List["Run"]):
         )
 
     def at_once(signum: int) -> str:
-        run = _in_progress(runs)
+        run = in_progress(runs)
         kept = ", ".join(
             f"{r.entry} iteration {r.saved_iteration}" if r.saved_iteration else f"{r.entry} none" for r in runs
         )
