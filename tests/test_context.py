@@ -95,3 +95,66 @@ def test_split_row_pads_the_end_then_slices():
     g = context.Grid(3, 2, 1, 0)
     x = mx.arange(8)[None]
     assert context.split_row(x, g, -1).tolist() == [[6, 7, -1]]
+
+
+# The fine-tune: `context_parallel: 2` under mlx.launch.
+
+from finetune_runs import FAST, QUICKSTART, cache, read_records  # noqa: E402,F401 - cache is a fixture
+
+CP_RUN = [*FAST, "--set", "iters=4", "--set", "save_every=2", "--set", "steps_per_eval=4",
+          "--set", "attention.compare=[]", "--set", "attention.variant=blockwise"]  # fmt: skip
+
+
+def finetune(ranks: int, out: Path, *sets: str):
+    args = ["-m", "mlx_flash.finetune", str(QUICKSTART), *CP_RUN, *sets, "--out", str(out)]
+    if ranks == 1:
+        result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=out.parent, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        launch(ranks, *args, "--set", f"context_parallel={ranks}", cwd=out.parent)
+    return read_records(out / "blockwise" / "metrics.jsonl"), json.loads((out / "blockwise" / "summary.json").read_text())
+
+
+def test_fine_tune_with_two_ranks_per_row_trains_the_single_process_run_and_resumes(tmp_path):
+    single, _ = finetune(1, tmp_path / "single")
+    parallel, summary = finetune(2, tmp_path / "cp")
+    assert summary["context_parallel"] == 2 and summary["rank_count"] == 2
+    assert [r["iteration"] for r in parallel] == [1, 2, 3, 4]
+    # Every rank holds half of each row, so the counted targets are the same;
+    # the losses agree to float32 rounding (Adam amplifies it a little per step).
+    assert [r["tokens"] for r in parallel] == [r["tokens"] for r in single]
+    assert parallel[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
+    for p, s in zip(parallel, single):
+        assert p["loss"] == pytest.approx(s["loss"], rel=1e-4)
+    assert summary["final_val_loss"] == pytest.approx(_summary(tmp_path / "single")["final_val_loss"], rel=1e-4)
+
+    # Stopped after iteration 2 (a run of 2 iterations), then resumed to 4:
+    # the run that never stopped, iteration for iteration.
+    finetune(2, tmp_path / "parts", "--set", "iters=2")
+    resumed, summary = finetune(2, tmp_path / "parts", "--set", "resume=true")
+    assert summary["resumed"] and summary["resumed_from_iteration"] == 2
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
+    for r, p in zip(resumed, parallel):
+        assert r["loss"] == pytest.approx(p["loss"], rel=1e-6)
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "blockwise" / "summary.json").read_text())
+
+
+def test_context_parallel_key_is_checked_in_one_line(tmp_path):
+    from mlx_flash.finetune.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"^context_parallel: must be at least 1, got 0$"):
+        load_recipe(str(QUICKSTART), ["context_parallel=0"])
+    with pytest.raises(RecipeError, match=r"^context_parallel: "):
+        load_recipe(str(QUICKSTART), ["context_parallel=two"])
+    assert load_recipe(str(QUICKSTART)).context_parallel == 1
+    # One process cannot hold a row in two slices.
+    result = subprocess.run([sys.executable, "-m", "mlx_flash.finetune", str(QUICKSTART), *CP_RUN,
+                             "--set", "context_parallel=2", "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "context_parallel: 2 does not divide the 1 ranks (launch a multiple of it with mlx.launch)"
+    )
