@@ -3,7 +3,10 @@
 from a context-parallel step, and the same from one process on the whole
 row (the ``manual`` variant, dense masks), written to ``OUT/rank<r>.npz``.
 
-    mlx.launch -n 2 --backend ring -- python tests/context_worker.py OUT
+    mlx.launch -n 2 --backend ring -- python tests/context_worker.py OUT [CP [CASE ...]]
+
+``CP`` (default: every rank) ranks per row; with fewer, the ranks form a
+data-parallel x context-parallel grid whose shards all train the same rows.
 """
 
 import sys
@@ -77,15 +80,23 @@ CASES = {
 }
 
 
-def main(out: Path):
+def main(out: Path, cp: int = 0, names=()):
     world = mx.distributed.init()
-    grid = context.grid(world.size(), world)
+    grid = context.grid(cp or world.size(), world)
     results = {}
     for name, case in CASES.items():
+        if names and name not in names:
+            continue
         model = tiny(case["kind"], case.get("window"))
         batch = row(case["packed"])
+        # Each data-parallel shard takes its own rows; one process's answer
+        # is then the mean over shards of each shard's loss and gradients.
+        shards = [tuple(None if x is None else x[d :: grid.dp] for x in batch) for d in range(grid.dp)]
         with mlx_flash.patched("manual"):
-            (loss, _), grads = nn.value_and_grad(model, whole_row_loss)(model, *batch)
+            parts = [nn.value_and_grad(model, whole_row_loss)(model, *shard) for shard in shards]
+        loss = sum(p[0][0] for p in parts) / grid.dp
+        grads = tree_map(lambda *g: sum(g) / grid.dp, *[p[1] for p in parts])
+        batch = shards[grid.dp_index]
         results[f"{name}/single/loss"] = np.array(loss)
         results.update({f"{name}/single/{k}": np.array(v) for k, v in tree_flatten(grads)})
 
@@ -109,4 +120,4 @@ def main(out: Path):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0, sys.argv[3:])

@@ -21,31 +21,52 @@ CASES = ("llama_packed", "llama_window_packed", "llama_window", "qwen2_causal_ch
 def launch(n: int, *args, cwd=None, timeout=300):
     env_args = [str(LAUNCH), "-n", str(n), "--backend", "ring", "--", sys.executable, *args]
     result = subprocess.run(env_args, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    # mlx.launch exits 0 even when a rank fails; it says so in a warning.
+    assert result.returncode == 0 and "exited with code" not in result.stderr, (result.stdout + result.stderr)[-3000:]
     return result
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_step_equals_one_process_on_the_whole_row(ranks, tmp_path):
-    # Rows of 60 inputs: 2 slices of 30 or 3 of 20, documents straddling
-    # both boundaries, GQA (4 query heads, 2 KV heads), causal, sliding
-    # windows, q/k/v bias, gradient checkpointing.
-    launch(ranks, str(WORKER), str(tmp_path))
+COUNTS = {"llama_packed": 102, "llama_window_packed": 102, "llama_window": 120, "qwen2_causal_checkpointed": 120}
+
+
+def check_ranks(out: Path, ranks: int, cases, validation: bool = True):
     for rank in range(ranks):
-        found = np.load(tmp_path / f"rank{rank}.npz")
-        for case in CASES:
+        found = np.load(out / f"rank{rank}.npz")
+        for case in cases:
             single = {k.split("/", 2)[2]: found[k] for k in found if k.startswith(f"{case}/single/")}
             parallel = {k.split("/", 2)[2]: found[k] for k in found if k.startswith(f"{case}/cp/")}
             assert parallel["loss"] == pytest.approx(float(single["loss"]), rel=1e-5), case
-            assert parallel["val_loss"] == pytest.approx(float(single["loss"]), rel=1e-5), case
+            if validation:
+                assert parallel["val_loss"] == pytest.approx(float(single["loss"]), rel=1e-5), case
+            assert int(parallel["count"]) == COUNTS[case]
             assert len(single) > 10  # the loss and every LoRA gradient
             for name, expected in single.items():
                 scale = np.abs(expected).max()
                 assert scale > 0, (case, name)
                 np.testing.assert_allclose(parallel[name], expected, rtol=0, atol=1e-5 * scale, err_msg=f"{case} {name}")
-        expected_counts = {"llama_packed": 102, "llama_window_packed": 102, "llama_window": 120, "qwen2_causal_checkpointed": 120}
-        for case, count in expected_counts.items():
-            assert int(found[f"{case}/cp/count"]) == count
+
+
+def test_two_ranks_step_equals_one_process_on_the_whole_row(tmp_path):
+    # Rows of 60 inputs in 2 slices of 30, documents straddling the
+    # boundary, GQA (4 query heads, 2 KV heads), causal, sliding windows,
+    # q/k/v bias, gradient checkpointing.
+    launch(2, str(WORKER), str(tmp_path))
+    check_ranks(tmp_path, 2, CASES)
+
+
+def test_three_ranks_slice_and_pad_exactly(tmp_path):
+    # 60 inputs padded to 3 slices of 21 (documents straddle 21 and 42).
+    cases = ("llama_packed", "llama_window_packed")
+    launch(3, str(WORKER), str(tmp_path), "3", *cases)
+    check_ranks(tmp_path, 3, cases)
+
+
+def test_data_parallel_by_context_parallel_grid(tmp_path):
+    # 4 ranks: 2 shards of one row each, each row over 2 ranks; the ring
+    # backend cannot split groups, so the collectives span all 4 ranks and
+    # each rank uses its own row's part.
+    launch(4, str(WORKER), str(tmp_path), "2", "llama_window_packed")
+    check_ranks(tmp_path, 4, ("llama_window_packed",), validation=False)
 
 
 def test_grid_places_ranks_and_refuses_what_does_not_divide():
