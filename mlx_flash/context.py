@@ -196,6 +196,8 @@ class SliceCache:
         return keys, values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **_):
+        if return_array:
+            raise ValueError("[mlx_flash.context] this model asks for an array mask; context parallelism takes causal or windowed masks")
         if window_size and window_size < self.grid.cp * self.length:
             return Window(window_size)
         return "causal"

@@ -179,3 +179,29 @@ def test_context_parallel_key_is_checked_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].endswith(
         "context_parallel: 2 does not divide the 1 ranks (launch a multiple of it with mlx.launch)"
     )
+
+
+def test_one_slice_is_mlx_lms_default_loss_on_padded_rows():
+    # mlx-lm's [offset, length] rows: the targets and the mean are
+    # default_loss's, and the slice's cache path runs the same attention.
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.trainer import default_loss
+
+    import mlx_flash
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=48,
+                                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50))  # fmt: skip
+    tokens = mx.random.randint(1, 50, (3, 33))
+    lengths = mx.array([[0, 33], [5, 20], [2, 9]])
+    grid = context.Grid(1, 0, 1, 0)
+    with mlx_flash.patched("blockwise"):
+        expected, expected_n = default_loss(model, tokens, lengths)
+        loss, n = context.training_loss(grid)(model, tokens, lengths)
+        val, val_n = context.evaluation_loss(grid)(model, tokens, lengths)
+    assert int(n) == int(expected_n) == int(val_n) == 32 + 16 + 8
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert val.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="asks for an array mask"):
+        context.SliceCache(grid, 4).make_mask(4, return_array=True)
