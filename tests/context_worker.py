@@ -6,7 +6,8 @@ row (the ``manual`` variant, dense masks), written to ``OUT/rank<r>.npz``.
     mlx.launch -n 2 --backend ring -- python tests/context_worker.py OUT [CP [CASE ...]]
 
 ``CP`` (default: every rank) ranks per row; with fewer, the ranks form a
-data-parallel x context-parallel grid whose shards all train the same rows.
+data-parallel x context-parallel grid, each shard with its own rows; one
+process's answer is then the mean over shards, as data parallelism averages.
 """
 
 import sys
