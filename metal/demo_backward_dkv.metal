@@ -44,14 +44,16 @@ const ushort lane = thread_index_in_simdgroup;
 
 const int batch = threadgroup_position_in_grid.z;
 const int kv_head = threadgroup_position_in_grid.y;
-const int k_tile_index = threadgroup_position_in_grid.x;
+const int k_tile_index = m.first_tile + int(threadgroup_position_in_grid.x);
+// The keys this launch writes (all of them unless it is a piece).
+const FlashPiece piece = flash_piece(m, BK, threadgroups_per_grid.x, m.k_len);
 const int k_start = k_tile_index * BK;
 const int group = m.n_q_heads / m.n_kv_heads;
 const float scale = fparams[0];
 
 const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
-const size_t key_offset = size_t(batch * m.n_kv_heads + kv_head) * m.k_len;
+const size_t key_offset = size_t(batch * m.n_kv_heads + kv_head) * piece.count;
 
 // This lane's key (fragment row) and the first of its two query columns.
 const short2 coord = demo_frag_coord(lane);
@@ -196,8 +198,8 @@ for (int g = 0; g < group; ++g) {
 }
 
 if (key < m.k_len) {
-  device T* dk_row = dk + (key_offset + key) * D;
-  device T* dv_row = dv + (key_offset + key) * D;
+  device T* dk_row = dk + (key_offset + key - piece.begin) * D;
+  device T* dv_row = dv + (key_offset + key - piece.begin) * D;
   DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
     *reinterpret_cast<device vec<T, 2>*>(dk_row + d * 8 + col) = vec<T, 2>(

@@ -35,7 +35,9 @@ const ushort lane = thread_index_in_simdgroup;
 
 const int heads_here = int(n_threads) / (QSG * 32);
 const int batch = threadgroup_position_in_grid.z;
-const int q_tile_index = threadgroup_position_in_grid.x;
+const int q_tile_index = m.first_tile + int(threadgroup_position_in_grid.x);
+// The query rows this launch writes (all of them unless it is a piece).
+const FlashPiece piece = flash_piece(m, BQ, threadgroups_per_grid.x, m.q_len);
 const int q_start = q_tile_index * BQ;
 const int first_head = threadgroup_position_in_grid.y * heads_here;
 const int head_slot = sg / QSG;
@@ -174,7 +176,7 @@ for (int k_start = k_last; k_start >= k_first; k_start -= BK) {
 }
 
 if (row < m.q_len) {
-  device T* dq_row = dq + (size_t(batch * m.n_q_heads + head) * m.q_len + row) * D;
+  device T* dq_row = dq + (size_t(batch * m.n_q_heads + head) * piece.count + (row - piece.begin)) * D;
   DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
     *reinterpret_cast<device vec<T, 2>*>(dq_row + d * 8 + col) = vec<T, 2>(

@@ -44,7 +44,9 @@ const ushort lane = thread_index_in_simdgroup;
 
 const int heads_here = int(n_threads) / (QSG * 32);
 const int batch = threadgroup_position_in_grid.z;
-const int q_tile_index = threadgroup_position_in_grid.x;
+const int q_tile_index = m.first_tile + int(threadgroup_position_in_grid.x);
+// The query rows this launch writes (all of them unless it is a piece).
+const FlashPiece piece = flash_piece(m, BQ, threadgroups_per_grid.x, m.q_len);
 const int q_start = q_tile_index * BQ;
 const int first_head = threadgroup_position_in_grid.y * heads_here;
 const int head_slot = sg / QSG;
@@ -198,7 +200,7 @@ for (int k_start = k_last; k_start >= k_first; k_start -= BK) {
 const bool row_kept = demo_row_any(kept);
 if (row < m.q_len) {
   const float inv_sum = row_kept ? 1.0f / row_sum : 0.0f;
-  const size_t row_index = size_t(batch * m.n_q_heads + head) * m.q_len + row;
+  const size_t row_index = size_t(batch * m.n_q_heads + head) * piece.count + (row - piece.begin);
   device T* out_row = out + row_index * D;
   DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {

@@ -20,7 +20,13 @@
 //   sinks (Hq,): float32 logits in natural units; a placeholder unless
 //     params[8].
 //   params (int32): [q_len, k_len, n_q_heads, n_kv_heads, array_kind, causal,
-//                    window, has_segments, has_sinks], window 0 = none.
+//                    window, has_segments, has_sinks, first_tile], window 0 =
+//                    none. first_tile: the tile (along the grid's x axis)
+//                    of this launch's first threadgroup. A launch split into
+//                    pieces (mlx_flash.dispatch) runs tiles [first_tile,
+//                    first_tile + threadgroups_per_grid.x) and writes only
+//                    their rows, into outputs whose sequence axis holds just
+//                    those rows (flash_piece); 0 for a whole launch.
 //   fparams (float32): [scale].
 //   Backward kernels also take dout (B, Hq, Lq, Dv), any strides, and lse,
 //   delta (B, Hq, Lq) float32, row-contiguous.
@@ -87,6 +93,7 @@ struct FlashMask {
   int window; // 0: none; only meaningful with causal
   bool segments;
   bool sinks;
+  int first_tile; // this launch's first tile along the grid's x axis
 };
 
 template <typename P>
@@ -102,7 +109,24 @@ inline FlashMask flash_read_mask(P params) {
   mask.window = params[5] != 0 ? params[6] : 0;
   mask.segments = params[7] != 0;
   mask.sinks = params[8] != 0;
+  mask.first_tile = params[9];
   return mask;
+}
+
+// The rows (queries, or keys for dK/dV) one launch writes: tiles
+// [first_tile, first_tile + n_tiles) of `tile_rows` rows each, within
+// `length` rows. Outputs hold `count` rows per (batch, head): row r of the
+// whole problem is row r - begin of the launch's output.
+struct FlashPiece {
+  int begin;
+  int count;
+};
+
+inline FlashPiece flash_piece(FlashMask mask, int tile_rows, uint n_tiles, int length) {
+  FlashPiece piece;
+  piece.begin = min(mask.first_tile * tile_rows, length);
+  piece.count = min((mask.first_tile + int(n_tiles)) * tile_rows, length) - piece.begin;
+  return piece;
 }
 
 // The first key that any query row at or after `row_begin` can see by the

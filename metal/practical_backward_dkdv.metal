@@ -48,7 +48,9 @@ const float scale = fparams[0];
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
 const int sg = simdgroup_index_in_threadgroup;
-const int key_block = threadgroup_position_in_grid.x;
+const int key_block = mask.first_tile + int(threadgroup_position_in_grid.x);
+// The keys this launch writes (all of them unless it is a piece).
+const FlashPiece piece = flash_piece(mask, BKV, threadgroups_per_grid.x, mask.k_len);
 const int kv_head = threadgroup_position_in_grid.y;
 const int batch = threadgroup_position_in_grid.z;
 const int group = mask.n_q_heads / mask.n_kv_heads;
@@ -156,7 +158,7 @@ for (int g = 0; g < group; ++g) {
 for (int c = 0; c < KPS; ++c) {
   const int key_c = key_begin + sg * KPS + c;
   if (key_c < mask.k_len) {
-    const int64_t out_row = (int64_t(batch) * mask.n_kv_heads + kv_head) * mask.k_len + key_c;
+    const int64_t out_row = (int64_t(batch) * mask.n_kv_heads + kv_head) * piece.count + key_c - piece.begin;
     for (int t = 0; t < DT; ++t) {
       const int d = lane + 32 * t;
       if (d < D) {

@@ -103,7 +103,7 @@ for (int r = 0; r < R; ++r) {
 const int key_begin = flash_key_begin(mask, tile.pos_begin);
 const int key_end = flash_key_end(mask, tile.pos_end);
 const int2 q_range = mask.segments
-    ? flash_tile_range(q_ranges, q_ranges_strides, batch, threadgroup_position_in_grid.x)
+    ? flash_tile_range(q_ranges, q_ranges_strides, batch, mask.first_tile + int(threadgroup_position_in_grid.x))
     : int2(0, 0);
 const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
 const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
@@ -198,7 +198,7 @@ for (int u = 0; u < RL; ++u) {
     row_scale[f] = row_kept ? 1.0f / row_sum : -INFINITY;
     if (f < tile.rows_used && pos < mask.q_len) {
       const int head = tile.first_head + f % tile.heads;
-      lse[(int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos] =
+      lse[(int64_t(batch) * mask.n_q_heads + head) * tile.piece.count + pos - tile.piece.begin] =
           row_kept ? m[u] + log(row_sum) : INFINITY;
     }
   }
@@ -210,7 +210,7 @@ for (int r = 0; r < R; ++r) {
   if (f < tile.rows_used && pos < mask.q_len) {
     const int head = tile.first_head + f % tile.heads;
     const float inv_sum = row_scale[f];
-    const int64_t out_row = ((int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos) * DV;
+    const int64_t out_row = ((int64_t(batch) * mask.n_q_heads + head) * tile.piece.count + pos - tile.piece.begin) * DV;
     for (int t = 0; t < DVT; ++t) {
       const int d = lane + 32 * t;
       if (d < DV) {

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import fused, kernels
+from . import dispatch, fused, kernels
 from .masks import StructuredMask
 
 #: Head dims the demo kernels are built for (``D == Dv``).
@@ -300,13 +300,27 @@ def _key_grid(k, tile: Tuple[int, int]):
     return (math.ceil(k_len / tile[1]) * threads, n_kv_heads, B), (threads, 1, 1)
 
 
+def dispatch_tiles(stage: str, q, k, v) -> Tuple[int, int]:
+    """``(rows, inner)`` of ``stage``'s launch for ``mlx_flash.dispatch``:
+    positions per tile along the grid's x axis (queries; keys for dK/dV)
+    and per tile of the loop inside."""
+    tiles = _tiles(q.shape[-1])
+    if stage == "dkdv":
+        return tiles.dkv[1], tiles.dkv[0]
+    return getattr(tiles, stage)
+
+
 def _run(name, outputs, q, k, v, scale, mask, sinks, tile, grid, output_shapes, output_dtypes, backward=()):
     """Launch ``metal/<name>.metal`` on ``kernel_inputs`` for ``tile`` (plus
-    dout, lse, delta for a backward kernel)."""
+    dout, lse, delta for a backward kernel), in the pieces
+    ``mlx_flash.dispatch`` plans."""
     inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=tile[0], k_tile=tile[1]) + list(backward)
     names = fused.BACKWARD_INPUTS if backward else fused.KERNEL_INPUTS
-    return kernels.launch(
+    stage = {"demo_forward": "forward", "demo_backward_dq": "dq", "demo_backward_dkv": "dkdv"}[name]
+    plan = dispatch.split(stage, "demo", q, k, v, mask, *dispatch_tiles(stage, q, k, v))
+    return dispatch.launch(
         _kernel(name, names, outputs),
+        plan,
         inputs=[_in_device_memory(n, x) for n, x in zip(names, inputs)],
         template=[("T", q.dtype), ("D", q.shape[-1]), ("BQ", tile[0]), ("BK", tile[1])],
         grid=grid[0],

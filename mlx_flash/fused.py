@@ -98,6 +98,7 @@ def kernel_inputs(q, k, v, scale: float, mask: StructuredMask, sinks, q_tile: in
             mask.window or 0,
             int(mask.has_segments),
             int(sinks is not None),
+            0,  # first tile: mlx_flash.dispatch sets it for each piece of a split launch
         ],
         dtype=mx.int32,
     )

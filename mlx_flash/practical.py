@@ -161,7 +161,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import fused, kernels
+from . import dispatch, fused, kernels
 from .masks import StructuredMask
 
 #: Largest head dim (``D`` and ``Dv``) the kernels take.
@@ -350,6 +350,20 @@ def _query_launch(q, k, tiles: Tiles) -> dict:
     }
 
 
+def dispatch_tiles(stage: str, q, k, v) -> tuple:
+    """``(rows, inner)`` of ``stage``'s launch for ``mlx_flash.dispatch``:
+    positions per tile along the grid's x axis (query positions; keys for
+    dK/dV) and per tile of the loop inside."""
+    tiles = tile_sizes(stage, q.shape[-1], v.shape[-1], q.dtype)
+    if stage == "dkdv":
+        return tiles.simdgroups * tiles.rows, tiles.tile
+    return _query_tiling(q, k, tiles)[1], tiles.tile
+
+
+def _split(stage: str, q, k, v, mask) -> dispatch.Split:
+    return dispatch.split(stage, "practical", q, k, v, mask, *dispatch_tiles(stage, q, k, v))
+
+
 def forward(q, k, v, scale: float, mask: StructuredMask, sinks):
     """``(o, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and ``(B, Hq, Lq)``
     float32 (natural log, ``+inf`` for a row that keeps no key)."""
@@ -360,8 +374,9 @@ def forward(q, k, v, scale: float, mask: StructuredMask, sinks):
     kernel = kernels.build(
         "flash_practical_forward", _FORWARD_INPUTS, ("o", "lse"), "practical_forward.metal", _HEADERS
     )
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
+        _split("forward", q, k, v, mask),
         inputs=fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=positions, k_tile=tiles.tile),
         template=_template(q, v, tiles, "R", "BK"),
         output_shapes=[(B, n_q_heads, q_len, value_dim), (B, n_q_heads, q_len)],
@@ -379,8 +394,9 @@ def dkdv(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
         "flash_practical_dkdv", _BACKWARD_INPUTS, ("dk", "dv"), "practical_backward_dkdv.metal", _HEADERS
     )
     inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=tiles.tile, k_tile=block_keys)
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
+        _split("dkdv", q, k, v, mask),
         inputs=inputs + [dout, lse, delta],
         template=_template(q, v, tiles, "KPS", "BQ"),
         grid=(32 * tiles.simdgroups * -(-k_len // block_keys), n_kv_heads, B),
@@ -398,8 +414,9 @@ def dq(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
         "flash_practical_dq", _BACKWARD_INPUTS, ("dq",), "practical_backward_dq.metal", _HEADERS
     )
     inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=positions, k_tile=tiles.tile)
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
+        _split("dq", q, k, v, mask),
         inputs=inputs + [dout, lse, delta],
         template=_template(q, v, tiles, "R", "BK"),
         output_shapes=[tuple(q.shape)],

@@ -1,0 +1,127 @@
+"""Watchdog-safe launches (``mlx_flash.dispatch``): a launch split into
+pieces gives the whole launch's results bit for bit.
+
+The split runs through the emulator under two thread schedules with race
+detection (``kernel_checks.on_backend``); ``MLX_FLASH_MAX_DISPATCH_MS`` set
+tiny puts every tile in its own piece, so the split points fall inside
+documents, windows and the GQA groups' query tiles.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kernel_checks import BACKENDS, on_backend, random_inputs, run_kernels, segment_layout, structured
+from mlx_flash import demo, dispatch, emulator, masks, practical
+
+#: Two schedules: threads forward, and one SIMD group at a time running
+#: ahead (races between SIMD groups change results under the second).
+SCHEDULES = ("forward", "ahead-reverse")
+
+
+def _bits(x: mx.array) -> np.ndarray:
+    x = x.astype(mx.float32) if x.dtype == mx.bfloat16 else x
+    return np.array(x).view(np.uint8)
+
+
+def _run(module, q, k, v, dout, mask, sinks, backend, monkeypatch, budget):
+    if budget is None:
+        monkeypatch.delenv(dispatch.BUDGET_ENV, raising=False)
+    else:
+        monkeypatch.setenv(dispatch.BUDGET_ENV, budget)
+    with on_backend(backend, schedule=SCHEDULES):
+        out, lse, grads = run_kernels(module, q, k, v, dout, q.shape[-1] ** -0.5, mask, sinks)
+    return [out, lse, *grads]
+
+
+# (module, B, Hq, Hkv, Lq, Lk, D, dtype, segments, window, sinks)
+CASES = [
+    (demo, 1, 4, 2, 70, 70, 64, mx.float16, "many", None, True),
+    (demo, 2, 2, 1, 45, 45, 64, mx.bfloat16, None, 20, False),
+    (practical, 1, 4, 1, 37, 37, 32, mx.float32, "spanning", 9, True),
+    (practical, 1, 2, 2, 40, 57, 64, mx.float16, None, None, False),
+]
+
+
+def _id(case):
+    module, B, n_q, n_kv, q_len, k_len, dim, dtype, segments, window, sinks = case
+    name = module.__name__.split(".")[-1]
+    return f"{name}-B{B}-G{n_q // n_kv}-Lq{q_len}-Lk{k_len}-D{dim}-{segments}-w{window}-s{int(sinks)}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_split_launch_is_bit_identical(backend, case, monkeypatch):
+    module, B, n_q, n_kv, q_len, k_len, dim, dtype, segments, window, with_sinks = case
+    q, k, v, dout = random_inputs(B, n_q, n_kv, q_len, k_len, dim, dim, dtype, seed=q_len)
+    ids = None
+    if segments:
+        ids = mx.array(segment_layout(segments, B, q_len, seed=3)) if q_len == k_len else None
+    causal = "causal" if (window or q_len <= k_len) else None
+    mask = structured(q_len, k_len, causal, ids, window)
+    sinks = mx.array(np.linspace(-1, 1, n_q), dtype=mx.float32) if with_sinks else None
+
+    tiles = {stage: module.dispatch_tiles(stage, q, k, v) for stage in ("forward", "dq", "dkdv")}
+    monkeypatch.setenv(dispatch.BUDGET_ENV, "1e-9")
+    splits = {s: dispatch.split(s, module.__name__.split(".")[-1], q, k, v, mask, *t) for s, t in tiles.items()}
+    for stage, split in splits.items():
+        # One piece per tile: every tile boundary is a split point.
+        assert len(split.pieces) == split.tiles > 1, (stage, split)
+        assert split.pieces == tuple((t, t + 1) for t in range(split.tiles))
+
+    whole = _run(module, q, k, v, dout, mask, sinks, backend, monkeypatch, None)
+    pieces = _run(module, q, k, v, dout, mask, sinks, backend, monkeypatch, "1e-9")
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), whole, pieces):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert np.array_equal(_bits(a), _bits(b)), f"{name} differs between the whole and the split launch"
+
+
+def test_pieces_stay_within_the_budget():
+    assert dispatch.pieces_of([1, 1, 1, 1], 2) == ((0, 2), (2, 4))
+    assert dispatch.pieces_of([3, 1, 1], 2) == ((0, 1), (1, 3))  # a tile over the budget is alone
+    assert dispatch.pieces_of([0.5] * 3, 10) == ((0, 3),)
+    costs = [0.3, 0.9, 0.2, 0.2, 0.7, 0.1]
+    runs = dispatch.pieces_of(costs, 1.0)
+    assert [i for a, b in runs for i in range(a, b)] == list(range(len(costs)))
+    assert all(sum(costs[a:b]) <= 1.0 for a, b in runs)
+
+
+def test_tile_pairs_count_the_causal_and_window_bands():
+    # 64 queries, 64 keys, tiles of 16 against 16: causal query tile t sees
+    # key tiles 0..t; a window of 16 at most two key tiles.
+    assert dispatch.tile_pairs("forward", 16, 16, 64, 64, True, 0) == tuple(256 * (t + 1) for t in range(4))
+    assert dispatch.tile_pairs("forward", 16, 16, 64, 64, False, 0) == (1024,) * 4
+    assert dispatch.tile_pairs("forward", 16, 16, 64, 64, True, 16) == (256, 512, 512, 512)
+    # dK/dV: key tile t is seen by query tiles t..3.
+    assert dispatch.tile_pairs("dkdv", 16, 16, 64, 64, True, 0) == tuple(256 * (4 - t) for t in range(4))
+    # Lq < Lk: the causal diagonal is bottom-right aligned.
+    assert dispatch.tile_pairs("forward", 8, 8, 8, 32, True, 0) == (8 * 32,)
+
+
+def test_budget_and_explain(monkeypatch):
+    q = mx.zeros((1, 8, 4096, 128), mx.float16)
+    mask = masks.build(4096, 4096, "causal")
+    tiles = lambda stage: demo.dispatch_tiles(stage, q, q, q)  # noqa: E731
+    monkeypatch.setenv(dispatch.BUDGET_ENV, "1e9")
+    assert "forward 1 piece of 128 tiles" in dispatch.describe("demo", tiles, q, q, q, mask)
+    monkeypatch.setenv(dispatch.BUDGET_ENV, "20")
+    split = dispatch.split("forward", "demo", q, q, q, mask, *tiles("forward"))
+    assert 1 < len(split.pieces) < split.tiles
+    assert all(s <= 20e-3 for s in split.seconds)
+    text = dispatch.describe("demo", tiles, q, q, q, mask)
+    assert f"forward {len(split.pieces)} pieces of 128 tiles" in text and "budget 20 ms" in text
+    for bad in ("0", "-3", "soon", "inf"):
+        monkeypatch.setenv(dispatch.BUDGET_ENV, bad)
+        with pytest.raises(ValueError, match=dispatch.BUDGET_ENV):
+            dispatch.budget_ms()
+
+
+def test_explain_reports_the_pieces(monkeypatch):
+    import mlx_flash
+
+    q = mx.zeros((1, 4, 256, 64), mx.float16)
+    monkeypatch.setenv(dispatch.BUDGET_ENV, "1e-9")
+    with emulator.metal(schedule="forward"):
+        plan = mlx_flash.explain(q, q, q, mask="causal", variant="demo")
+    assert "forward 8 pieces of 8 tiles" in str(plan), str(plan)
+    assert "dK/dV 8 pieces of 8 tiles" in str(plan), str(plan)
