@@ -43,7 +43,7 @@ from . import demo, fused, masks, oracle, practical, verdicts
 
 #: What each family is validated for by default (``python -m mlx_flash.doctor``).
 FAMILIES = ("practical", "demo")
-DTYPES = {"practical": ("float32", "float16", "bfloat16"), "demo": ("float16", "bfloat16")}
+DTYPES = {"practical": ("float32", "float16", "bfloat16"), "demo": ("float16", "bfloat16", "float32")}
 HEAD_DIMS = {
     "practical": ((64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (128, 64)),
     "demo": ((64, 64), (80, 80), (96, 96), (128, 128)),

@@ -68,10 +68,12 @@ class Case:
     q_heads: int = QUERY_HEADS
     kv_heads: int = QUERY_HEADS
     batch: int = 1
+    #: The dtype counted, when not the family's (``FAMILIES``).
+    precision: str = ""
 
     @property
     def dtype(self) -> str:
-        return FAMILIES[self.family]
+        return self.precision or FAMILIES[self.family]
 
     def label(self) -> str:
         return (f"{self.family} D={self.head_dim} L={self.seq} {self.mask} "
@@ -122,7 +124,9 @@ def kernel_tiling(case: Case, kernel: str) -> Tuple[bounds.Tiling, str, int, int
             tiling = bounds.Tiling("query", rows // heads, tiles.tile, heads)
             text = f"NSG/R/BK {tiles.simdgroups}/{tiles.rows}/{tiles.tile}, {heads} head(s) x {rows // heads}"
         return tiling, text, tiles.registers, tiles.threadgroup_bytes
-    tiles = demo.TILES[dim]
+    dtype = DTYPES[case.dtype]
+    tiles = demo.tiles_for(dim, dtype)
+    size = mx.finfo(dtype).bits // 8
     name = "dkv" if kernel == "dkdv" else kernel
     bq, bk = getattr(tiles, name)
     if kernel == "dkdv":
@@ -132,7 +136,7 @@ def kernel_tiling(case: Case, kernel: str) -> Tuple[bounds.Tiling, str, int, int
         heads = demo.heads_per_threadgroup(group, tiles.heads)
         tiling = bounds.Tiling("query", bq, bk, heads)
         text = f"BQ/BK {bq}/{bk}, {heads} head(s)"
-    return tiling, text, tiles.registers(dim)[name], tiles.threadgroup_bytes(dim)[name]
+    return tiling, text, tiles.registers(dim, size)[name], tiles.threadgroup_bytes(dim, size)[name]
 
 
 def visits(mask: masks.StructuredMask, tiling: bounds.Tiling, batch: int = 1) -> int:
