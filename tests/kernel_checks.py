@@ -24,6 +24,7 @@ import contextlib
 import mlx.core as mx
 
 from mlx_flash import emulator, masks, oracle, validation
+from mlx_flash.call import AttentionCall
 from mlx_flash.oracle import kernel_oracle, oracle_lse, random_inputs, random_mask, segment_layout  # noqa: F401
 
 BACKENDS = ["emulator"] + (["metal"] if mx.metal.is_available() else [])
@@ -51,12 +52,13 @@ def assert_close(actual, expected, tolerance, what=""):
     assert problem is None, f"{what}: {problem}"
 
 
-def run_kernels(module, q, k, v, dout, scale, mask, sinks=None):
-    """Output, lse and (dq, dk, dv[, dsinks]) from ``module``'s three
-    launchers, on a ``StructuredMask`` (or None / "causal" / an array)."""
+def run_kernels(family, q, k, v, dout, scale, mask, sinks=None):
+    """Output, lse and (dq, dk, dv[, dsinks]) from the three launchers of
+    ``family`` (a ``mlx_flash.families.Family``), on a ``StructuredMask``
+    (or None / "causal" / an array)."""
     if not isinstance(mask, masks.StructuredMask):
         mask = masks.build(q.shape[2], k.shape[2], mask)
-    results = dict(validation.kernel_stages(module.LAUNCHERS, q, k, v, dout, scale, mask, sinks))
+    results = dict(validation.kernel_stages(family, AttentionCall(q, k, v, scale, mask, sinks), dout))
     out, lse = results["forward"]
     grads = (results["dq"][0],) + results["dkdv"] + results.get("sinks", ())
     return out, lse, grads
@@ -70,8 +72,8 @@ def assert_lse_close(lse, expected, tolerance, what="lse"):
     assert problem is None, f"{what}: {problem}"
 
 
-def check_kernels_match_reference(module, backend, q, k, v, dout, mask, tolerances, sinks=None):
-    """``module``'s forward and backward kernels against the oracle: output
+def check_kernels_match_reference(family, backend, q, k, v, dout, mask, tolerances, sinks=None):
+    """``family``'s forward and backward kernels against the oracle: output
     and (dq, dk, dv) in ``q``'s dtype and the sinks' gradient within
     ``tolerances[dtype]``, and a float32 log-sum-exp."""
     dtype = q.dtype
@@ -79,7 +81,7 @@ def check_kernels_match_reference(module, backend, q, k, v, dout, mask, toleranc
     expected_out, expected_grads, expected_lse = kernel_oracle(q, k, v, dout, scale, mask, sinks)
 
     with on_backend(backend):
-        out, lse, grads = run_kernels(module, q, k, v, dout, scale, mask, sinks)
+        out, lse, grads = run_kernels(family, q, k, v, dout, scale, mask, sinks)
 
     assert out.dtype == dtype and lse.dtype == mx.float32
     assert_close(out, expected_out, tolerances[dtype], "output")
