@@ -47,7 +47,7 @@ mlx_flash.bench --cost`` report counts the exps and collectives on the
 emulator (``mlx_flash.bench.cost.practical_alu``):
 
 ================  ===============================  ===============================
-                  one lane per pair, a group max   now: a lazy maximum
+                  one lane per pair, a group max   these kernels: a lazy maximum
                   and correction every tile
 ================  ===============================  ===============================
 forward ALU       ~20: mask 7 (2 position          ~13: mask 7, scale 1, the lazy-
@@ -68,10 +68,10 @@ backward          0                                0
 collectives
 ================  ===============================  ===============================
 
-Counted at L = 1024, D = 128, causal, float32: the forward went from 2.0 exp2
-and 3.1 shuffles per pair to 1.02 and 0.14 (plus one simd_any); in the
-cost report's terms, from 2.5x the scalar minimum (one thread per pair, 8
-lane operations) to 1.7x. The lazy maximum: every score the row has seen
+Counted at L = 1024, D = 128, causal, float32: the lazy maximum's forward
+issues 1.02 exp2 and 0.14 shuffles per pair (plus one simd_any), a group
+max every tile 2.0 and 3.1; in the cost report's terms 1.7x the scalar
+minimum (one thread per pair, 8 lane operations) against 2.5x. The lazy maximum: every score the row has seen
 is at most ``m + PRACTICAL_SLACK`` (8, natural units), so ``p = exp(s - m)
 <= e^8`` cannot overflow, and ``lse = m + log(l)`` is exact whatever ``m``
 is; only a score past that bound moves ``m`` (a branch that is uniform per
@@ -90,11 +90,11 @@ float32 accumulators per lane (64 where nothing else fits: float32 dK/dV at
 head dim 256). Tiles are staged in the input dtype (a half or bfloat16 tile
 takes half the bytes of a float32 one) and converted on read; the forward
 and dQ also stage their query rows, which the lane-per-key scores read as
-broadcasts. Compared with the float32 staging before, the half and
-bfloat16 forward shares each staged K/V tile among twice the query rows
-(32 instead of 16 at D = 64 and 128, 16 instead of 8 at D = 256), which
-halves its K/V traffic from device memory; dQ and dK/dV share theirs among
-32 rows (keys) at D = 64, 16 at D = 128 (as before) and 16 / 8 at D = 256.
+broadcasts. Staged in their own dtype, half and bfloat16 tiles let the
+forward share each staged K/V tile among twice the query rows a float32
+staging would fit (32 instead of 16 at D = 64 and 128, 16 instead of 8 at
+D = 256), half the K/V traffic from device memory; dQ and dK/dV share
+theirs among 32 rows (keys) at D = 64, 16 at D = 128 and 16 / 8 at D = 256.
 ``registers`` is an estimate of a lane's float32
 registers (accumulators, per-row state, temporaries), not a compiler count.
 bfloat16 is as float16. ``NSG/R/BK`` reads ``NSG/KPS/BQ`` for dK/dV.
