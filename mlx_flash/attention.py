@@ -38,6 +38,7 @@ import mlx.core as mx
 from . import blockwise, families, kernels, masks, reference, verdicts
 from .call import AttentionCall
 from .masks import StructuredMask
+from .text import first_line
 
 #: Every name ``variant=`` accepts: the kernel families follow the MLX-op ones.
 VARIANTS = ("auto", "manual", "mlx", "blockwise") + families.names()
@@ -343,10 +344,10 @@ def _kernel_verdict(name: str, call: AttentionCall, backend: str, verdict) -> Tu
     for r in results:
         if r.status == "failed":
             unit = f"{dtype} {r.unit.dim}x{r.unit.value_dim} {r.unit.kind}: {r.kernel} kernel"
-            return "failed", f"{name} failed validation on this machine ({unit}: {verdicts.first_line(r.detail)})"
+            return "failed", f"{name} failed validation on this machine ({unit}: {first_line(r.detail)})"
     for r in results:
         if r.status == "not run":
-            return "not run", f"{name} could not be validated here ({verdicts.first_line(r.detail)})"
+            return "not run", f"{name} could not be validated here ({first_line(r.detail)})"
     return "passed", ""
 
 

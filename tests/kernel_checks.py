@@ -1,7 +1,8 @@
-"""What the practical and demo kernel tests share: where kernels run, random
-inputs, masks and segment layouts, the float32 oracle and the closeness check
-(the inputs, the oracle and the tolerances live in ``mlx_flash.oracle``,
-which ``python -m mlx_flash.doctor`` checks the kernels with on a Mac).
+"""What the kernel-family tests share: where kernels run, random inputs,
+masks and segment layouts, the float32 oracle and the kernels run one by one
+against it (the inputs, the oracle and the tolerances live in
+``mlx_flash.oracle``, which ``python -m mlx_flash.doctor`` checks the
+kernels with on a Mac; the closeness check is ``conftest.assert_close``).
 
 Every kernel test runs on each backend that can run Metal kernels here: the
 CPU emulator always, real Metal too where ``mx.metal.is_available()``. On the
@@ -23,6 +24,7 @@ import contextlib
 
 import mlx.core as mx
 
+from conftest import assert_close
 from mlx_flash import emulator, masks, oracle, validation
 from mlx_flash.call import AttentionCall
 from mlx_flash.oracle import kernel_oracle, oracle_lse, random_inputs, random_mask, segment_layout  # noqa: F401
@@ -42,14 +44,6 @@ def on_backend(backend, schedule=SCHEDULES):
     if backend == "metal":
         return contextlib.nullcontext()
     return emulator.metal(schedule=schedule, math="fast", strict=True)
-
-
-def assert_close(actual, expected, tolerance, what=""):
-    """``max |actual - expected| <= atol + rtol * max |expected|`` with
-    ``tolerance = (atol, rtol)``, and NaN exactly where ``expected`` has NaN
-    (rows whose additive mask is all -inf, and the gradients they reach)."""
-    problem = oracle.mismatch(actual, expected, tolerance)
-    assert problem is None, f"{what}: {problem}"
 
 
 def run_kernels(family, q, k, v, dout, scale, mask, sinks=None):

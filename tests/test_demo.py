@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import mlx_flash
+from conftest import assert_close
 from kernel_checks import (
     BACKENDS,
-    assert_close,
     check_kernels_match_reference,
     kernel_oracle,
     on_backend,

@@ -21,7 +21,8 @@ import mlx.core as mx
 import pytest
 
 import mlx_flash
-from kernel_checks import assert_close, random_inputs
+from conftest import assert_close
+from kernel_checks import random_inputs
 from mlx_flash import emulator, families, kernels, validation, verdicts
 from mlx_flash.bench import harness
 

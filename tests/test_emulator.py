@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 import kernel_checks
-from mlx_flash import demo, emulator, practical
+from conftest import assert_close
+from mlx_flash import emulator, oracle
 from mlx_flash.families import DEMO, PRACTICAL
-from test_demo import TOLERANCES as DEMO_TOLERANCES
-from test_practical import TOLERANCES as PRACTICAL_TOLERANCES
 
 
 def kernel(name, inputs, outputs, source, header="", atomic=False):
@@ -1514,7 +1513,7 @@ def test_project_kernels_pass_every_check(case):
     # fast-math accuracy, every schedule and the address-based race detector,
     # against the oracle within the kernel tests' own tolerances.
     module, dtype, dim, value_dim, mask_kind = case
-    tolerances = PRACTICAL_TOLERANCES if module is PRACTICAL else DEMO_TOLERANCES
+    tolerances = oracle.TOLERANCES[module.name]
     q, k, v, dout, mask, sinks = _inputs_and_mask(dtype, dim, value_dim, mask_kind)
     scale = dim ** -0.5
     expected_out, expected_grads, _ = kernel_checks.kernel_oracle(q, k, v, dout, scale, mask, sinks)
@@ -1523,6 +1522,6 @@ def test_project_kernels_pass_every_check(case):
     assert len(session.strict_reports) == 3
     for report in session.strict_reports:
         assert 0 < report.total_threadgroup_bytes <= 32 * 1024
-    kernel_checks.assert_close(out, expected_out, tolerances[dtype], "output")
+    assert_close(out, expected_out, tolerances[dtype], "output")
     for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv", "dsinks")):
-        kernel_checks.assert_close(grad, expected, tolerances[dtype], name)
+        assert_close(grad, expected, tolerances[dtype], name)

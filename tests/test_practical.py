@@ -21,6 +21,7 @@ import pytest
 
 import kernel_checks
 import mlx_flash
+from conftest import assert_close
 from kernel_checks import BACKENDS, on_backend, random_inputs, random_mask, run_kernels, segment_layout, structured
 from mlx_flash import fused, kernels, masks, oracle, practical, reference
 from mlx_flash.call import AttentionCall
@@ -104,7 +105,7 @@ def _problem(case: Case, seed: int = 0):
 
 def _assert_grads_close(grads, expected, dtype):
     for grad, want, name in zip(grads, expected, ("dq", "dk", "dv", "dsinks")):
-        kernel_checks.assert_close(grad, want, TOLERANCES[dtype], name)
+        assert_close(grad, want, TOLERANCES[dtype], name)
 
 
 def _check_op_against_manual(backend, q, k, v, dout, sinks=None, **op_args):
@@ -126,7 +127,7 @@ def _check_op_against_manual(backend, q, k, v, dout, sinks=None, **op_args):
         value, grads = value_and_grads("practical")
         mx.eval(value, grads)
     want_value, want_grads = value_and_grads("manual")
-    kernel_checks.assert_close(value, want_value, TOLERANCES[q.dtype], "loss")
+    assert_close(value, want_value, TOLERANCES[q.dtype], "loss")
     _assert_grads_close(grads, want_grads, q.dtype)
 
 
@@ -327,7 +328,7 @@ def test_mlx_edge_cases_end_to_end(backend):
         with on_backend(backend):
             out = mlx_flash.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask, variant="practical")
             mx.eval(out)
-        kernel_checks.assert_close(out, expected, TOLERANCES[mx.float32], str(mask))
+        assert_close(out, expected, TOLERANCES[mx.float32], str(mask))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -376,7 +377,7 @@ def test_value_and_grad_and_checkpoint(backend):
     terms = reference.attention(proj(q), k, v, 0.2, None).astype(mx.float32) * dout.astype(mx.float32)
     atol, rtol = TOLERANCES[dtype]
     assert abs(value.item() - ref_value.item()) <= atol + rtol * mx.sum(mx.abs(terms)).item()
-    kernel_checks.assert_close(grads["weight"], ref_grads["weight"], TOLERANCES[dtype], "weight grad")
+    assert_close(grads["weight"], ref_grads["weight"], TOLERANCES[dtype], "weight grad")
 
 
 # -- inputs, schedules, caching ------------------------------------------------
@@ -400,7 +401,7 @@ def test_strided_inputs(backend):
     expected_out, expected_grads, _ = kernel_checks.kernel_oracle(q, k, v, dout, 0.25, mask)
     with on_backend(backend):
         out, _, grads = run_kernels(PRACTICAL, q_t, k_t, v_t, do_t, 0.25, mask)
-    kernel_checks.assert_close(out, expected_out, TOLERANCES[dtype], "output")
+    assert_close(out, expected_out, TOLERANCES[dtype], "output")
     _assert_grads_close(grads, expected_grads, dtype)
 
 
@@ -650,4 +651,4 @@ if mx.metal.is_available():
         grads = mx.compile(loss_of("practical"))(q, k, v, ids)
         expected = loss_of("manual")(q, k, v, ids)
         for grad, want in zip(grads, expected):
-            kernel_checks.assert_close(grad, want, TOLERANCES[mx.float16], "compiled")
+            assert_close(grad, want, TOLERANCES[mx.float16], "compiled")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import mlx_flash
-from kernel_checks import assert_close, assert_lse_close, kernel_oracle, random_inputs, segment_layout
+from conftest import assert_close
+from kernel_checks import assert_lse_close, kernel_oracle, random_inputs, segment_layout
 from mlx_flash import blockwise, masks, reference
 from mlx_flash.call import AttentionCall
 
