@@ -159,7 +159,7 @@ def _problem_pairs(row: dict) -> Optional[float]:
 
 def rate(family: str, dtype) -> Tuple[float, str]:
     """``(FLOP/s, where it comes from)`` for predicting ``family``'s launches."""
-    default = DEFAULT_RATES[family]
+    default = DEFAULT_RATES.get(family, min(DEFAULT_RATES.values()))
     if kernels.backend() != "metal":
         return default, "default rate"
     from . import verdicts

@@ -14,8 +14,9 @@ import pytest
 
 import mlx_flash
 from kernel_checks import BACKENDS, check_kernels_match_reference, on_backend, random_inputs, segment_layout, structured
-from mlx_flash import demo, emulator, kernels, oracle
+from mlx_flash import demo, emulator, families, kernels, oracle
 from mlx_flash.bench import cost
+from mlx_flash.call import AttentionCall
 
 TOLERANCES = oracle.TOLERANCES["demo"]
 
@@ -42,7 +43,7 @@ def test_float32_matches_reference(backend, case):
     ids = mx.array(segment_layout(segments, B, length, seed=dim)) if segments else None
     mask = structured(length, length, "causal", ids, window)
     sinks = mx.linspace(-1.0, 1.0, n_q) if with_sinks else None
-    check_kernels_match_reference(demo, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
+    check_kernels_match_reference(families.DEMO, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
 
 
 def test_float32_products_are_all_on_the_matrix_path():
@@ -65,12 +66,12 @@ def test_float32_tiles_stay_within_their_budgets():
             assert all(b <= demo.THREADGROUP_BYTES_BUDGET for b in used.values()), (dim, used)
             assert all(r <= demo.REGISTER_BUDGET for r in registers.values()), (dim, registers)
     # D = 128: rows of 136 floats; forward K and V tiles of 16 keys and 16
-    # ids; dkv 32 keys of k, 8 queries of q and dout, 3 x 8 floats.
-    assert demo.FLOAT32_TILES[128].threadgroup_bytes(128, 4) == {"forward": 17472, "dq": 8736, "dkv": 26208}
+    # ids; dkdv 32 keys of k, 8 queries of q and dout, 3 x 8 floats.
+    assert demo.FLOAT32_TILES[128].threadgroup_bytes(128, 4) == {"forward": 17472, "dq": 8736, "dkdv": 26208}
     # Q, O: 2 words per fragment each (16 fragments); S, P: 2 each (2 fragments).
-    assert demo.FLOAT32_TILES[128].registers(128, 4) == {"forward": 72, "dq": 102, "dkv": 104}
+    assert demo.FLOAT32_TILES[128].registers(128, 4) == {"forward": 72, "dq": 102, "dkdv": 104}
     # The half formulas are the size-2 case.
-    assert demo.TILES[128].registers(128, 2) == {"forward": 54, "dq": 74, "dkv": 86}
+    assert demo.TILES[128].registers(128, 2) == {"forward": 54, "dq": 74, "dkdv": 86}
 
 
 _PROBE = "\nthreadgroup uchar demo_probe[32768];\n"
@@ -95,9 +96,9 @@ def test_float32_threadgroup_bytes_match_what_the_kernels_declare(monkeypatch):
         lse = delta = mx.zeros((1, 1, 8))
         mask = structured(8, 8)
         launches = {
-            "forward": lambda: demo.forward(q, k, v, 0.1, mask),
-            "dq": lambda: demo.dq(q, k, v, 0.1, mask, None, dout, lse, delta),
-            "dkv": lambda: demo.dkdv(q, k, v, 0.1, mask, None, dout, lse, delta),
+            "forward": lambda: demo.forward(AttentionCall(q, k, v, 0.1, mask)),
+            "dq": lambda: demo.dq(AttentionCall(q, k, v, 0.1, mask, None, dout, lse, delta)),
+            "dkdv": lambda: demo.dkdv(AttentionCall(q, k, v, 0.1, mask, None, dout, lse, delta)),
         }
         expected = demo.FLOAT32_TILES[dim].threadgroup_bytes(dim, 4)
         for name, launch in launches.items():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernel_checks import BACKENDS, on_backend, random_inputs, run_kernels, segment_layout, structured
-from mlx_flash import demo, dispatch, emulator, masks, practical
+from mlx_flash import demo, dispatch, emulator, families, masks, practical
 
 #: Two schedules: threads forward, and one SIMD group at a time running
 #: ahead (races between SIMD groups change results under the second).
@@ -24,13 +24,13 @@ def _bits(x: mx.array) -> np.ndarray:
     return np.array(x).view(np.uint8)
 
 
-def _run(module, q, k, v, dout, mask, sinks, backend, monkeypatch, budget):
+def _run(family, q, k, v, dout, mask, sinks, backend, monkeypatch, budget):
     if budget is None:
         monkeypatch.delenv(dispatch.BUDGET_ENV, raising=False)
     else:
         monkeypatch.setenv(dispatch.BUDGET_ENV, budget)
     with on_backend(backend, schedule=SCHEDULES):
-        out, lse, grads = run_kernels(module, q, k, v, dout, q.shape[-1] ** -0.5, mask, sinks)
+        out, lse, grads = run_kernels(family, q, k, v, dout, q.shape[-1] ** -0.5, mask, sinks)
     return [out, lse, *grads]
 
 
@@ -61,16 +61,17 @@ def test_split_launch_is_bit_identical(backend, case, monkeypatch):
     mask = structured(q_len, k_len, causal, ids, window)
     sinks = mx.array(np.linspace(-1, 1, n_q), dtype=mx.float32) if with_sinks else None
 
-    tiles = {stage: module.dispatch_tiles(stage, q, k, v) for stage in ("forward", "dq", "dkdv")}
+    family = families.get(module.__name__.split(".")[-1])
+    tiles = {stage: family.dispatch_tiles(stage, q, k, v) for stage in ("forward", "dq", "dkdv")}
     monkeypatch.setenv(dispatch.BUDGET_ENV, "1e-9")
-    splits = {s: dispatch.split(s, module.__name__.split(".")[-1], q, k, v, mask, *t) for s, t in tiles.items()}
+    splits = {s: dispatch.split(s, family.name, q, k, v, mask, *t) for s, t in tiles.items()}
     for stage, split in splits.items():
         # One piece per tile: every tile boundary is a split point.
         assert len(split.pieces) == split.tiles > 1, (stage, split)
         assert split.pieces == tuple((t, t + 1) for t in range(split.tiles))
 
-    whole = _run(module, q, k, v, dout, mask, sinks, backend, monkeypatch, None)
-    pieces = _run(module, q, k, v, dout, mask, sinks, backend, monkeypatch, "1e-9")
+    whole = _run(family, q, k, v, dout, mask, sinks, backend, monkeypatch, None)
+    pieces = _run(family, q, k, v, dout, mask, sinks, backend, monkeypatch, "1e-9")
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), whole, pieces):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert np.array_equal(_bits(a), _bits(b)), f"{name} differs between the whole and the split launch"
