@@ -126,3 +126,26 @@ def test_explain_reports_the_pieces(monkeypatch):
         plan = mlx_flash.explain(q, q, q, mask="causal", variant="demo")
     assert "forward 8 pieces of 8 tiles" in str(plan), str(plan)
     assert "dK/dV 8 pieces of 8 tiles" in str(plan), str(plan)
+
+
+def test_rate_comes_from_the_doctors_slowest_timing(monkeypatch):
+    from mlx_flash import kernels, verdicts
+
+    # Two causal rows for demo (fwd+bwd) and one of another mask kind,
+    # whose pairs the position rules do not give: it is not used.
+    def row(kind, seq, seconds, dtype="float16"):
+        return {"mode": "fwdbwd", "kind": kind, "dtype": dtype, "head_dim": 64, "value_dim": 64,
+                "seq": seq, "batch": 1, "heads": 2, "median_s": {"demo": seconds, "mlx": 1e-9}}
+
+    timings = [row("causal", 1024, 0.01), row("causal", 2048, 0.02), row("causal+segments", 2048, 1e-6)]
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(verdicts, "current", lambda backend: verdicts.Verdict({}, {}, timings))
+    flops_per_pair = sum(dispatch.flops_per_pair(s, 64, 64) for s in ("forward", "dq", "dkdv"))
+    slowest = min(2 * L * (L + 1) / 2 * flops_per_pair / t for L, t in ((1024, 0.01), (2048, 0.02)))
+    rate, source = dispatch.rate("demo", mx.float16)
+    assert rate == pytest.approx(slowest / dispatch.SAFETY) and "doctor" in source
+    # No timing of this family: the default.
+    assert dispatch.rate("practical", mx.float16) == (dispatch.DEFAULT_RATES["practical"],
+                                                       "default rate: no doctor timing of this family")
+    monkeypatch.setattr(verdicts, "current", lambda backend: None)
+    assert dispatch.rate("demo", mx.float16)[0] == dispatch.DEFAULT_RATES["demo"]
