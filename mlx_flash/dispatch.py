@@ -35,8 +35,11 @@ stays in its piece) into contiguous pieces whose predicted time stays under
   ``DEFAULT_BUDGET_MS``, well under the watchdog's seconds); a piece has at
   least one tile, so a tiny budget gives one piece per tile.
 
-Command buffers. A watchdog counts a command buffer, not a dispatch, so
-pieces help only where they end up in different command buffers. What MLX
+Command buffers. macOS reports both failures on a command buffer
+(``kIOGPUCommandBufferCallbackError...``), and how much of one buffer's
+work it charges to one kill is not documented; so every dispatch is kept
+under the budget, and the pieces are put in separate command buffers
+where MLX allows it. What MLX
 0.32 offers (mlx/backend/metal/eval.cpp, device.cpp): the stream's command
 buffer is committed (1) at the end of every ``mx.eval`` / ``mx.async_eval``,
 and (2) after any primitive, once the buffer holds more than
