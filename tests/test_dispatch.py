@@ -149,3 +149,38 @@ def test_rate_comes_from_the_doctors_slowest_timing(monkeypatch):
                                                        "default rate: no doctor timing of this family")
     monkeypatch.setattr(verdicts, "current", lambda backend: None)
     assert dispatch.rate("demo", mx.float16)[0] == dispatch.DEFAULT_RATES["demo"]
+
+
+def test_launch_runs_each_piece_from_its_first_tile_and_ends_its_command_buffer(monkeypatch):
+    from mlx_flash import kernels
+
+    calls, commits = [], []
+
+    def launch(kernel, **call):
+        # Each piece's rows hold the first tile it was given (params[9]).
+        calls.append(call)
+        return [mx.full(call["output_shapes"][0], call["inputs"][9][9].item(), mx.int32)]
+
+    monkeypatch.setattr(kernels, "launch", launch)
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(mx, "async_eval", lambda *arrays: commits.append(arrays))
+    plan = dispatch.Split("forward", ((0, 2), (2, 3)), (0.1, 0.1), tiles=3, rows=16)
+    inputs = [mx.zeros((1,))] * 9 + [mx.array([40, 40, 2, 2, 0, 1, 0, 0, 0, 0], mx.int32), mx.zeros((1,))]
+    (out,) = dispatch.launch("kernel", plan, inputs=inputs, grid=(3 * 128, 2, 1), threadgroup=(128, 1, 1),
+                             output_shapes=[(1, 2, 40, 8)], output_dtypes=[mx.int32])
+    assert [c["grid"] for c in calls] == [(256, 2, 1), (128, 2, 1)]
+    assert [c["output_shapes"][0] for c in calls] == [(1, 2, 32, 8), (1, 2, 8, 8)]
+    assert [c["inputs"][9][:9].tolist() for c in calls] == [[40, 40, 2, 2, 0, 1, 0, 0, 0]] * 2
+    assert out.shape == (1, 2, 40, 8)
+    assert out[:, :, :32].max().item() == 0 and out[:, :, 32:].min().item() == 2
+    assert len(commits) == 2  # outside a transformation every piece is committed
+
+    # Inside mx.grad and mx.compile MLX refuses async_eval: the pieces still run.
+    def refuse(*arrays):
+        raise ValueError("[async_eval] Not allowed inside a graph transformation.")
+
+    monkeypatch.setattr(mx, "async_eval", refuse)
+    calls.clear()
+    dispatch.launch("kernel", plan, inputs=inputs, grid=(3 * 128, 2, 1), threadgroup=(128, 1, 1),
+                    output_shapes=[(1, 2, 40, 8)], output_dtypes=[mx.int32])
+    assert len(calls) == 2
