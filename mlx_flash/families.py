@@ -80,7 +80,9 @@ class Family:
     ``cost_dtype`` the dtype ``bench --cost`` counts it in (the one it runs
     for training); ``matrix_products`` whether its products are
     ``simdgroup_matrix`` operations (which the emulator's profiler counts);
-    ``tiling(kernel, head_dim, dtype, group) -> KernelTiling``.
+    ``tiling(kernel, head_dim, dtype, group) -> KernelTiling``; ``inputs``
+    and ``backward_inputs`` the names of its kernels' inputs, in the order
+    ``fused.kernel_inputs`` gives them.
     """
 
     name: str
