@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from . import demo, fused, masks, practical
+from . import demo, fused, masks, practical, verdicts
 from .call import AttentionCall
 
 #: ``(atol, rtol)`` per input dtype.
@@ -102,7 +102,7 @@ class Family:
 
     @property
     def dtype_names(self) -> Tuple[str, ...]:
-        return tuple(_dtype_name(d) for d in self.dtypes)
+        return tuple(verdicts.dtype_name(d) for d in self.dtypes)
 
     def tolerance(self, dtype) -> Tuple[float, float]:
         """``(atol, rtol)`` for inputs of ``dtype``."""
@@ -124,10 +124,6 @@ class Family:
         Dv)`` in ``q``'s dtype and the ``(B, Hq, Lq)`` float32 log-sum-exp
         (``+inf`` where a row keeps no key, whose output is zero)."""
         return fused.run(self.forward, self.gradients, call)
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).split(".")[-1]
 
 
 def _practical_tiling(kernel: str, dim: int, dtype, group: int) -> KernelTiling:
