@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from . import demo, fused, masks, practical
+from . import demo, fused, masks, practical, verdicts
 from .call import AttentionCall
 
 #: ``(atol, rtol)`` per input dtype.
@@ -83,10 +83,11 @@ class Family:
     ``cost_dtype`` the dtype ``bench --cost`` counts it in (the one it runs
     for training); ``matrix_products`` whether its products are
     ``simdgroup_matrix`` operations (which the emulator's profiler counts);
-    ``tiling(kernel, head_dim, dtype, group) -> KernelTiling``;
-    ``dispatch_tiles(stage, q, k, v) -> (rows, inner)`` the tiles
-    ``mlx_flash.dispatch`` splits a launch by (None: no split is planned,
-    and ``explain`` names none).
+    ``tiling(kernel, head_dim, dtype, group) -> KernelTiling``; ``inputs``
+    and ``backward_inputs`` the names of its kernels' inputs, in the order
+    ``fused.kernel_inputs`` gives them; ``dispatch_tiles(stage, q, k, v) ->
+    (rows, inner)`` the tiles ``mlx_flash.dispatch`` splits a launch by
+    (None: no split is planned, and ``explain`` names none).
     """
 
     name: str
@@ -107,7 +108,7 @@ class Family:
 
     @property
     def dtype_names(self) -> Tuple[str, ...]:
-        return tuple(_dtype_name(d) for d in self.dtypes)
+        return tuple(verdicts.dtype_name(d) for d in self.dtypes)
 
     def tolerance(self, dtype) -> Tuple[float, float]:
         """``(atol, rtol)`` for inputs of ``dtype``."""
@@ -129,10 +130,6 @@ class Family:
         Dv)`` in ``q``'s dtype and the ``(B, Hq, Lq)`` float32 log-sum-exp
         (``+inf`` where a row keeps no key, whose output is zero)."""
         return fused.run(self.forward, self.gradients, call)
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).split(".")[-1]
 
 
 def _practical_tiling(kernel: str, dim: int, dtype, group: int) -> KernelTiling:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--family", action="append", choices=family_names(),
-        help="validate only this kernel family (repeatable; default both)",
+        help="validate only this kernel family (repeatable; default every family)",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", action="append", choices=("float32", "float16", "bfloat16"),
