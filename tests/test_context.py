@@ -259,3 +259,25 @@ def test_each_slice_attends_at_its_global_offset(variant, mask, monkeypatch):
     total = total.astype(mx.float32)
     np.testing.assert_allclose(np.array(total[..., :D]), np.array(expected[1]), atol=tol)
     np.testing.assert_allclose(np.array(total[..., D:]), np.array(expected[2]), atol=tol)
+
+
+def test_bench_row_and_verdicts():
+    from mlx_flash.bench import context as bench
+
+    tokens, ids, targets = bench.packed_row(300, 50, 40)
+    assert tokens.shape == ids.shape == (1, 301) and targets.shape == (1, 300)
+    lengths = np.bincount(np.array(ids[0]))
+    assert lengths[:-1].min() >= 20 and lengths.max() <= 60  # 0.5x to 1.5x of 40 (the last one cut)
+    # A target counts only inside a document.
+    assert int(targets.sum()) == 300 - (len(lengths) - 1)
+    run = {"loss": 1.0, "wall_s": 2.0, "tokens_per_s": 150.0, "weights_bytes": 2**20, "above_weights_bytes": 10 * 2**20}
+    half = dict(run, above_weights_bytes=7 * 2**20)
+    result = {"shape": "tiny", "layers": 1, "vocab": 50, "length": 300, "doc_length": 40, "variant": "blockwise",
+              "checkpoint": True, "ranks": 2, "single": run, "per_rank": [half, half], "step_time_ratio": 1.0,
+              "bytes_per_layer_per_rank": context.traffic(2, 1, 300, 2, 32, 4),
+              "targets": {"memory": {"value": 0.7, "target": 0.6, "pass": False},
+                          "loss": {"value": 0.0, "target": 1e-5, "pass": True}}}  # fmt: skip
+    text = bench.render(result)
+    assert "FAIL memory: 0.7 (target at most 0.6)" in text and "PASS loss" in text
+    with pytest.raises(SystemExit):
+        bench.parse(["--ranks", "1"])
