@@ -51,8 +51,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from . import machine
+from . import kernels, machine
 from .folders import cache_root
+from .text import first_line
 
 #: Version of the file layout; another version is ignored.
 FORMAT = 1
@@ -128,7 +129,7 @@ def validation_enabled(backend: str) -> bool:
 def kernel_source_hash(backend: str) -> str:
     """sha256 of the kernel sources (and the emulator's header on the emulator)."""
     digest = hashlib.sha256()
-    metal = resources.files("mlx_flash.metal")
+    metal = kernels.source_folder()
     names = sorted(p.name for p in metal.iterdir() if p.name.endswith((".metal", ".h")))
     files = [(name, metal.joinpath(name)) for name in names]
     if backend == "emulator":
@@ -240,14 +241,6 @@ class Verdict:
             "kernels": self.kernels,
             "timings": self.timings,
         }
-
-
-def first_line(text: str) -> str:
-    """The first non-empty line of ``text``."""
-    for line in str(text).splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 def _read(path: Path, key: Dict[str, str]) -> Optional[Verdict]:

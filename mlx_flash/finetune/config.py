@@ -117,6 +117,8 @@ SCHEMA = {
     "hf_dataset": ((dict, list, type(None)), None),
     # Not an mlx-lm key: lay examples end to end in max_seq_length rows (packing.py).
     "pack_sequences": (bool, False),
+    # Not an mlx-lm key: ranks per row, each holding a slice of it (mlx_flash.context).
+    "context_parallel": (int, 1),
     "text_feature": (str, "text"),
     "prompt_feature": (str, "prompt"),
     "completion_feature": (str, "completion"),
@@ -152,6 +154,7 @@ POSITIVE = (
     "save_every",
     "max_seq_length",
     "grad_accumulation_steps",
+    "context_parallel",
     "lora_parameters.rank",
     "output.generation_tokens",
 )

@@ -44,6 +44,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from .. import context
 from ..explain import explain
 from ..machine import describe
 from ..patch import patched
@@ -397,6 +398,7 @@ class Run:
     adapters: Path
     rank: int
     world_size: int
+    grid: Any  # data-parallel shards x context-parallel ranks (mlx_flash.context)
     model: nn.Module
     model_path: str
     optimizer: Any
@@ -406,6 +408,7 @@ class Run:
     batches: Batches
     plan: Any  # the attention plan of a training batch (explain)
     loss_fn: Callable
+    eval_loss: Callable  # the loss validation reports
     evaluation: Callable  # the iterate_batches validation uses
     resumed: Optional[resume.Resume]
     started: float
@@ -496,8 +499,12 @@ def set_up(recipe, entry: str, run_dir: Path) -> Run:
     started = time.perf_counter()
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
-    if recipe.batch_size % world_size != 0:
-        raise RecipeError(f"batch_size: {recipe.batch_size} is not divisible by the {world_size} ranks")
+    try:
+        grid = context.grid(recipe.context_parallel, world)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    if recipe.batch_size % grid.dp != 0:
+        raise RecipeError(f"batch_size: {recipe.batch_size} is not divisible by the {grid.dp} data-parallel ranks")
     variant, padded = run_entry(entry)
     packed = recipe.pack_sequences and not padded
     resumed = resume.find(recipe, entry, run_dir, run_dir / METRICS_FILE) if recipe.resume and rank == 0 else None
@@ -526,16 +533,21 @@ def set_up(recipe, entry: str, run_dir: Path) -> Run:
     # can be put in place (and shared across ranks) before training.
     optimizer.init(model.trainable_parameters())
 
-    batches = Batches(train_set, recipe.batch_size, recipe.max_seq_length, recipe.seed, rank, world_size)
+    batches = Batches(train_set, recipe.batch_size, recipe.max_seq_length, recipe.seed, grid.dp_index, grid.dp)
     # Batches are padded to one more than a multiple of 32; inputs drop one.
     length = min(recipe.max_seq_length, 1 + 32 * ((max(batches.lengths) + 31) // 32)) - 1
-    plan = attention_plan(geometry(model, config), recipe.batch_size // world_size, length, variant, packed)
+    plan = attention_plan(geometry(model, config), recipe.batch_size // grid.dp, length, variant, packed)
+    loss_fn = eval_loss = loss_function(recipe, packed)
+    evaluation = evaluation_batches(recipe.seed)
+    if grid.cp > 1:  # every rank of a row holds a slice of it
+        loss_fn, eval_loss = context.training_loss(grid), context.evaluation_loss(grid)
+        evaluation = context.evaluation_batches(evaluation, grid)
     return Run(
         recipe=recipe, entry=entry, variant=variant, packed=packed, run_dir=run_dir,
-        adapters=adapter_dir(recipe, run_dir), rank=rank, world_size=world_size, model=model,
+        adapters=adapter_dir(recipe, run_dir), rank=rank, world_size=world_size, grid=grid, model=model,
         model_path=model_path, optimizer=optimizer, train_set=train_set, valid_set=valid_set,
-        test_set=test_set, batches=batches, plan=plan, loss_fn=loss_function(recipe, packed),
-        evaluation=evaluation_batches(recipe.seed), resumed=resumed, started=started,
+        test_set=test_set, batches=batches, plan=plan, loss_fn=loss_fn, eval_loss=eval_loss,
+        evaluation=evaluation, resumed=resumed, started=started,
     )  # fmt: skip
 
 
@@ -580,6 +592,7 @@ def resume_from(run: Run) -> None:
     run.metrics = files.JsonlWriter(run.metrics_path, run.records)
     run.extra = {
         "rank_count": run.world_size,
+        "context_parallel": run.grid.cp,
         "compiled_step": run.compiled,
         "attention_plan": run.plan.summary,
         "attention_variant": run.variant,
@@ -602,7 +615,7 @@ def validate(run: Run, dataset, batches_to_run: int) -> Optional[float]:
         batch_size=recipe.batch_size,
         num_batches=batches_to_run,
         max_seq_length=recipe.max_seq_length,
-        loss=run.loss_fn,
+        loss=run.eval_loss,
         iterate_batches=run.evaluation,
     )
     run.model.train()
@@ -725,9 +738,12 @@ def finish(run: Run) -> None:
         note(run.entry, f"testing ({_batch_count(run.recipe.test_batches)})", enabled=run.writer)
         run.extra["test_loss"] = validate(run, run.test_set, run.recipe.test_batches)
     if run.packed and run.writer:
-        if len(run.valid_set):
+        # A whole row on one rank is what context parallelism avoids.
+        check = None
+        if run.grid.cp == 1 and len(run.valid_set):
             note(run.entry, "checking that packing changed no validation document's loss")
-        run.extra["packing"] = packing_summary(run.train_set, packing_check(run.model, run.valid_set))
+            check = packing_check(run.model, run.valid_set)
+        run.extra["packing"] = packing_summary(run.train_set, check)
 
 
 def write_summary(run: Run) -> dict:
