@@ -159,7 +159,7 @@ class _Tiles:
             z = z + self.b[v0:v1]
         if self.q is not None:
             z = z + (h.lora_scale * (ut @ self.q[:, v0:v1])).astype(z.dtype)
-        y = z.astype(mx.float32)
+        y = z if z.dtype == mx.float32 else z.astype(mx.float32)
         if h.multiplier != 1.0:
             y = y * h.multiplier
         if h.softcap is not None:
@@ -205,6 +205,21 @@ def _pick(y, local, width):
     return inside, mx.where(inside, got, 0.0)
 
 
+def _after(xt, ut, state):
+    """``xt`` and ``ut`` made to wait for ``state``, the previous chunk's result.
+
+    MLX evaluates a graph level by level from its outputs, so a chunk's
+    logits, a few operations below the running result, would otherwise be
+    computed several chunks early and held until their turn; depending on the
+    previous chunk's result makes the chunks strictly one after the other.
+    """
+    if state is None:
+        return xt, ut
+    if ut is None:
+        return mx.depends(xt, state), None
+    return tuple(mx.depends([xt, ut], state))
+
+
 def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, has_u: bool):
     V = head.vocab_size
     tchunks = _chunks(n_tokens, token_chunk)
@@ -239,10 +254,13 @@ def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, h
             tt = targets[t0:t1]
             m = s = tgt = acc = None
             for v0, v1 in vchunks:
-                y = tiles.logits(xt, ut, v0, v1)
+                y = tiles.logits(*_after(xt, ut, s), v0, v1)
                 _, picked = _pick(y, tt - v0, v1 - v0)
                 tgt = picked if tgt is None else tgt + picked
                 m_new = y.max(axis=1) if m is None else mx.maximum(m, y.max(axis=1))
+                # The target's logit is read before the exponentials, so
+                # that the logits can be freed (or reused) by them.
+                m_new = mx.depends(m_new, tgt)
                 e = mx.exp(y - m_new[:, None])
                 if m is None:
                     s = e.sum(axis=1)
@@ -305,7 +323,7 @@ def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, h
             lt = lse[t0:t1][:, None]
             dxt = dut = None
             for k, (v0, v1) in enumerate(vchunks):
-                y = tiles.logits(xt, ut, v0, v1)
+                y = tiles.logits(*_after(xt, ut, dxt), v0, v1)
                 p = mx.exp(y - lt)
                 hit = (tt - v0)[:, None] == mx.arange(v1 - v0)[None, :]
                 dy = gt * (p - hit.astype(mx.float32))
@@ -660,7 +678,11 @@ def _base_head(module: nn.Module, model_type: str, tr, prefix: str) -> dict:
     )
 
 
-def _head_from_module(module: nn.Module, model_type: str) -> LinearHead:
+def head_from_module(module: nn.Module, model_type: str = "this") -> LinearHead:
+    """The ``LinearHead`` of one head module: ``nn.Linear``, ``nn.Embedding``
+    (its ``as_linear``), their quantized forms, or mlx-lm's ``LoRALinear`` /
+    ``LoRAEmbedding`` around one of them. ``trainable`` follows the module's
+    frozen state. Raises ``ValueError`` (one line) for anything else."""
     tr = _trainable(module)
     name = type(module).__name__
     if name.startswith("DoRA"):
@@ -697,7 +719,7 @@ def head_of(model: nn.Module) -> LinearHead:
     module = split.lm
     for p in split.logits.head:
         module = module[p] if isinstance(module, nn.Module) and p in module else getattr(module, p)
-    head = _head_from_module(module, _model_type(model))
+    head = head_from_module(module, _model_type(model))
     if split.logits.as_linear != (isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) or "embedding" in module):
         raise ValueError(f"chunked loss: cannot split model type '{_model_type(model)}': its head is not a linear map; use loss: full")
     return replace(head, multiplier=split.logits.multiplier, softcap=split.logits.softcap)
