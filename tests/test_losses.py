@@ -385,3 +385,65 @@ def test_unsplittable_model_is_refused_in_one_line():
 
     with pytest.raises(ValueError, match="cannot split model type 'odd'"):
         head_of(Odd())
+
+
+# --- the fine-tune's recipe key `loss` ---
+
+
+def test_recipe_key_loss_is_validated():
+    from finetune_runs import QUICKSTART, cli
+    from mlx_flash.finetune.config import RecipeError, load_recipe
+
+    assert load_recipe(str(QUICKSTART)).loss == "auto"
+    assert load_recipe(str(QUICKSTART), ["loss=chunked"]).loss == "chunked"
+    with pytest.raises(RecipeError, match=r"^loss: unknown value 'chunky' \(choose from auto, full, chunked\)$"):
+        load_recipe(str(QUICKSTART), ["loss=chunky"])
+    result = cli(QUICKSTART, "--set", "loss=3", "--check")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["mlx_flash.finetune: error: loss: expected a string, got 3 (int)"]
+
+
+def test_auto_threshold_and_refusal():
+    from mlx_flash.finetune import loss_choice
+
+    model = build("qwen2")
+    full, packed = object(), object()
+    # 211 tokens of vocabulary: 4 * B * L * 211 bytes against 256 MiB.
+    small = loss_choice.choose("auto", model, 1, 1024, False, full, packed)
+    assert small[0] == "full" and small[1] is full and small[2].startswith("auto: logits")
+    big = loss_choice.choose("auto", model, 8, 65536, False, full, packed)
+    assert big[0] == "chunked" and big[1] is chunked_loss
+    assert loss_choice.choose("chunked", model, 1, 8, True, full, packed)[1] is loss_choice.chunked_packed_loss
+    assert loss_choice.choose("full", model, 8, 65536, True, full, packed)[:2] == ("full", packed)
+    config = dict(BASE, model_type="minicpm", dim_model_base=16, scale_emb=1.0, scale_depth=1.0)
+    model_class, args_class = _get_classes(config)
+    odd = model_class(args_class.from_dict(config))
+    assert loss_choice.choose("auto", odd, 8, 65536, False, full, packed)[0] == "full"
+    with pytest.raises(ValueError, match="cannot split model type 'minicpm'"):
+        loss_choice.choose("chunked", odd, 8, 65536, False, full, packed)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_finetune_records_the_loss_and_chunked_trains_like_full(packed, tmp_path, monkeypatch):
+    import json
+
+    from finetune_runs import FAST, QUICKSTART
+    from mlx_flash.finetune.__main__ import main
+
+    monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for loss in ("full", "chunked", "auto"):
+        out = tmp_path / loss
+        code = main([str(QUICKSTART), *FAST, "--set", "iters=3", "--set", "steps_per_eval=3", "--set", "val_batches=1",
+                     "--set", f"pack_sequences={str(packed).lower()}", "--set", "attention.compare=[]",
+                     "--set", "attention.variant=manual", "--set", f"loss={loss}", "--out", str(out)])  # fmt: skip
+        assert code == 0
+        summary = json.loads((out / "manual" / "summary.json").read_text())
+        records = [json.loads(line) for line in (out / "manual" / "metrics.jsonl").read_text().splitlines()]
+        runs[loss] = summary, [r["loss"] for r in records]
+        assert summary["peak_memory_bytes"] > 0
+    assert runs["full"][0]["loss"] == "full" and runs["chunked"][0]["loss"] == "chunked"
+    # The built-in model's byte vocabulary keeps its logits far below the threshold.
+    assert runs["auto"][0]["loss"] == "full" and runs["auto"][0]["loss_reason"].startswith("auto: logits")
+    np.testing.assert_allclose(runs["chunked"][1], runs["full"][1], rtol=1e-4)
+    np.testing.assert_allclose(runs["chunked"][0]["final_val_loss"], runs["full"][0]["final_val_loss"], rtol=1e-4)

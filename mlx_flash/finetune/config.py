@@ -114,6 +114,8 @@ SCHEMA = {
     "hf_dataset": ((dict, list, type(None)), None),
     # Not an mlx-lm key: lay examples end to end in max_seq_length rows (packing.py).
     "pack_sequences": (bool, False),
+    # Not an mlx-lm key: full logits, the chunked loss, or chosen by size (loss_choice.py).
+    "loss": (str, "auto"),
     "text_feature": (str, "text"),
     "prompt_feature": (str, "prompt"),
     "completion_feature": (str, "completion"),
@@ -141,6 +143,7 @@ SECTIONS = {"lora_parameters": LORA_PARAMETERS, "attention": ATTENTION, "output"
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
+LOSSES = ("auto", "full", "chunked")
 POSITIVE = (
     "batch_size",
     "iters",
@@ -443,6 +446,8 @@ def _validate(values: dict) -> None:
         )
     if values["optimizer"] not in OPTIMIZERS:
         raise RecipeError(f"optimizer: unknown value '{values['optimizer']}' (choose from {', '.join(OPTIMIZERS)})")
+    if values["loss"] not in LOSSES:
+        raise RecipeError(f"loss: unknown value '{values['loss']}' (choose from {', '.join(LOSSES)})")
     if values["output"]["generations"] < 0:
         raise RecipeError(f"output.generations: must be at least 0, got {values['output']['generations']}")
     if values["num_layers"] != -1 and values["num_layers"] < 1:

@@ -44,7 +44,7 @@ from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer
-from . import packing
+from . import loss_choice, packing
 from .config import run_entry
 from .packing import PackedDataset
 from .progress import Progress
@@ -406,7 +406,12 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         metrics = files.JsonlWriter(metrics_path, resumed.records if resumed else ())
 
     # Packed rows keep attention and targets inside each example.
-    loss_fn = packing.packed_loss if packed else default_loss
+    try:
+        loss_name, loss_fn, loss_reason = loss_choice.choose(
+            recipe.loss, model, recipe.batch_size // world_size, length, packed, default_loss, packing.packed_loss
+        )
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     accumulate = recipe.grad_accumulation_steps
     state = [model.state, optimizer.state, mx.random.state]
@@ -477,6 +482,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         "attention_plan": plan.summary,
         "attention_variant": variant,
         "packed": packed,
+        "loss": loss_name,
+        "loss_reason": loss_reason,
         **environment(),
     }
     stopped = None  # the signal that stopped the run
