@@ -4,8 +4,10 @@
 loss ``logsumexp(h W^T) - (h W^T)[target]`` of a language model's output
 head without building the logits: it streams over token chunks (``T``
 rows of ``hidden``) and vocabulary chunks (``C`` rows of the head's weight)
-inside an ``mx.custom_function`` whose backward recomputes each chunk's
-logits.
+inside an ``mx.custom_function`` with its own backward, so that no more than
+a few ``T x C`` chunks of logits exist at any time. ``head_of(model)`` and
+``final_hidden(model, inputs)`` split an mlx-lm causal LM into the two
+inputs, and ``chunked_loss`` is a drop-in for mlx-lm's ``default_loss``.
 
 Memory. With ``N = B * L`` tokens, ``D`` the hidden size and ``V`` the
 vocabulary, the function keeps alive between its forward and backward:
@@ -24,17 +26,23 @@ vocabulary, the function keeps alive between its forward and backward:
 
 and while it runs, one chunk of logits and the few same-shape temporaries
 that follow it (``T x C`` float32 each), plus the weight-sized gradient of a
-trainable head. The chunks are chained with ``mx.depends`` so MLX's lazy
-evaluation walks them one after the other instead of holding many at once;
-nothing calls ``mx.eval``, so the function works under ``mx.compile`` and
+trainable head. Each chunk waits (``mx.depends``) for the previous chunk's
+result, because MLX builds its evaluation order level by level from the
+outputs and would otherwise compute a chunk's logits, a few operations below
+the running result, several chunks early and hold them. What remains is
+MLX's own lookahead: the host allocates an operation's output when it
+dispatches it and lets about ten operations run ahead of the stream, so
+about five chunks (80 MiB at the default sizes; counted, not estimated) are
+allocated at the peak, whatever ``N`` and ``V`` are. Nothing calls
+``mx.eval``, so the function works under ``mx.compile`` and
 ``nn.value_and_grad``.
 
 Chunk sizes. ``C = 8192`` vocabulary rows (a Qwen2.5 vocabulary of 151,936
 is 19 chunks) and ``T = 2**22 // C = 512`` tokens make one chunk of logits
 ``T * C`` float32 = 16 MiB; the matrix products are then ``512 x 8192 x D``,
 large enough for BLAS and Metal to run at full speed, while the working set
-(about four such chunks) stays near 64 MiB whatever ``L`` and ``V`` are.
-Both are arguments (``token_chunk``, ``vocab_chunk``); small vocabularies
+stays near 100 MiB whatever ``L`` and ``V`` are (at ``L = 8192`` and Qwen2.5's
+vocabulary the full logits are 4.6 GiB a copy). Both are arguments (``token_chunk``, ``vocab_chunk``); small vocabularies
 use one chunk.
 
 Exactness: each chunk's logits are computed as the head computes them (the
@@ -447,6 +455,7 @@ class _Logits:
 class _Split:
     lm: nn.Module
     backbone: str
+    keyword: Optional[str]
     logits: _Logits
 
 
@@ -496,6 +505,7 @@ class _Follow:
         self.inputs = args[1] if len(args) > 1 else None
         self.env = {}
         self.backbone = None
+        self.keyword = None  # the backbone takes the token ids by this keyword (None: first positional)
         self.delegate = None
 
     def fail(self, node):
@@ -557,10 +567,14 @@ class _Follow:
             if fp is not None and fp and fp[-1] == "language_model" and len(fp) == 1:
                 self.delegate = "language_model"
                 return "delegate"
-            if fp is not None and len(fp) == 1 and args and isinstance(args[0], ast.Name) and args[0].id == self.inputs:
+            given = [k.arg for k in node.keywords if isinstance(k.value, ast.Name) and k.value.id == self.inputs]
+            if args and isinstance(args[0], ast.Name) and args[0].id == self.inputs:
+                given = [None]
+            if fp is not None and len(fp) == 1 and given:
                 if self.backbone is not None:
                     self.fail(node)
                 self.backbone = fp[0]
+                self.keyword = given[0]
                 return _HIDDEN
             if fp is not None and args and len(args) == 1 and not node.keywords:
                 arg = self.value(args[0])
@@ -651,7 +665,7 @@ def _split(model: nn.Module) -> _Split:
             raise ValueError(
                 f"chunked loss: cannot split model type '{_model_type(model)}' into hidden states and a linear head; use loss: full"
             )
-        return _Split(lm, follow.backbone, out)
+        return _Split(lm, follow.backbone, follow.keyword, out)
     raise ValueError(f"chunked loss: cannot split model type '{_model_type(model)}': wrappers nest too deep; use loss: full")
 
 
@@ -729,7 +743,8 @@ def final_hidden(model: nn.Module, inputs: mx.array) -> mx.array:
     """The final normed hidden states ``(B, L, D)`` the head reads, from
     ``inputs`` ``(B, L)`` token ids."""
     split = _split(model)
-    return getattr(split.lm, split.backbone)(inputs)
+    backbone = getattr(split.lm, split.backbone)
+    return backbone(inputs) if split.keyword is None else backbone(**{split.keyword: inputs})
 
 
 def chunked_loss(model: nn.Module, batch: mx.array, lengths: mx.array):

@@ -276,6 +276,8 @@ FAMILIES = {
     "cohere": dict(logit_scale=0.5, layer_norm_eps=1e-5),
     "granite": dict(logits_scaling=4.0, embedding_multiplier=1.0, attention_multiplier=1.0, residual_multiplier=1.0,
                     tie_word_embeddings=True, attention_bias=False, mlp_bias=False),
+    # Its backbone takes the token ids by keyword.
+    "gptj": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, layer_norm_epsilon=1e-5),
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention"]),
 }  # fmt: skip
