@@ -449,3 +449,16 @@ def test_finetune_records_the_loss_and_chunked_trains_like_full(packed, tmp_path
     assert runs["auto"][0]["loss"] == "full" and runs["auto"][0]["loss_reason"].startswith("auto: logits")
     np.testing.assert_allclose(runs["chunked"][1], runs["full"][1], rtol=1e-4)
     np.testing.assert_allclose(runs["chunked"][0]["final_val_loss"], runs["full"][0]["final_val_loss"], rtol=1e-4)
+
+
+def test_loss_alone_measurement_runs_both_paths():
+    from mlx_flash.bench import loss as bench_loss
+
+    result = bench_loss.compare(1024, 16384, 64, progress=lambda s: None)
+    full, ours = result["full"], result["chunked"]
+    assert result["same_loss_and_gradient"]
+    # 64 MiB of logits a copy against 16 MiB chunks.
+    assert full["peak_above_inputs_bytes"] >= 2 * 4 * 1024 * 16384
+    assert ours["peak_above_inputs_bytes"] < full["peak_above_inputs_bytes"] / 2
+    assert result["peak_ratio"] == ours["peak_above_inputs_bytes"] / full["peak_above_inputs_bytes"]
+    assert result["peak_pass"] == (result["peak_ratio"] <= 0.03)
