@@ -675,7 +675,21 @@ def _trainable(module: nn.Module):
     return {k for k, _ in tree_flatten(module.trainable_parameters())}
 
 
+def _plain(module: nn.Module, bases) -> bool:
+    # A subclass that changes what the head computes is not this head.
+    for base in bases:
+        if isinstance(module, base):
+            method = "as_linear" if issubclass(base, (nn.Embedding, nn.QuantizedEmbedding)) else "__call__"
+            return getattr(type(module), method) is getattr(base, method)
+    return False
+
+
 def _base_head(module: nn.Module, model_type: str, tr, prefix: str) -> dict:
+    if not _plain(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.Linear, nn.Embedding)):
+        raise ValueError(
+            f"chunked loss: model type '{model_type}' has an output head of type {type(module).__name__}, "
+            "which the chunked loss does not support; use loss: full"
+        )
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return dict(
             weight=module["weight"], scales=module["scales"], biases=module.get("biases"),
@@ -701,7 +715,7 @@ def head_from_module(module: nn.Module, model_type: str = "this") -> LinearHead:
     name = type(module).__name__
     if name.startswith("DoRA"):
         raise ValueError(f"chunked loss: DoRA on the output head of model type '{model_type}' is not supported; use loss: full")
-    if "lora_a" in module and "lora_b" in module:
+    if "lora_a" in module and "lora_b" in module and name in ("LoRALinear", "LoRAEmbedding"):
         if "linear" in module:
             kw = _base_head(module["linear"], model_type, tr, "linear.")
             lora_in, lora_out = module["lora_a"], module["lora_b"]

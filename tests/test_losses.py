@@ -388,6 +388,16 @@ def test_unsplittable_model_is_refused_in_one_line():
     with pytest.raises(ValueError, match="cannot split model type 'odd'"):
         head_of(Odd())
 
+    # A head that computes something else than its base class is refused too.
+    class Doubled(nn.Linear):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    model = build("llama")
+    model.lm_head = Doubled(64, 211, bias=False)
+    with pytest.raises(ValueError, match="model type 'llama' has an output head of type Doubled"):
+        head_of(model)
+
 
 # --- the fine-tune's recipe key `loss` ---
 

@@ -86,15 +86,14 @@ def choose(setting: str, model, batch_size: int, length: int, packed: bool, defa
     if setting == "full":
         return "full", full, "loss: full"
     try:
+        size = logits_bytes(batch_size, length, losses.head_of(model).vocab_size)
+        if setting == "auto" and size <= AUTO_THRESHOLD_BYTES:
+            return "full", full, f"auto: logits {size / 2**20:.0f} MiB <= {AUTO_THRESHOLD_BYTES / 2**20:.0f} MiB"
         check_split(model)
-        vocab = losses.head_of(model).vocab_size
     except ValueError as e:
         if setting == "chunked":
             raise
         return "full", full, f"auto: {e}"
-    size = logits_bytes(batch_size, length, vocab)
     if setting == "chunked":
         return "chunked", chunked, "loss: chunked"
-    if size > AUTO_THRESHOLD_BYTES:
-        return "chunked", chunked, f"auto: logits {size / 2**20:.0f} MiB > {AUTO_THRESHOLD_BYTES / 2**20:.0f} MiB"
-    return "full", full, f"auto: logits {size / 2**20:.0f} MiB <= {AUTO_THRESHOLD_BYTES / 2**20:.0f} MiB"
+    return "chunked", chunked, f"auto: logits {size / 2**20:.0f} MiB > {AUTO_THRESHOLD_BYTES / 2**20:.0f} MiB"
