@@ -80,8 +80,10 @@ class LinearHead:
     ``(V,)``. A LoRA term on the head is ``lora_scale * (lora_in(x) @
     lora_out)`` with ``lora_in: (D, r)`` applied to ``lora_dropout(x)`` and
     ``lora_out: (r, V)``. ``trainable`` names the arrays whose gradient is
-    wanted (``weight``, ``bias``, ``lora_in``, ``lora_out``); a frozen head
-    gets the cheaper one-pass backward.
+    wanted (``weight``, ``bias``, ``lora_in``, ``lora_out``; all by default,
+    and ``head_of`` sets it from the module's frozen state): the others get
+    a zero gradient, never computed, and a head with none of them gets the
+    one-pass backward. A quantized weight never gets a gradient.
     """
 
     weight: mx.array
@@ -228,7 +230,7 @@ def _after(xt, ut, state):
     return tuple(mx.depends([xt, ut], state))
 
 
-def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, has_u: bool):
+def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int):
     V = head.vocab_size
     tchunks = _chunks(n_tokens, token_chunk)
     vchunks = _chunks(V, vocab_chunk)
@@ -419,7 +421,7 @@ def linear_cross_entropy(
     if head.lora_out is not None:
         xd = head.lora_dropout(x) if head.lora_dropout is not None else x
         u = xd @ head.lora_in
-    fn = _make(head, N, token_chunk, vocab_chunk, u is not None)
+    fn = _make(head, N, token_chunk, vocab_chunk)
     out = fn(x, u, targets.reshape(N), head.weight, head.scales, head.biases, head.bias, head.lora_out)
     ce = out[0].reshape(B, L)
     if mask is not None:
@@ -745,8 +747,15 @@ def head_of(model: nn.Module) -> LinearHead:
     """
     split = _split(model)
     module = split.lm
-    for p in split.logits.head:
-        module = module[p] if isinstance(module, nn.Module) and p in module else getattr(module, p)
+    try:
+        for p in split.logits.head:
+            module = module[p] if isinstance(module, dict) and p in module else getattr(module, p)
+    except AttributeError:
+        raise ValueError(
+            f"chunked loss: model type '{_model_type(model)}' has no '{'.'.join(split.logits.head)}' head; use loss: full"
+        ) from None
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"chunked loss: model type '{_model_type(model)}': its head is not a module; use loss: full")
     head = head_from_module(module, _model_type(model))
     if split.logits.as_linear != (isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) or "embedding" in module):
         raise ValueError(f"chunked loss: cannot split model type '{_model_type(model)}': its head is not a linear map; use loss: full")
