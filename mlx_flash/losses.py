@@ -155,7 +155,7 @@ class _Tiles:
 
     def logits(self, xt, ut, v0, v1):
         """Float32 logits ``(T, C)`` of tokens ``xt`` for vocabulary rows
-        ``v0:v1``, before the multiplier and soft-cap: ``z``; and after: ``y``."""
+        ``v0:v1``, the multiplier and soft-cap applied."""
         h = self.head
         if h.quantized:
             z = mx.quantized_matmul(
@@ -212,7 +212,7 @@ def _pick(y, local, width):
     """``y[i, local[i]]`` where ``0 <= local[i] < width``, else 0."""
     inside = (local >= 0) & (local < width)
     got = mx.take_along_axis(y, mx.clip(local, 0, width - 1)[:, None], axis=1)[:, 0]
-    return inside, mx.where(inside, got, 0.0)
+    return mx.where(inside, got, 0.0)
 
 
 def _after(xt, ut, state):
@@ -231,6 +231,10 @@ def _after(xt, ut, state):
 
 
 def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int):
+    """The custom function ``(x, u, targets, w, scales, qbiases, b, q) ->
+    (ce, lse[, direction])`` for one head and chunking: ``x: (N, D)``,
+    ``targets: (N,)``, per-token ``ce`` and float32 ``lse: (N,)``, and for a
+    frozen head the float32 gradient direction ``(N, D)``."""
     V = head.vocab_size
     tchunks = _chunks(n_tokens, token_chunk)
     vchunks = _chunks(V, vocab_chunk)
@@ -265,7 +269,7 @@ def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int):
             m = s = tgt = acc = None
             for v0, v1 in vchunks:
                 y = tiles.logits(*_after(xt, ut, s), v0, v1)
-                _, picked = _pick(y, tt - v0, v1 - v0)
+                picked = _pick(y, tt - v0, v1 - v0)
                 tgt = picked if tgt is None else tgt + picked
                 m_new = y.max(axis=1) if m is None else mx.maximum(m, y.max(axis=1))
                 # The target's logit is read before the exponentials, so
