@@ -42,8 +42,8 @@ is 19 chunks) and ``T = 2**22 // C = 512`` tokens make one chunk of logits
 ``T * C`` float32 = 16 MiB; the matrix products are then ``512 x 8192 x D``,
 large enough for BLAS and Metal to run at full speed, while the working set
 stays near 100 MiB whatever ``L`` and ``V`` are (at ``L = 8192`` and Qwen2.5's
-vocabulary the full logits are 4.6 GiB a copy). Both are arguments (``token_chunk``, ``vocab_chunk``); small vocabularies
-use one chunk.
+vocabulary the full logits are 4.6 GiB a copy). Both are arguments
+(``token_chunk``, ``vocab_chunk``); small vocabularies use one chunk.
 
 Exactness: each chunk's logits are computed as the head computes them (the
 head's dtype, bias and LoRA term included), then raised to float32; the
@@ -468,6 +468,17 @@ class _Split:
 _HIDDEN = "hidden"
 
 
+def _refusal(model, why: str) -> ValueError:
+    """The one-line refusal, naming the model type (``model`` or its name)."""
+    name = model if isinstance(model, str) else _model_type(model)
+    return ValueError(f"chunked loss: model type '{name}' {why}; use loss: full")
+
+
+def _bare(lg) -> bool:
+    """Logits with no soft-cap yet, so one may follow."""
+    return isinstance(lg, _Logits) and lg.softcap is None and lg.tanh_of is None
+
+
 def _model_type(model) -> str:
     for obj in (model, getattr(model, "args", None), getattr(model, "config", None)):
         mt = getattr(obj, "model_type", None)
@@ -551,7 +562,9 @@ class _Follow:
             a, b = self.const(node.left), self.const(node.right)
             if not all(isinstance(v, (int, float)) for v in (a, b)):
                 self.fail(node)
-            return {ast.Mult: a * b, ast.Add: a + b, ast.Sub: a - b}.get(type(node.op), None) if not isinstance(node.op, ast.Div) else a / b
+            if isinstance(node.op, ast.Div):
+                return a / b
+            return {ast.Mult: a * b, ast.Add: a + b, ast.Sub: a - b}[type(node.op)]
         if isinstance(node, ast.Compare) and len(node.ops) == 1:
             op, right = node.ops[0], node.comparators[0]
             if isinstance(op, (ast.Is, ast.IsNot)) and isinstance(right, ast.Constant) and right.value is None:
@@ -596,12 +609,12 @@ class _Follow:
                     if isinstance(inner, ast.BinOp) and isinstance(inner.op, ast.Div):
                         lg = self.value(inner.left)
                         c = self.const(inner.right)
-                        if isinstance(lg, _Logits) and lg.softcap is None and lg.tanh_of is None and isinstance(c, (int, float)):
+                        if _bare(lg) and isinstance(c, (int, float)):
                             return replace(lg, tanh_of=float(c))
             if isinstance(node.func, ast.Name) and node.func.id == "logit_softcap" and len(args) == 2:
                 c = self.const(args[0])
                 lg = self.value(args[1])
-                if isinstance(lg, _Logits) and lg.softcap is None and lg.tanh_of is None and isinstance(c, (int, float)):
+                if _bare(lg) and isinstance(c, (int, float)):
                     return replace(lg, softcap=float(c))
             self.fail(node)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
@@ -661,18 +674,14 @@ def _split(model: nn.Module) -> _Split:
             follow = _Follow(lm, _call_ast(type(lm)))
             out = follow.run(follow.fn.body)
         except _Refuse as e:
-            raise ValueError(
-                f"chunked loss: cannot split model type '{_model_type(model)}' into hidden states and a linear head ({e}); use loss: full"
-            ) from None
+            raise _refusal(model, f"cannot be split into hidden states and a linear head ({e})") from None
         if out == "delegate":
             lm = lm.language_model
             continue
         if not isinstance(out, _Logits) or out.tanh_of is not None or follow.backbone is None:
-            raise ValueError(
-                f"chunked loss: cannot split model type '{_model_type(model)}' into hidden states and a linear head; use loss: full"
-            )
+            raise _refusal(model, "cannot be split into hidden states and a linear head")
         return _Split(lm, follow.backbone, follow.keyword, out)
-    raise ValueError(f"chunked loss: cannot split model type '{_model_type(model)}': wrappers nest too deep; use loss: full")
+    raise _refusal(model, "cannot be split: its wrappers nest too deep")
 
 
 def _trainable(module: nn.Module):
@@ -692,10 +701,7 @@ def _plain(module: nn.Module, bases) -> bool:
 
 def _base_head(module: nn.Module, model_type: str, tr, prefix: str) -> dict:
     if not _plain(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.Linear, nn.Embedding)):
-        raise ValueError(
-            f"chunked loss: model type '{model_type}' has an output head of type {type(module).__name__}, "
-            "which the chunked loss does not support; use loss: full"
-        )
+        raise _refusal(model_type, f"has an output head of type {type(module).__name__}, which it does not support")
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return dict(
             weight=module["weight"], scales=module["scales"], biases=module.get("biases"),
@@ -706,13 +712,10 @@ def _base_head(module: nn.Module, model_type: str, tr, prefix: str) -> dict:
     if isinstance(module, (nn.Linear, nn.Embedding)):
         bias = module.get("bias") if isinstance(module, nn.Linear) else None
         return dict(weight=module["weight"], bias=bias, trainable={n for n in ("weight", "bias") if prefix + n in tr})
-    raise ValueError(
-        f"chunked loss: model type '{model_type}' has an output head of type {type(module).__name__}, "
-        "which the chunked loss does not support; use loss: full"
-    )
+    raise _refusal(model_type, f"has an output head of type {type(module).__name__}, which it does not support")
 
 
-def head_from_module(module: nn.Module, model_type: str = "this") -> LinearHead:
+def head_from_module(module: nn.Module, model_type: str = "unknown") -> LinearHead:
     """The ``LinearHead`` of one head module: ``nn.Linear``, ``nn.Embedding``
     (its ``as_linear``), their quantized forms, or mlx-lm's ``LoRALinear`` /
     ``LoRAEmbedding`` around one of them. ``trainable`` follows the module's
@@ -720,7 +723,7 @@ def head_from_module(module: nn.Module, model_type: str = "this") -> LinearHead:
     tr = _trainable(module)
     name = type(module).__name__
     if name.startswith("DoRA"):
-        raise ValueError(f"chunked loss: DoRA on the output head of model type '{model_type}' is not supported; use loss: full")
+        raise _refusal(model_type, "has DoRA on its output head, which the chunked loss does not support")
     if "lora_a" in module and "lora_b" in module and name in ("LoRALinear", "LoRAEmbedding"):
         if "linear" in module:
             kw = _base_head(module["linear"], model_type, tr, "linear.")
@@ -729,7 +732,7 @@ def head_from_module(module: nn.Module, model_type: str = "this") -> LinearHead:
             kw = _base_head(module["embedding"], model_type, tr, "embedding.")
             lora_in, lora_out = module["lora_b"].T, module["lora_a"].T
         else:
-            raise ValueError(f"chunked loss: model type '{model_type}' has an output head of type {name}, which the chunked loss does not support; use loss: full")
+            raise _refusal(model_type, f"has an output head of type {name}, which it does not support")
         dropout = getattr(module, "dropout", None)
         kw.update(
             lora_in=lora_in, lora_out=lora_out, lora_scale=float(module.scale),
@@ -755,14 +758,12 @@ def head_of(model: nn.Module) -> LinearHead:
         for p in split.logits.head:
             module = module[p] if isinstance(module, dict) and p in module else getattr(module, p)
     except AttributeError:
-        raise ValueError(
-            f"chunked loss: model type '{_model_type(model)}' has no '{'.'.join(split.logits.head)}' head; use loss: full"
-        ) from None
+        raise _refusal(model, f"has no '{'.'.join(split.logits.head)}' head") from None
     if not isinstance(module, nn.Module):
-        raise ValueError(f"chunked loss: model type '{_model_type(model)}': its head is not a module; use loss: full")
+        raise _refusal(model, "has a head that is not a module")
     head = head_from_module(module, _model_type(model))
     if split.logits.as_linear != (isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) or "embedding" in module):
-        raise ValueError(f"chunked loss: cannot split model type '{_model_type(model)}': its head is not a linear map; use loss: full")
+        raise _refusal(model, "has a head that is not a linear map")
     return replace(head, multiplier=split.logits.multiplier, softcap=split.logits.softcap)
 
 
