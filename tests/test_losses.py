@@ -154,6 +154,16 @@ def test_loss_and_gradients_equal_full_logits(kind, shape):
         assert_close(gg[name], eg[name], 1e-5, name)
 
 
+@pytest.mark.parametrize("kind", ["frozen", "quantized_embedding", "softcap"])
+def test_recompute_saves_only_the_log_sum_exp_and_agrees(kind):
+    toy, targets, mask = problem(kind, 2, 9, 64, 203, seed=11)
+    expected, eg = grads_of(full_loss, toy, targets, mask)
+    got, gg = grads_of(partial(chunked, token_chunk=4, vocab_chunk=64, recompute=True), toy, targets, mask)
+    assert_close(got, expected, 1e-5, "loss")
+    for name in eg:
+        assert_close(gg[name], eg[name], 1e-5, name)
+
+
 def test_per_token_losses_zero_where_masked_or_ignored():
     toy, targets, mask = problem("biased", 2, 11, 64, 150, seed=3)
     head = head_from_module(toy.head)
