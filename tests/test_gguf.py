@@ -41,11 +41,7 @@ RECIPE = REPO / "recipes" / "smollm2-135m-qlora.yaml"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(autouse=True)
-def unpatched():
-    mlx_flash.unpatch()
-    yield
-    mlx_flash.unpatch()
+pytestmark = pytest.mark.usefixtures("unpatched")
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ DEFAULT_COST_OUT = os.path.join("runs", "bench-cost")
 #: Runs estimated to take longer than this ask before they start.
 CONFIRM_ABOVE_S = 3600
 
-ALL_VARIANTS = ["manual", "mlx", "blockwise", "practical", "demo"]
+ALL_VARIANTS = [name for name in harness.VARIANTS if name != "auto"]
 
 PRESETS = {
     "matrix": dict(
@@ -449,10 +449,9 @@ def cost_cases(args: argparse.Namespace) -> List:
     for case in cases:
         if case.seq < 1:
             raise ValueError(f"--seq: must be at least 1, got {case.seq}")
-        if case.family == "demo" and case.head_dim not in cost.demo.HEAD_DIMS:
-            raise ValueError(f"--head-dim: demo takes {', '.join(map(str, cost.demo.HEAD_DIMS))}, not {case.head_dim}")
-        if case.head_dim > cost.practical.MAX_HEAD_DIM:
-            raise ValueError(f"--head-dim: at most {cost.practical.MAX_HEAD_DIM}, got {case.head_dim}")
+        why = cost.families.get(case.family).unsupported_dims(case.dtype, case.head_dim, case.head_dim)
+        if why is not None:
+            raise ValueError(f"--head-dim: {case.family} takes no head dim {case.head_dim} ({why})")
         cost.structured_mask(case)  # ValueError for masks --cost does not count
     return cases
 

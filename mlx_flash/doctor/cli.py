@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .. import validation, verdicts
+from .. import verdicts
+from ..families import names as family_names
 from ..folders import unwritable
 from . import checkup, grid
 
@@ -60,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="as --model, for a fine-tuning recipe's model, with its max_seq_length, batch_size and packing",
     )  # fmt: skip
     parser.add_argument(
-        "--family", action="append", choices=validation.FAMILIES,
-        help="validate only this kernel family (repeatable; default both)",
+        "--family", action="append", choices=family_names(),
+        help="validate only this kernel family (repeatable; default every family)",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", action="append", choices=("float32", "float16", "bfloat16"),
@@ -135,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         findings = checkup.run(
             level,
             geometry,
-            families=args.family or validation.FAMILIES,
+            families=args.family or family_names(),
             dtypes=args.dtype,
             head_dims=head_dims,
             kinds=args.mask or verdicts.MASK_KINDS,
