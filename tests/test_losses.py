@@ -15,18 +15,13 @@ from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _get_classes
 
+from conftest import assert_close
 from mlx_flash.losses import LinearHead, chunked_loss, final_hidden, head_from_module, head_of, linear_cross_entropy
 
 
-def assert_close(actual, expected, rtol, what=""):
+def close(actual, expected, rtol, what=""):
     """Largest difference at most ``rtol`` times the largest magnitude."""
-    a = np.array(actual.astype(mx.float32))
-    e = np.array(expected.astype(mx.float32))
-    assert a.shape == e.shape, what
-    assert np.isfinite(a).all(), what
-    err = np.abs(a - e).max() if a.size else 0.0
-    scale = max(np.abs(e).max() if e.size else 0.0, 1e-12)
-    assert err <= rtol * scale, f"{what}: max difference {err:.3g}, {err / scale:.3g} relative (allowed {rtol})"
+    assert_close(actual, expected, (0.0, rtol), what)
 
 
 def _random_lora(module):
@@ -144,14 +139,14 @@ def test_loss_and_gradients_equal_full_logits(kind, shape):
     toy, targets, mask = problem(kind, B, L, D, V, float_mask=shape[0] == 3)
     expected, eg = grads_of(full_loss, toy, targets, mask)
     got, gg = grads_of(partial(chunked, token_chunk=tc, vocab_chunk=vc), toy, targets, mask)
-    assert_close(got, expected, 1e-5, "loss")
+    close(got, expected, 1e-5, "loss")
     assert set(gg) == set(eg) and "hidden" in gg
     if kind in ("dense", "biased", "tied"):
         assert {"head.weight"} <= set(gg)
     if kind.startswith("lora"):
         assert {"head.lora_a", "head.lora_b"} <= set(gg)
     for name in eg:
-        assert_close(gg[name], eg[name], 1e-5, name)
+        close(gg[name], eg[name], 1e-5, name)
 
 
 @pytest.mark.parametrize("kind", ["frozen", "quantized_embedding", "softcap"])
@@ -159,9 +154,9 @@ def test_recompute_saves_only_the_log_sum_exp_and_agrees(kind):
     toy, targets, mask = problem(kind, 2, 9, 64, 203, seed=11)
     expected, eg = grads_of(full_loss, toy, targets, mask)
     got, gg = grads_of(partial(chunked, token_chunk=4, vocab_chunk=64, recompute=True), toy, targets, mask)
-    assert_close(got, expected, 1e-5, "loss")
+    close(got, expected, 1e-5, "loss")
     for name in eg:
-        assert_close(gg[name], eg[name], 1e-5, name)
+        close(gg[name], eg[name], 1e-5, name)
 
 
 def test_per_token_losses_zero_where_masked_or_ignored():
@@ -172,7 +167,7 @@ def test_per_token_losses_zero_where_masked_or_ignored():
     valid = (targets >= 0) & (targets < 150)
     expected = nn.losses.cross_entropy(logits, mx.where(valid, targets, 0)) * mask
     assert per.shape == (2, 11) and per.dtype == mx.float32
-    assert_close(per, expected, 1e-5, "per-token")
+    close(per, expected, 1e-5, "per-token")
     assert (np.array(per)[np.array(mask) == 0] == 0).all()
     # An out-of-range target is ignored even where the mask keeps it.
     ones = linear_cross_entropy(toy.hidden, head, targets, None, token_chunk=4, vocab_chunk=64)
@@ -194,9 +189,9 @@ def test_under_compile_and_value_and_grad(kind):
     for _ in range(2):  # the second call runs the traced graph
         got, gg = step(targets, mask)
         gg = dict(tree_flatten(gg))
-        assert_close(got, expected, 1e-5, "loss")
+        close(got, expected, 1e-5, "loss")
         for name in eg:
-            assert_close(gg[name], eg[name], 1e-5, name)
+            close(gg[name], eg[name], 1e-5, name)
     # A pure function of arrays, compiled, with other targets on the second call.
     w = toy.head.weight if kind in ("frozen", "dense") else None
     if w is not None:
@@ -205,9 +200,9 @@ def test_under_compile_and_value_and_grad(kind):
         ref = mx.value_and_grad(lambda h, w, t: nn.losses.cross_entropy(h @ w.T, t).sum(), argnums=(0, 1))
         for t in (targets % 203, (targets * 7 + 1) % 203):
             (v1, (dh1, dw1)), (v2, (dh2, dw2)) = f(toy.hidden, w, t), ref(toy.hidden, w, t)
-            assert_close(v1, v2, 1e-5, "loss")
-            assert_close(dh1, dh2, 1e-5, "hidden")
-            assert_close(dw1, dw2, 1e-5, "weight")
+            close(v1, v2, 1e-5, "loss")
+            close(dh1, dh2, 1e-5, "hidden")
+            close(dw1, dw2, 1e-5, "weight")
 
 
 @pytest.mark.parametrize("dtype, rtol", [(mx.bfloat16, 2e-2), (mx.float16, 4e-3)], ids=["bfloat16", "float16"])
@@ -218,10 +213,10 @@ def test_half_precision_at_the_dtypes_tolerance(kind, dtype, rtol):
     # gradients are compared with autodiff through the half-precision model.
     expected, eg = grads_of(full_loss, toy, targets, mask)
     got, gg = grads_of(partial(chunked, token_chunk=8, vocab_chunk=128), toy, targets, mask)
-    assert_close(got, expected, rtol / 4, "loss")
+    close(got, expected, rtol / 4, "loss")
     for name in eg:
         assert gg[name].dtype == eg[name].dtype, name
-        assert_close(gg[name], eg[name], rtol, name)
+        close(gg[name], eg[name], rtol, name)
 
 
 def test_bad_arguments_are_one_line_errors():
@@ -316,7 +311,7 @@ def test_chunked_loss_equals_default_loss(model_type):
     batch, lengths = batch_and_lengths()
     (got, n1), (expected, n2) = chunked_loss(model, batch, lengths), default_loss(model, batch, lengths)
     assert n1.item() == n2.item() == 18
-    assert_close(got, expected, 1e-5, model_type)
+    close(got, expected, 1e-5, model_type)
     head = head_of(model)
     if model_type == "gemma2":
         assert head.softcap == 3.0
@@ -324,7 +319,7 @@ def test_chunked_loss_equals_default_loss(model_type):
         assert head.multiplier == 0.25 if model_type == "granite" else head.multiplier == 0.5
     # final_hidden + head is the model's logits.
     inputs = batch[:, :-1]
-    assert_close(head(final_hidden(model, inputs)), model(inputs), 1e-5, "logits")
+    close(head(final_hidden(model, inputs)), model(inputs), 1e-5, "logits")
 
 
 def lora_model(model_type, keys, quantize=False):
@@ -370,9 +365,9 @@ def test_lora_gradients_equal_default_loss(model_type, keys, quantize):
         (got, _), gg = fn(batch, lengths)
         gg = dict(tree_flatten(gg))
         assert set(gg) == set(eg) == trainable
-        assert_close(got, expected, 1e-5, "loss")
+        close(got, expected, 1e-5, "loss")
         for name in eg:
-            assert_close(gg[name], eg[name], 2e-5 if quantize else 1e-5, name)
+            close(gg[name], eg[name], 2e-5 if quantize else 1e-5, name)
 
 
 def test_unsplittable_model_is_refused_in_one_line():
