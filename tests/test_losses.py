@@ -416,6 +416,8 @@ def test_recipe_key_loss_is_validated():
     assert load_recipe(str(QUICKSTART), ["loss=chunked"]).loss == "chunked"
     with pytest.raises(RecipeError, match=r"^loss: unknown value 'chunky' \(choose from auto, full, chunked\)$"):
         load_recipe(str(QUICKSTART), ["loss=chunky"])
+    with pytest.raises(RecipeError, match=r"^loss: chunked and context_parallel > 1 do not combine"):
+        load_recipe(str(QUICKSTART), ["loss=chunked", "context_parallel=2"])
     result = cli(QUICKSTART, "--set", "loss=3", "--check")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["mlx_flash.finetune: error: loss: expected a string, got 3 (int)"]

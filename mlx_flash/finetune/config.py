@@ -114,6 +114,8 @@ SCHEMA = {
     "hf_dataset": ((dict, list, type(None)), None),
     # Not an mlx-lm key: lay examples end to end in max_seq_length rows (packing.py).
     "pack_sequences": (bool, False),
+    # Not an mlx-lm key: ranks per row, each holding a slice of it (mlx_flash.context).
+    "context_parallel": (int, 1),
     # Not an mlx-lm key: full logits, the chunked loss, or chosen by size (loss_choice.py).
     "loss": (str, "auto"),
     "text_feature": (str, "text"),
@@ -152,6 +154,7 @@ POSITIVE = (
     "save_every",
     "max_seq_length",
     "grad_accumulation_steps",
+    "context_parallel",
     "lora_parameters.rank",
     "output.generation_tokens",
 )
@@ -448,6 +451,8 @@ def _validate(values: dict) -> None:
         raise RecipeError(f"optimizer: unknown value '{values['optimizer']}' (choose from {', '.join(OPTIMIZERS)})")
     if values["loss"] not in LOSSES:
         raise RecipeError(f"loss: unknown value '{values['loss']}' (choose from {', '.join(LOSSES)})")
+    if values["loss"] == "chunked" and values["context_parallel"] > 1:
+        raise RecipeError("loss: chunked and context_parallel > 1 do not combine; use loss: auto or full")
     if values["output"]["generations"] < 0:
         raise RecipeError(f"output.generations: must be at least 0, got {values['output']['generations']}")
     if values["num_layers"] != -1 and values["num_layers"] < 1:
