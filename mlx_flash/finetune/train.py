@@ -53,7 +53,7 @@ from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer
-from . import packing
+from . import loss_choice, packing
 from .config import run_entry
 from .packing import PackedDataset
 from .progress import Every, Progress, note
@@ -409,6 +409,8 @@ class Run:
     plan: Any  # the attention plan of a training batch (explain)
     loss_fn: Callable
     eval_loss: Callable  # the loss validation reports
+    loss_name: str  # what the recipe's loss key chose (loss_choice), and why
+    loss_reason: str
     evaluation: Callable  # the iterate_batches validation uses
     resumed: Optional[resume.Resume]
     started: float
@@ -451,12 +453,20 @@ class Run:
         return self.run_dir / METRICS_FILE
 
 
-def loss_function(recipe, packed: bool) -> Callable:
-    """The training loss: mlx-lm's ``default_loss``, or on packed rows one that
-    keeps targets inside each example."""
+def loss_function(recipe, model: nn.Module, rows: int, length: int, packed: bool, grid):
+    """``(name, loss, why)``: the training loss the recipe's ``loss`` key picks
+    (loss_choice) for ``rows`` rows of ``length`` tokens, around mlx-lm's
+    ``default_loss`` or, on packed rows, one that keeps targets inside each
+    example; with context parallelism, the full logits of each rank's slice
+    (``loss`` None: ``set_up`` takes the context-parallel loss)."""
     from mlx_lm.tuner.trainer import default_loss
 
-    return packing.packed_loss if packed else default_loss
+    if grid.cp > 1:
+        return "full", None, "context_parallel: full logits of each rank's slice"
+    try:
+        return loss_choice.choose(recipe.loss, model, rows, length, packed, default_loss, packing.packed_loss)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
 
 
 def make_step(model: nn.Module, optimizer, loss_fn: Callable, accumulate: int, state: list):
@@ -537,7 +547,8 @@ def set_up(recipe, entry: str, run_dir: Path) -> Run:
     # Batches are padded to one more than a multiple of 32; inputs drop one.
     length = min(recipe.max_seq_length, 1 + 32 * ((max(batches.lengths) + 31) // 32)) - 1
     plan = attention_plan(geometry(model, config), recipe.batch_size // grid.dp, length, variant, packed)
-    loss_fn = eval_loss = loss_function(recipe, packed)
+    loss_name, loss_fn, loss_reason = loss_function(recipe, model, recipe.batch_size // grid.dp, length, packed, grid)
+    eval_loss = loss_fn
     evaluation = evaluation_batches(recipe.seed)
     if grid.cp > 1:  # every rank of a row holds a slice of it
         loss_fn, eval_loss = context.training_loss(grid), context.evaluation_loss(grid)
@@ -547,6 +558,7 @@ def set_up(recipe, entry: str, run_dir: Path) -> Run:
         adapters=adapter_dir(recipe, run_dir), rank=rank, world_size=world_size, grid=grid, model=model,
         model_path=model_path, optimizer=optimizer, train_set=train_set, valid_set=valid_set,
         test_set=test_set, batches=batches, plan=plan, loss_fn=loss_fn, eval_loss=eval_loss,
+        loss_name=loss_name, loss_reason=loss_reason,
         evaluation=evaluation, resumed=resumed, started=started,
     )  # fmt: skip
 
@@ -597,6 +609,8 @@ def resume_from(run: Run) -> None:
         "attention_plan": run.plan.summary,
         "attention_variant": run.variant,
         "packed": run.packed,
+        "loss": run.loss_name,
+        "loss_reason": run.loss_reason,
         **environment(),
     }
 
