@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the kernels on the CPU emulator even where Metal is (correctness only, nothing timed)",
     )  # fmt: skip
     parser.add_argument("--out", metavar="FILE", help="also write the report to FILE (Markdown)")
+    parser.add_argument(
+        "--plan", action="store_true",
+        help="print only the memory plan: the longest trainable row for --recipe (or --model) on this "
+        "machine, stock mlx-lm beside mlx-flash (python -m mlx_flash.plan); validates and times nothing",
+    )  # fmt: skip
     return parser
 
 
@@ -100,6 +105,10 @@ def _out_problem(out: str) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan:
+        from ..plan.cli import main as plan_main
+
+        return plan_main([args.recipe or args.model or "recipes/quickstart.yaml"])
     level = "quick" if args.quick else "full" if args.full else "default"
     try:
         head_dims = [grid.parse_head_dims(text) for text in args.head_dim or []] or None

@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from ..explain import explain
 from ..machine import describe
 from ..patch import patched
+from ..plan.recipe import before_loading
 from ..stats import percentile
 from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
@@ -362,6 +363,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     checkpoints = run_dir / resume.CHECKPOINTS
     resumed = resume.find(recipe, entry, run_dir, metrics_path) if recipe.resume and writer else None
 
+    # The predicted peak, printed (and a run that would not fit refused) before any weight loads.
+    planned = before_loading(recipe, entry, writer)
     mx.random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     model, tokenizer, config, model_path = load_base(recipe)
@@ -477,6 +480,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         "attention_plan": plan.summary,
         "attention_variant": variant,
         "packed": packed,
+        "planned_peak_bytes": planned,
         **environment(),
     }
     stopped = None  # the signal that stopped the run
