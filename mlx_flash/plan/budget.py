@@ -51,9 +51,13 @@ def _available_ram() -> Optional[int]:
 
 def this_machine() -> Tuple[int, str]:
     """``(bytes, where the figure comes from)`` for this machine: Metal's
-    recommended working set on a Mac, the available RAM elsewhere."""
+    recommended working set on a Mac, the available RAM elsewhere, or
+    ``$MLX_FLASH_MEMORY`` (a size) where it is set."""
     import mlx.core as mx
 
+    given = os.environ.get("MLX_FLASH_MEMORY")
+    if given:
+        return parse_size(given), f"MLX_FLASH_MEMORY={given}"
     try:
         if mx.metal.is_available():
             size = int(mx.metal.device_info()["max_recommended_working_set_size"])
