@@ -21,6 +21,9 @@ Modes measured here (the ``bench --step`` cell names):
 - ``stock+ckpt``: the same with mlx-lm's ``grad_checkpoint`` on every layer.
 - ``fused``: mlx-flash's attention (``patched("auto")``: blockwise where
   Metal is absent) with the same full-logit loss.
+- ``fused+loss``: + mlx_flash.losses' ``chunked_loss`` (no ``(L, V)`` logits).
+- ``all``: + mlx_flash.step's ``bound_activations`` (ordered per-layer
+  checkpointing, the MLP in chunks of tokens).
 
 Each cell runs in its own process so that one cell's cache and peak never
 touch the next's; the grid prints one line per cell as it goes.
@@ -35,6 +38,8 @@ import time
 from pathlib import Path
 
 MODES = ("stock", "stock+ckpt", "fused")
+#: Modes that need mlx_flash.losses (``fused+loss``) and mlx_flash.step (``all``).
+FLASH_MODES = ("fused+loss", "all")
 
 
 def _build(name: str, layers: int, vocab, bits):
@@ -80,17 +85,24 @@ def run_cell(name, layers, seq, mode, batch=1, documents=8, vocab=None, bits=Non
     weights = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k not in trainable)
     if mode == "stock+ckpt":
         grad_checkpoint(model.layers[0])
+    loss = default_loss
+    if mode in FLASH_MODES:
+        from ..losses import chunked_loss as loss
+    if mode == "all":
+        from ..step import bound_activations
+
+        bound_activations(model, checkpoint=True, chunk_tokens="auto")
 
     vocab_size = model.args.vocab_size
     tokens = mx.random.randint(0, vocab_size, (batch, seq + 1))
     ids = mx.repeat(mx.arange(documents), -(-(seq + 1) // documents))[None, : seq + 1]
     ids = mx.broadcast_to(ids, (batch, seq + 1))
     lengths = mx.array([[1, seq]] * batch)
-    variant = "auto" if mode == "fused" else "mlx"
+    variant = "mlx" if mode.startswith("stock") else "auto"
 
     def loss_fn(model, tokens, ids, lengths):
         with segments(ids[:, :-1]):
-            return default_loss(model, tokens, lengths)
+            return loss(model, tokens, lengths)
 
     optimizer = optim.Adam(learning_rate=1e-5)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -99,9 +111,9 @@ def run_cell(name, layers, seq, mode, batch=1, documents=8, vocab=None, bits=Non
     mx.reset_peak_memory()
     tic = time.perf_counter()
     with patched(variant):
-        (loss, ntoks), grad = loss_and_grad(model, tokens, ids, lengths)
+        (value, ntoks), grad = loss_and_grad(model, tokens, ids, lengths)
         optimizer.update(model, grad)
-        mx.eval(loss, ntoks, model.parameters(), optimizer.state)
+        mx.eval(value, ntoks, model.parameters(), optimizer.state)
     wall = time.perf_counter() - tic
     peak = mx.get_peak_memory()
     return {
@@ -118,7 +130,7 @@ def run_cell(name, layers, seq, mode, batch=1, documents=8, vocab=None, bits=Non
         "peak_above_weights_bytes": int(peak - weights),
         "weights_bytes": int(weights),
         "tokens_per_s": batch * seq / wall,
-        "loss": loss.item(),
+        "loss": value.item(),
     }
 
 
@@ -135,6 +147,8 @@ GRIDS = {
         + [("llama-3.2-1b", 2, 512, m, None, None) for m in MODES]
     ),
 }
+#: The same cells from the other end, for a second process sharing the work.
+GRIDS["small-reversed"] = tuple(reversed(GRIDS["small"]))
 
 
 def _cell_args(cell):
@@ -183,7 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("model", nargs="?", help="A shipped config name (mlx_flash/configs).")
     parser.add_argument("--layers", type=int, default=2, help="Layers to build (default 2).")
     parser.add_argument("--seq", type=int, default=1024, help="Tokens per row (default 1024).")
-    parser.add_argument("--mode", choices=MODES, default="stock", help="What runs the step.")
+    parser.add_argument("--mode", choices=MODES + FLASH_MODES, default="stock", help="What runs the step.")
     parser.add_argument("--vocab", type=int, help="Replace the vocabulary size (isolates the layers).")
     parser.add_argument("--bits", type=int, help="Quantize the base weights to this many bits.")
     parser.add_argument("--json", action="store_true", help="Print the cell as one JSON line.")

@@ -59,13 +59,24 @@ def describe_model(g: Geometry) -> str:
     )
 
 
+def describe_options(options: Options) -> str:
+    """``fused attention, grad_checkpoint, full logits``: what a step runs, in words."""
+    parts = ["fused attention" if options.fused else "dense-mask attention"]
+    if options.bounded:
+        parts.append("bounded activations")
+    elif options.checkpoint:
+        parts.append("grad_checkpoint")
+    parts.append("logit-free loss" if options.logit_free else "full logits")
+    return ", ".join(parts)
+
+
 def summary_line(plan: Plan, mode: str) -> str:
     """One line: what a run in ``mode`` needs of the budget."""
     p = plan.predictions[mode]
     verdict = "fits" if plan.fits(mode) else "does NOT fit"
     s = plan.setup
     return (
-        f"plan: needs {p.peak / GiB:.1f} GiB of {plan.budget / GiB:.1f} GiB ({verdict}; {LABELS.get(mode, mode)}, "
+        f"plan: needs {p.peak / GiB:.1f} GiB of {plan.budget / GiB:.1f} GiB ({verdict}; {describe_options(p.options)}, "
         f"{s.batch} x {s.seq} tokens, LoRA rank {s.rank} on {memory.trained_layers(plan.geometry, s.lora_layers)} layers; "
         f"longest row that fits: {plan.max_lengths[mode]:,} tokens)"
     )
