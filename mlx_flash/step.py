@@ -1,0 +1,312 @@
+"""Bounded activations for an mlx-lm training step.
+
+    import mlx_flash
+    restore = mlx_flash.bound_activations(model, checkpoint=True, chunk_tokens="auto")
+    ...                                   # train as usual: nn.value_and_grad(model, loss)
+    restore()                             # the model's own layers and MLPs are back
+
+A LoRA step on a long row should hold, above the weights, the saved input of
+every layer (``layers x B x L x hidden``) plus one layer's working set. MLX
+does not give that by itself, for three reasons found by reading its
+scheduler (``eval_impl`` in ``mlx/transforms.cpp``) and measuring:
+
+1. **The whole step is one lazy graph, run in reverse breadth-first order.**
+   ``mx.eval`` builds its tape breadth-first from the outputs (a frontier of
+   at most ``MLX_BFS_MAX_WIDTH = 20`` arrays, beyond which it descends
+   depth-first) and executes it backwards: what is farthest from the
+   outputs runs first, and an array lives until its last consumer ran.
+2. **``mx.checkpoint``'s recompute waits on the forward only.** Its vjp is
+   ``vjp(fun, depends(primals, outputs), cotangents)``: the recomputed
+   forward of every layer may run as soon as the forward pass is done, not
+   when the backward reaches that layer. Nothing orders layer ``i``'s
+   recompute after layer ``i + 1``'s backward, so the scheduler is free to
+   recompute several layers before any of their intermediates is consumed.
+3. **Weight gradients are one step from the outputs.** A LoRA gradient
+   (``x^T (dy B^T)``, ``(x A)^T dy``) is an output of the step, so in reverse
+   breadth-first order it runs at the very end, and keeps its operands (the
+   recomputed ``x`` and ``dy`` of every layer: ``L x intermediate`` for the
+   MLP's projections) alive until then. This holds with or without
+   checkpointing, which is why checkpointing alone did not bound memory
+   (measured at Qwen2.5-1.5B's shape, 4 layers, L=4096: 2.9 GiB above the
+   weights where the saved inputs are 96 MiB).
+
+And one composition bug: ``mlx_flash.segments`` is a context entered inside
+the loss, but a checkpoint's recompute runs when the backward is built, after
+the loss has returned, so mlx-lm's ``grad_checkpoint`` recomputes packed rows'
+attention without their document ids (the gradients are wrong, silently).
+
+The fix is explicit order, at the depth of one layer and one chunk:
+
+* Each layer is a ``mx.custom_function`` whose vjp recomputes the layer from
+  its saved input *made to depend on the incoming cotangent* (so the
+  recompute cannot start before the backward reaches the layer), and whose
+  input gradient is made to depend on the layer's parameter gradients (so
+  those are computed, and their operands freed, before the backward moves
+  on). The recompute re-enters the ``segments`` ids seen in the forward.
+* The MLP, the only ``L x intermediate`` work, runs in chunks of tokens: a
+  custom function whose forward keeps nothing but its input, each chunk
+  ordered after the one before, and whose vjp recomputes one chunk at a time,
+  each chunk after the previous chunk's gradients. The layer's recompute
+  never evaluates the MLP's forward (its output is not needed for the
+  layer's own gradients), so the MLP runs twice per step, as with plain
+  checkpointing, not three times.
+
+So the working set of the step is one layer's full-length arrays (the
+attention's ``q``, ``k``, ``v``, output and their gradients: ``O(L x
+hidden)``, attention itself being ``O(L)`` with mlx-flash's fused op) plus
+one chunk's MLP (``O(chunk x intermediate)``). The chunk size ``auto`` makes
+a chunk's MLP intermediate about as large as one hidden-state array.
+
+Changing the model is reversible and keeps its parameter tree (adapters save
+under the same names): each changed layer and MLP gets a subclass of its own
+class, and ``restore()`` puts the original classes back.
+"""
+
+from contextlib import nullcontext
+from typing import Callable, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import documents
+
+#: The smallest ``auto`` chunk: below it per-op overhead costs more than the
+#: memory saved is worth.
+MIN_AUTO_CHUNK = 256
+
+#: Attribute names of the position-wise feed-forward block in mlx-lm layers.
+_MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
+
+_subclasses = {}
+
+
+def _bounded_class(cls: type, call: Callable) -> type:
+    """A subclass of ``cls`` whose ``__call__`` is ``call`` (one per class)."""
+    key = (cls, call)
+    if key not in _subclasses:
+        _subclasses[key] = type(cls.__name__, (cls,), {"__call__": call, "_bounded_base": cls})
+    return _subclasses[key]
+
+
+def _segments(ids):
+    return documents.segments(ids) if ids is not None else nullcontext()
+
+
+def _flat_params(module: nn.Module):
+    """``(keys, arrays)`` of the module's trainable parameters."""
+    flat = tree_flatten(module.trainable_parameters())
+    return [k for k, _ in flat], [v for _, v in flat]
+
+
+def _set_params(module: nn.Module, keys: List[str], arrays: List[mx.array]) -> None:
+    if keys:
+        module.update(tree_unflatten(list(zip(keys, arrays))))
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _checkpointed_layer_call(self, x, *args, **kwargs):
+    """A layer's forward whose backward recomputes it in order (see the
+    module docstring). Calls with a KV cache run the layer as it is."""
+    base = type(self)._bounded_base.__call__
+    cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+    if cache is not None:
+        return base(self, x, *args, **kwargs)
+    ids = documents.current()
+    keys, params = _flat_params(self)
+    # Array arguments (a dense mask) are primals of the custom function, so
+    # it stays pure; anything else (strings, None) is closed over.
+    positions = [i for i, a in enumerate(args) if isinstance(a, mx.array)]
+    names = [k for k, a in kwargs.items() if isinstance(a, mx.array)]
+    n_params = len(params)
+
+    def run(*primals):
+        p = primals[:n_params]
+        x_in = primals[n_params]
+        extra = primals[n_params + 1 :]
+        call_args, call_kwargs = list(args), dict(kwargs)
+        for i, a in zip(positions, extra[: len(positions)]):
+            call_args[i] = a
+        for k, a in zip(names, extra[len(positions) :]):
+            call_kwargs[k] = a
+        _, saved = _flat_params(self)
+        _set_params(self, keys, p)
+        try:
+            with _segments(ids):
+                return base(self, x_in, *call_args, **call_kwargs)
+        finally:
+            _set_params(self, keys, saved)
+
+    layer = mx.custom_function(run)
+
+    @layer.vjp
+    def layer_vjp(primals, cotangent, output):
+        primals = list(primals)
+        cotangent = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+        # The recompute may not start before the backward reaches this layer.
+        primals[n_params] = mx.depends(primals[n_params], cotangent)
+        _, grads = mx.vjp(run, primals, [cotangent])
+        grads = list(grads)
+        if n_params:
+            # The parameter gradients (and so their operands' lifetime) end
+            # before the next layer down starts its recompute.
+            grads[n_params] = mx.depends(grads[n_params], grads[:n_params])
+        return tuple(grads)
+
+    extra = [args[i] for i in positions] + [kwargs[k] for k in names]
+    return layer(*params, x, *extra)
+
+
+def chunk_size(chunk_tokens: Union[int, str, None], length: int, hidden: int, intermediate: Optional[int]) -> int:
+    """Tokens per MLP chunk for a row of ``length`` tokens; ``length`` means
+    no chunking.
+
+    ``"auto"`` (or None): the largest power of two at most ``length * hidden
+    / intermediate`` (a chunk's intermediate then holds about as many values
+    as one ``(length, hidden)`` array), at least ``MIN_AUTO_CHUNK``. 0: no
+    chunking. An int: that many tokens.
+    """
+    if chunk_tokens == 0:
+        return length
+    if chunk_tokens in (None, "auto"):
+        if not intermediate:
+            return length
+        target = max(MIN_AUTO_CHUNK, length * hidden // intermediate)
+        chunk = 1 << (target.bit_length() - 1)
+        return min(chunk, length)
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 0:
+        raise ValueError(f"[bound_activations] chunk_tokens must be 'auto', 0 or a positive int, got {chunk_tokens!r}")
+    return min(chunk_tokens, length)
+
+
+def _chunked_mlp_call(self, x):
+    """The MLP over chunks of tokens, each recomputed alone in the backward.
+
+    ``x``: ``(..., L, hidden)``; chunks split the ``L`` axis.
+    """
+    base = type(self)._bounded_base.__call__
+    length = x.shape[-2] if x.ndim >= 2 else 1
+    chunk = chunk_size(self._chunk_tokens, length, x.shape[-1], _intermediate(self))
+    if x.ndim < 2 or chunk >= length:
+        return base(self, x)
+    keys, params = _flat_params(self)
+    n_params = len(params)
+    spans = [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+    def run_chunk(*primals):
+        _, saved = _flat_params(self)
+        _set_params(self, keys, primals[:n_params])
+        try:
+            return base(self, primals[n_params])
+        finally:
+            _set_params(self, keys, saved)
+
+    def forward(*primals):
+        p, x_in = primals[:n_params], primals[n_params]
+        outs = []
+        for start, stop in spans:
+            x_c = x_in[..., start:stop, :]
+            if outs:
+                # Chunk by chunk: otherwise the scheduler may compute every
+                # chunk's intermediates before any is consumed.
+                x_c = mx.depends(x_c, outs[-1])
+            outs.append(run_chunk(*p, x_c))
+        return mx.concatenate(outs, axis=-2)
+
+    mlp = mx.custom_function(forward)
+
+    @mlp.vjp
+    def mlp_vjp(primals, cotangent, output):
+        p, x_in = list(primals[:n_params]), primals[n_params]
+        dy = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+        d_params, d_x, after = None, [], None
+        for start, stop in spans:
+            x_c = x_in[..., start:stop, :]
+            if after is not None:
+                x_c = mx.depends(x_c, after)
+            _, grads = mx.vjp(run_chunk, p + [x_c], [dy[..., start:stop, :]])
+            grads = list(grads)
+            if d_params is None:
+                d_params = grads[:n_params]
+            else:
+                d_params = [a + b for a, b in zip(d_params, grads[:n_params])]
+            d_x.append(grads[n_params])
+            after = d_params + [grads[n_params]]
+        return tuple(d_params) + (mx.concatenate(d_x, axis=-2),)
+
+    return mlp(*params, x)
+
+
+def _intermediate(mlp: nn.Module) -> Optional[int]:
+    """The widest output of the MLP's linear layers (its intermediate size)."""
+    if "_intermediate_size" in mlp.__dict__:
+        return mlp.__dict__["_intermediate_size"]
+    widest = None
+    for _, m in mlp.named_modules():
+        w = getattr(m, "weight", None) if isinstance(m, nn.Module) else None
+        if isinstance(w, mx.array) and w.ndim >= 2:
+            rows = w.shape[-2]
+            widest = rows if widest is None else max(widest, rows)
+    mlp.__dict__["_intermediate_size"] = widest
+    return widest
+
+
+def _layers(model: nn.Module):
+    for holder in (model, getattr(model, "model", None), getattr(model, "language_model", None)):
+        if holder is None:
+            continue
+        layers = getattr(holder, "layers", None)
+        if isinstance(layers, (list, tuple)) and layers:
+            return layers
+        inner = getattr(holder, "model", None)
+        if inner is not None and isinstance(getattr(inner, "layers", None), (list, tuple)):
+            return inner.layers
+    raise ValueError(f"[bound_activations] cannot find the transformer layers of model type {type(model).__module__}")
+
+
+def bound_activations(
+    model: nn.Module,
+    *,
+    checkpoint: bool = True,
+    chunk_tokens: Union[int, str, None] = "auto",
+) -> Callable[[], None]:
+    """Bound a training step's activations, in place; returns ``restore()``.
+
+    Args:
+        model: an mlx-lm causal LM (its ``layers`` found under the model or
+            its ``model`` attribute).
+        checkpoint: recompute every layer in its own backward, in order,
+            saving only its input.
+        chunk_tokens: tokens per MLP chunk: ``"auto"`` (see ``chunk_size``),
+            0 (no chunking) or a positive int.
+
+    Calls with a KV cache (generation) run the layers unchanged. Packed rows
+    keep their ``mlx_flash.segments`` ids through the recompute.
+    """
+    if chunk_tokens not in (None, "auto"):
+        chunk_size(chunk_tokens, 1, 1, 1)  # validates
+    changed = []
+    for layer in _layers(model):
+        if chunk_tokens != 0:
+            for name in _MLP_NAMES:
+                mlp = getattr(layer, name, None)
+                if isinstance(mlp, nn.Module):
+                    changed.append((mlp, type(mlp)))
+                    mlp.__class__ = _bounded_class(type(mlp), _chunked_mlp_call)
+                    mlp.__dict__["_chunk_tokens"] = chunk_tokens
+                    break
+        if checkpoint:
+            changed.append((layer, type(layer)))
+            layer.__class__ = _bounded_class(type(layer), _checkpointed_layer_call)
+
+    def restore():
+        for module, cls in reversed(changed):
+            module.__class__ = cls
+            module.__dict__.pop("_chunk_tokens", None)
+            module.__dict__.pop("_intermediate_size", None)
+        changed.clear()
+
+    return restore
