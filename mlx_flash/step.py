@@ -62,7 +62,7 @@ under the same names): each changed layer and MLP gets a subclass of its own
 class, and ``restore()`` puts the original classes back.
 """
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, List, Optional, Union
 
 import mlx.core as mx
@@ -74,6 +74,11 @@ from . import documents
 #: The smallest ``auto`` chunk: below it per-op overhead costs more than the
 #: memory saved is worth.
 MIN_AUTO_CHUNK = 256
+
+#: ``auto`` leaves an MLP whole while its intermediate for the whole batch
+#: (``B x L x intermediate`` float32) is at most this: below it chunking
+#: saves little and costs a recompute of the MLP's forward.
+AUTO_MIN_BYTES = 64 << 20
 
 #: Attribute names of the position-wise feed-forward block in mlx-lm layers.
 _MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
@@ -160,19 +165,22 @@ def _checkpointed_layer_call(self, x, *args, **kwargs):
     return layer(*params, x, *extra)
 
 
-def chunk_size(chunk_tokens: Union[int, str, None], length: int, hidden: int, intermediate: Optional[int]) -> int:
-    """Tokens per MLP chunk for a row of ``length`` tokens; ``length`` means
+def chunk_size(chunk_tokens: Union[int, str, None], length: int, hidden: int, intermediate: Optional[int],
+               batch: int = 1) -> int:
+    """Tokens per MLP chunk for rows of ``length`` tokens; ``length`` means
     no chunking.
 
-    ``"auto"`` (or None): the largest power of two at most ``length * hidden
-    / intermediate`` (a chunk's intermediate then holds about as many values
-    as one ``(length, hidden)`` array), at least ``MIN_AUTO_CHUNK``. 0: no
-    chunking. An int: that many tokens.
+    ``"auto"`` (or None): no chunking while ``batch x length x
+    intermediate`` float32 values fit in ``AUTO_MIN_BYTES``; otherwise the
+    largest power of two at most ``length * hidden / intermediate`` (a
+    chunk's intermediate then holds about as many values as one ``(length,
+    hidden)`` array), at least ``MIN_AUTO_CHUNK``. 0: no chunking. An int:
+    that many tokens.
     """
     if chunk_tokens == 0:
         return length
     if chunk_tokens in (None, "auto"):
-        if not intermediate:
+        if not intermediate or batch * length * intermediate * 4 <= AUTO_MIN_BYTES:
             return length
         target = max(MIN_AUTO_CHUNK, length * hidden // intermediate)
         chunk = 1 << (target.bit_length() - 1)
@@ -189,7 +197,8 @@ def _chunked_mlp_call(self, x):
     """
     base = type(self)._bounded_base.__call__
     length = x.shape[-2] if x.ndim >= 2 else 1
-    chunk = chunk_size(self._chunk_tokens, length, x.shape[-1], _intermediate(self))
+    batch = x.size // (length * x.shape[-1]) if x.ndim >= 2 else 1
+    chunk = chunk_size(self._chunk_tokens, length, x.shape[-1], _intermediate(self), batch)
     if x.ndim < 2 or chunk >= length:
         return base(self, x)
     keys, params = _flat_params(self)
@@ -310,3 +319,17 @@ def bound_activations(
         changed.clear()
 
     return restore
+
+
+@contextmanager
+def bounded(model: nn.Module, *, checkpoint: bool = False, chunk_tokens: Union[int, str, None] = "auto"):
+    """``bound_activations`` for the duration of a block (nothing to do when
+    neither checkpointing nor chunking is asked for)."""
+    restore = None
+    if checkpoint or chunk_tokens != 0:
+        restore = bound_activations(model, checkpoint=checkpoint, chunk_tokens=chunk_tokens)
+    try:
+        yield
+    finally:
+        if restore is not None:
+            restore()

@@ -269,7 +269,8 @@ def working_set_bytes(cell: dict) -> int:
     kv = config.get("num_key_value_heads", heads) * head_dim
     tokens = cell["batch"] * cell["seq_len"]
     layer = tokens * (2 * (heads * head_dim + 2 * kv) + 4 * hidden) * 4
-    chunk = chunk_size(cell.get("chunk_tokens") or "auto", cell["seq_len"], hidden, cell["intermediate_size"])
+    chunk = chunk_size(cell.get("chunk_tokens") or "auto", cell["seq_len"], hidden, cell["intermediate_size"],
+                       cell["batch"])
     mlp = cell["batch"] * chunk * 4 * cell["intermediate_size"] * 4
     loss = tokens * hidden * 4 + 4 * 512 * 8192 * 4
     return layer + mlp + loss
