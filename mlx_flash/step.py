@@ -7,33 +7,47 @@
 
 A LoRA step on a long row should hold, above the weights, the saved input of
 every layer (``layers x B x L x hidden``) plus one layer's working set. MLX
-does not give that by itself, for three reasons found by reading its
-scheduler (``eval_impl`` in ``mlx/transforms.cpp``) and measuring:
+does not give that by itself. What we found, reading its scheduler
+(``eval_impl`` in ``mlx/transforms.cpp``, 0.32) and measuring:
 
 1. **The whole step is one lazy graph, run in reverse breadth-first order.**
    ``mx.eval`` builds its tape breadth-first from the outputs (a frontier of
    at most ``MLX_BFS_MAX_WIDTH = 20`` arrays, beyond which it descends
-   depth-first) and executes it backwards: what is farthest from the
-   outputs runs first, and an array lives until its last consumer ran.
-2. **``mx.checkpoint``'s recompute waits on the forward only.** Its vjp is
-   ``vjp(fun, depends(primals, outputs), cotangents)``: the recomputed
-   forward of every layer may run as soon as the forward pass is done, not
-   when the backward reaches that layer. Nothing orders layer ``i``'s
-   recompute after layer ``i + 1``'s backward, so the scheduler is free to
-   recompute several layers before any of their intermediates is consumed.
-3. **Weight gradients are one step from the outputs.** A LoRA gradient
-   (``x^T (dy B^T)``, ``(x A)^T dy``) is an output of the step, so in reverse
-   breadth-first order it runs at the very end, and keeps its operands (the
-   recomputed ``x`` and ``dy`` of every layer: ``L x intermediate`` for the
-   MLP's projections) alive until then. This holds with or without
-   checkpointing, which is why checkpointing alone did not bound memory
-   (measured at Qwen2.5-1.5B's shape, 4 layers, L=4096: 2.9 GiB above the
-   weights where the saved inputs are 96 MiB).
+   depth-first) and executes the tape backwards: what is farthest from the
+   outputs runs first, and an array lives until its last consumer has run.
+2. **Weight gradients run last and keep their operands.** A LoRA gradient
+   (``x^T (dy B^T)``, ``(x A)^T dy``) is an output of the step, one hop from
+   the end of the tape, so it runs at the very end and holds its operands,
+   among them the recomputed input of the MLP's down projection (``L x
+   intermediate``), of every layer, until then. With ``mx.checkpoint``
+   (mlx-lm's ``grad_checkpoint``) the peak grows by about one such array per
+   layer.
+3. **``mx.checkpoint``'s recompute waits on the forward only.** Its vjp is
+   ``vjp(fun, depends(primals, outputs), cotangents)``: nothing orders layer
+   ``i``'s recompute after layer ``i + 1``'s backward.
+4. **One layer's MLP is ``O(L x intermediate)``**: gate, up, their product
+   and their gradients, several ``L x intermediate`` arrays at once, which
+   checkpointing cannot touch.
+
+Measured (tiny llama, hidden 64, intermediate 2048, L=2048 causal, LoRA on
+every linear layer, float32; peak above the inputs at 2 / 4 / 8 layers): no
+checkpointing 271 / 440 / 779 MiB; ``mx.checkpoint`` 251 / 286 / 334 MiB
+(12 MiB a layer: about one ``L x intermediate`` float32 array, 16 MiB);
+ordering the input gradient after the parameter gradients alone - / 259 /
+281 MiB; ordering the recompute after the cotangent alone - / 316 / 333 MiB
+(no better than ``mx.checkpoint``: the deferred weight gradients dominate);
+both 251 / 252 / 254 MiB, flat in the layer count. At Qwen2.5-1.5B's shape
+(hidden 1536, intermediate 8960, 12/2 heads, vocab 1024, 4 layers, one
+packed row of 8 documents, fused attention): at L=1024 no checkpointing
+1.13 GiB, ``mx.checkpoint`` 0.77, both orderings 0.64, and with MLP chunks
+of 256 tokens 0.24 GiB; at L=4096 ``mx.checkpoint`` 2.90 GiB where the saved
+inputs are 96 MiB, both orderings with chunks of 512 tokens 0.70 GiB.
 
 And one composition bug: ``mlx_flash.segments`` is a context entered inside
-the loss, but a checkpoint's recompute runs when the backward is built, after
-the loss has returned, so mlx-lm's ``grad_checkpoint`` recomputes packed rows'
-attention without their document ids (the gradients are wrong, silently).
+the loss, but a checkpoint's recompute runs when the backward is built,
+after the loss has returned, so mlx-lm's ``grad_checkpoint`` recomputes
+packed rows' attention without their document ids: the loss is right and
+the gradients are silently those of attention across documents.
 
 The fix is explicit order, at the depth of one layer and one chunk:
 
@@ -46,16 +60,18 @@ The fix is explicit order, at the depth of one layer and one chunk:
 * The MLP, the only ``L x intermediate`` work, runs in chunks of tokens: a
   custom function whose forward keeps nothing but its input, each chunk
   ordered after the one before, and whose vjp recomputes one chunk at a time,
-  each chunk after the previous chunk's gradients. The layer's recompute
-  never evaluates the MLP's forward (its output is not needed for the
-  layer's own gradients), so the MLP runs twice per step, as with plain
-  checkpointing, not three times.
+  each after the previous chunk's gradients. The layer's recompute never
+  evaluates the MLP's forward (its output is not needed for the layer's own
+  gradients), so the MLP runs twice per step, as with plain checkpointing,
+  not three times.
 
 So the working set of the step is one layer's full-length arrays (the
-attention's ``q``, ``k``, ``v``, output and their gradients: ``O(L x
-hidden)``, attention itself being ``O(L)`` with mlx-flash's fused op) plus
-one chunk's MLP (``O(chunk x intermediate)``). The chunk size ``auto`` makes
-a chunk's MLP intermediate about as large as one hidden-state array.
+attention's ``q``, ``k``, ``v``, output and their gradients, the norms'
+outputs: ``O(L x hidden)``, attention itself being ``O(L)`` with
+mlx-flash's fused op) plus one chunk's MLP (``O(chunk x intermediate)``).
+The chunk size ``auto`` makes a chunk's MLP intermediate about as large as
+one hidden-state array, and leaves an MLP whole while its intermediate is
+small (``AUTO_MIN_BYTES``).
 
 Changing the model is reversible and keeps its parameter tree (adapters save
 under the same names): each changed layer and MLP gets a subclass of its own

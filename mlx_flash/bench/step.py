@@ -202,12 +202,14 @@ def run_isolated(spec: dict, budget_bytes: int) -> dict:
     weights_guess = 0
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "mlx_flash.bench.step", "--cell", json.dumps(spec)]
+    load = [round(x, 1) for x in os.getloadavg()]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           preexec_fn=_limit(budget_bytes + weights_guess))
     for line in proc.stdout.splitlines():
         if line.startswith("CELL "):
             cell = json.loads(line[5:])
             cell["status"] = "ok"
+            cell["load_average"] = {"start": load, "end": [round(x, 1) for x in os.getloadavg()]}
             return cell
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     memory = any(s in proc.stderr for s in ("bad_alloc", "MemoryError", "Unable to allocate", "memory"))
