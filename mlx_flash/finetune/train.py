@@ -41,6 +41,7 @@ from ..machine import describe
 from ..patch import patched
 from ..plan.recipe import before_loading
 from ..stats import percentile
+from ..step import bounded
 from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
@@ -486,7 +487,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     stopped = None  # the signal that stopped the run
     at_once = False  # stopped mid-iteration: only the last checkpoint is kept
     done = start - 1  # the last iteration completed
-    with patched(variant), grad_checkpointing(model.layers[0], recipe.grad_checkpoint):
+    with patched(variant), bounded(model, checkpoint=recipe.grad_checkpoint, chunk_tokens=recipe.chunk_tokens):
         try:
             if start == 1:
                 info["initial_val_loss"] = validate(valid_set, recipe.val_batches)
