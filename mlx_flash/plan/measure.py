@@ -18,7 +18,10 @@ Modes measured here (the ``bench --step`` cell names):
 - ``stock``: mlx-lm's ``default_loss`` (full logits), MLX's attention with
   the dense document mask (``mlx_flash.patched("mlx")`` and
   ``mlx_flash.segments``), no checkpointing.
-- ``stock+ckpt``: the same with mlx-lm's ``grad_checkpoint`` on every layer.
+- ``stock+ckpt``: the same with mlx-lm's ``grad_checkpoint`` on every layer
+  (its recompute runs after the loss has left ``segments``, so it attends
+  with mlx-lm's causal mask: the same ``L x L`` scores on MLX's unfused
+  path, without the boolean document mask).
 - ``fused``: mlx-flash's attention (``patched("auto")``: blockwise where
   Metal is absent) with the same full-logit loss.
 - ``fused+loss``: + mlx_flash.losses' ``chunked_loss`` (no ``(L, V)`` logits).
@@ -147,8 +150,17 @@ GRIDS = {
         + [("llama-3.2-1b", 2, 512, m, None, None) for m in MODES]
     ),
 }
+#: mlx-flash's logit-free loss and bounded activations at the same shapes.
+GRIDS["flash"] = (
+    [("qwen2.5-1.5b", 2, L, m, None, None) for m in FLASH_MODES for L in (256, 512)]
+    + [("qwen2.5-1.5b", n, 1024, m, 1024, None) for m in FLASH_MODES for n in (2, 4)]
+    + [("qwen2.5-1.5b", 2, 2048, m, 1024, None) for m in FLASH_MODES]
+    + [("tinyllama-1.1b", 2, 512, m, None, None) for m in FLASH_MODES]
+    + [("qwen3-8b", 2, 512, "all", 1024, 4)]
+)
 #: The same cells from the other end, for a second process sharing the work.
-GRIDS["small-reversed"] = tuple(reversed(GRIDS["small"]))
+for _name in list(GRIDS):
+    GRIDS[f"{_name}-reversed"] = tuple(reversed([c for c in GRIDS[_name] if c[0] != "qwen3-8b"]))
 
 
 def _cell_args(cell):

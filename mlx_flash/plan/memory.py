@@ -11,7 +11,7 @@ of the code that runs (stated beside each).
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 from .models import Geometry
 
@@ -26,11 +26,6 @@ LORA_BYTES_PER_PARAMETER = 16
 LOSS_TOKEN_CHUNK = 512
 LOSS_VOCAB_CHUNK = 8192
 LOSS_CHUNK_COPIES = 4
-
-#: Bounded activations (mlx_flash.step), by its design: the MLP in chunks of
-#: the largest power of two at most ``L * hidden / intermediate`` tokens
-#: (at least 256).
-MIN_MLP_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -54,6 +49,7 @@ class Options:
     checkpoint: bool = False  # per-layer checkpointing (mlx-lm's grad_checkpoint or step.py's)
     logit_free: bool = False  # mlx_flash.losses: never the (L, V) logits
     bounded: bool = False  # mlx_flash.step: ordered checkpointing + chunked MLP
+    chunk_tokens: Union[int, str] = "auto"  # with bounded: step.py's MLP chunk ("auto", 0 = whole, or tokens)
 
     @property
     def name(self) -> str:
@@ -82,9 +78,11 @@ MODES = {
 #: ``features()``: copies of each shape a careful count of the step's arrays
 #: gives. Used for a family no measurement has fitted.
 DESIGN: Dict[str, Dict[str, float]] = {
-    "plain": {"layer_h": 6.0, "layer_i": 4.0, "layer_qkv": 2.0, "work": 2.0, "scores": 2.0, "logits": 4.0},
-    "ckpt": {"inputs": 1.0, "layer_i": 0.0, "work_h": 6.0, "work_i": 4.0, "work_qkv": 2.0, "scores": 2.0, "logits": 4.0},
-    "bounded": {"inputs": 1.0, "work_h": 6.0, "work_qkv": 3.0, "chunk_i": 6.0},
+    "plain": {"layer_h": 6.0, "layer_i": 4.0, "layer_qkv": 2.0, "work": 2.0, "scores": 2.0, "logits": 4.0,
+              "loss_tokens": 1.0, "loss_chunks": 1.0},
+    "ckpt": {"layer_i": 0.0, "work_h": 6.0, "work_i": 4.0, "work_qkv": 2.0, "logits": 4.0,
+             "loss_tokens": 1.0, "loss_chunks": 1.0},
+    "bounded": {"work_h": 6.0, "work_qkv": 3.0, "chunk_i": 6.0, "loss_tokens": 1.0, "loss_chunks": 1.0},
 }
 
 
@@ -104,6 +102,12 @@ def _load_fitted():
 #: Coefficients the planner uses, and the measurements that fitted them.
 COEFFICIENTS, FITTED_FROM = _load_fitted()
 
+#: Features counted once, not fitted: the layer inputs a checkpointed step
+#: must keep (every layer's, until its backward), the fused attention's
+#: log-sum-exp, and with checkpointing one layer's dense scores (the layer
+#: being differentiated holds its softmax).
+EXACT = ("inputs", "lse", "one_layer_scores")
+
 #: Component each feature belongs to, in print order.
 COMPONENTS = {
     "lora": "LoRA parameters + optimizer state",
@@ -115,7 +119,7 @@ COMPONENTS = {
 _COMPONENT_OF = {
     "layer_h": "saved", "layer_i": "saved", "layer_qkv": "saved", "inputs": "saved",
     "work": "layer", "work_h": "layer", "work_i": "layer", "work_qkv": "layer", "chunk_i": "layer",
-    "scores": "attention", "lse": "attention", "logits": "loss", "loss_chunks": "loss",
+    "scores": "attention", "one_layer_scores": "attention", "lse": "attention", "logits": "loss", "loss_tokens": "loss", "loss_chunks": "loss",
 }  # fmt: skip
 
 
@@ -145,10 +149,11 @@ def trained_layers(g: Geometry, lora_layers: int) -> int:
     return g.layers if lora_layers < 0 else min(lora_layers, g.layers)
 
 
-def mlp_chunk(g: Geometry, tokens: int) -> int:
-    """step.py's ``auto`` MLP chunk for a row of ``tokens``."""
-    target = max(MIN_MLP_CHUNK, tokens * g.hidden // max(g.mlp_width, 1))
-    return min(1 << (target.bit_length() - 1), tokens)
+def mlp_chunk(g: Geometry, tokens: int, chunk_tokens="auto", batch: int = 1) -> int:
+    """Tokens per MLP chunk that mlx_flash.step picks for rows of ``tokens``."""
+    from ..step import chunk_size
+
+    return chunk_size(chunk_tokens, tokens, g.hidden, g.mlp_width, batch)
 
 
 def features(g: Geometry, setup: Setup, options: Options) -> Dict[str, float]:
@@ -170,7 +175,7 @@ def features(g: Geometry, setup: Setup, options: Options) -> Dict[str, float]:
         f["inputs"] = k * T * H * s
         f["work_h"] = T * H * s
         f["work_qkv"] = T * A * s + gathered
-        f["chunk_i"] = setup.batch * mlp_chunk(g, local) * I * s
+        f["chunk_i"] = setup.batch * mlp_chunk(g, local, options.chunk_tokens, setup.batch) * I * s
     elif options.checkpoint:
         f["inputs"] = k * T * H * s
         f["layer_i"] = k * T * I * s
@@ -187,11 +192,16 @@ def features(g: Geometry, setup: Setup, options: Options) -> Dict[str, float]:
     else:
         # Dense (B, Hq, L/N, L) scores per layer: sliding-window layers get a
         # dense window mask from mlx-lm, as large as the causal one.
-        layers_with_scores = k if not options.checkpoint else 1
-        f["scores"] = layers_with_scores * setup.batch * g.n_heads * local * setup.seq * s
+        scores = setup.batch * g.n_heads * local * setup.seq * s
+        if options.checkpoint:
+            # At least the recomputed layer's softmax is alive in its backward.
+            f["one_layer_scores"] = scores
+        else:
+            f["scores"] = k * scores
     if options.logit_free:
         chunk = min(T, LOSS_TOKEN_CHUNK) * min(g.vocab, LOSS_VOCAB_CHUNK)
-        f["loss_chunks"] = T * (H + 1) * 4 + LOSS_CHUNK_COPIES * chunk * 4
+        f["loss_tokens"] = T * (H + 1) * 4
+        f["loss_chunks"] = LOSS_CHUNK_COPIES * chunk * 4
     else:
         f["logits"] = T * g.vocab * s
     return f
@@ -211,8 +221,7 @@ def predict(g: Geometry, setup: Setup, options: Options, coefficients=None) -> P
     out.components["lora"] = LORA_BYTES_PER_PARAMETER * lora_parameters(g, setup.lora_layers, setup.rank)
     for name, value in features(g, setup, options).items():
         component = _COMPONENT_OF[name]
-        # lse and the logit-free loss are design figures (coefficient 1).
-        weight = c.get(name, 1.0) if name not in ("lse", "loss_chunks") else 1.0
+        weight = 1.0 if name in EXACT else c.get(name, 1.0)
         out.components[component] = out.components.get(component, 0) + int(weight * value)
     for name in COMPONENTS:
         out.components.setdefault(name, 0)

@@ -4,11 +4,14 @@ A recipe's step is the planner's ``Options``:
 
 - fused attention unless ``attention.variant`` is ``mlx`` or ``manual``
   (the dense ``L x L`` path; a ``:padded`` entry runs the variant too);
-- checkpointing from ``grad_checkpoint``;
+- checkpointing from ``grad_checkpoint``, run by mlx_flash.step (bounded
+  activations, its MLP in chunks of the recipe's ``chunk_tokens``) where
+  the recipe has that key;
 - the logit-free loss where the recipe has a ``loss`` key set to
-  ``chunked`` or ``auto``;
-- bounded activations where the recipe has a ``chunk_tokens`` key that is
-  not 0 or null, together with checkpointing.
+  ``chunked`` or ``auto`` (``auto`` is counted as chunked: the larger
+  logits it avoids are the ones that decide whether a run fits).
+- ``chunk_tokens`` without ``grad_checkpoint`` is counted as no chunking
+  (an over-estimate: the chunked MLP keeps only its input).
 
 Rows are ``max_seq_length`` tokens (packed rows are exactly that; padded
 batches at most that), ``batch_size`` of them, LoRA of the recipe's rank on
@@ -29,13 +32,14 @@ from .report import Plan, make_plan, summary_line
 def options_of(recipe, variant: str) -> Options:
     name = variant.partition(":")[0]
     loss = getattr(recipe, "loss", "full")
-    chunk = getattr(recipe, "chunk_tokens", None)
-    bounded = chunk not in (None, 0, False)
+    checkpoint = bool(recipe.grad_checkpoint)
     return Options(
         fused=name not in ("mlx", "manual"),
-        checkpoint=bool(recipe.grad_checkpoint) or bounded,
+        checkpoint=checkpoint,
         logit_free=loss in ("chunked", "auto"),
-        bounded=bounded,
+        # The fine-tune checkpoints through mlx_flash.step where it has it (ordered, chunked MLP).
+        bounded=checkpoint and hasattr(recipe, "chunk_tokens"),
+        chunk_tokens=getattr(recipe, "chunk_tokens", "auto"),
     )
 
 
@@ -70,14 +74,14 @@ def _changes(recipe, variant: str, options: Options, setup: Setup, g, budget: in
     if not options.logit_free and hasattr(recipe, "loss"):
         out.append(("--set loss=chunked (logit-free loss)", replace(options, logit_free=True), None))
     if not options.checkpoint:
-        out.append(("--set grad_checkpoint=true", replace(options, checkpoint=True), None))
-    if not options.bounded and hasattr(recipe, "chunk_tokens"):
-        out.append(("--set chunk_tokens=auto (bounded activations)", replace(options, checkpoint=True, bounded=True), None))
+        bounded = hasattr(recipe, "chunk_tokens")
+        out.append(("--set grad_checkpoint=true", replace(options, checkpoint=True, bounded=bounded), None))
     best = Options(
         fused=True,
         checkpoint=True,
         logit_free=options.logit_free or hasattr(recipe, "loss"),
         bounded=options.bounded or hasattr(recipe, "chunk_tokens"),
+        chunk_tokens=options.chunk_tokens,
     )
     keys = [text.split(" (")[0] for text, *_ in out]
     together = " ".join(keys)

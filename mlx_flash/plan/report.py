@@ -101,9 +101,13 @@ def text(plan: Plan) -> str:
     lines.append("fits the budget".ljust(width) + "".join(f"{'yes' if plan.fits(n) else 'NO':>12}" for n in names))
     lines.append("longest row that fits (tokens)".ljust(width) + "".join(f"{plan.max_lengths[n]:>12,}" for n in names))
     lines += ["", "modes: " + "; ".join(f"{n} = {LABELS[n]}" for n in names if n in LABELS)]
-    lines.append(
-        "predicted from measured LoRA steps (python -m mlx_flash.plan.fit); activations scale with their dtype's bytes"
-    )
+    if memory.FITTED_FROM:
+        lines.append(
+            f"coefficients fitted to the float32 CPU steps measured in {', '.join(memory.FITTED_FROM)}; "
+            "other dtypes scaled by their bytes"
+        )
+    else:
+        lines.append("design coefficients: no measurement has fitted them (python -m mlx_flash.plan.fit)")
     best = "all" if "all" in plan.predictions else names[-1]
     lines.append(summary_line(plan, best))
     return "\n".join(lines)
