@@ -11,6 +11,7 @@ import pytest
 
 from mlx_flash import demo, masks
 from mlx_flash.bench import bounds, cli, cost, cost_report
+from mlx_flash.call import AttentionCall
 
 
 def _ids(*runs):
@@ -143,7 +144,7 @@ def test_practical_forward_counts_by_hand():
 def _practical_forward_cell(case, q, k, v):
     mask = cost.structured_mask(case)
     scale = case.head_dim ** -0.5
-    (profile,) = cost.profile_launches(lambda: mx.eval(cost.practical.forward(q, k, v, scale, mask, None)))
+    (profile,) = cost.profile_launches(lambda: mx.eval(cost.families.get("practical").forward(AttentionCall(q, k, v, scale, mask, None))))
     tiling, text, registers, declared = cost.kernel_tiling(case, "forward")
     return cost.cell(case, "forward", profile, tiling, mask, text, registers, declared, seconds=0.0)
 
@@ -182,11 +183,11 @@ def test_one_grid_column_scales_exactly_to_the_launch(family):
     mask = cost.structured_mask(case)
     q, k, v, dout = cost.inputs(case)
     scale = 0.125
-    lse, delta = cost.backward_inputs(q, k, v, dout, scale, mask)
-    module = getattr(cost, family)
-    run = lambda: (mx.eval(module.forward(q, k, v, scale, mask, None)),  # noqa: E731
-                   mx.eval(module.dkdv(q, k, v, scale, mask, None, dout, lse, delta)),
-                   mx.eval(module.dq(q, k, v, scale, mask, None, dout, lse, delta)))
+    lse, delta = cost.backward_inputs(AttentionCall(q, k, v, scale, mask), dout)
+    module = cost.families.get(family)
+    run = lambda: (mx.eval(module.forward(AttentionCall(q, k, v, scale, mask, None))),  # noqa: E731
+                   mx.eval(module.dkdv(AttentionCall(q, k, v, scale, mask, None, dout, lse, delta))),
+                   mx.eval(module.dq(AttentionCall(q, k, v, scale, mask, None, dout, lse, delta))))
     columns = cost.profile_launches(run)
     with cost.emulator.metal(schedule="forward", profile=True) as session:
         run()

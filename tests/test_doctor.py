@@ -9,6 +9,7 @@ source lines). Kernel units are checked at float16 / float32 and head dim
 build too.
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -20,8 +21,9 @@ import mlx.core as mx
 import pytest
 
 import mlx_flash
-from kernel_checks import assert_close, random_inputs
-from mlx_flash import demo, emulator, fused, kernels, validation, verdicts
+from conftest import assert_close
+from kernel_checks import random_inputs
+from mlx_flash import emulator, families, kernels, validation, verdicts
 from mlx_flash.bench import harness
 
 checkup = importlib.import_module("mlx_flash.doctor.checkup")
@@ -43,13 +45,13 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def wrong_demo(monkeypatch):
     """demo's forward kernel returns an output 5% and 0.2 off (wrong also at the benchmark's looser tolerance)."""
-    right = demo.LAUNCHERS
+    right = families.DEMO
 
-    def forward(q, k, v, scale, mask, sinks):
-        out, lse = right.forward(q, k, v, scale, mask, sinks)
+    def forward(call):
+        out, lse = right.forward(call)
         return out * 1.05 + 0.2, lse
 
-    monkeypatch.setattr(demo, "LAUNCHERS", fused.Launchers(forward, right.dkdv, right.dq))
+    monkeypatch.setitem(families.REGISTRY, "demo", dataclasses.replace(right, forward=forward))
 
 
 BROKEN_LINE = "this_line_is_not_metal;"

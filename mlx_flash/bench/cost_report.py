@@ -177,10 +177,10 @@ def _before_after(before: List[dict], after: List[dict], commit: str, now: str) 
 
 
 def _declared_demo_tiles() -> List[str]:
-    lines = ["| D | forward B | dq B | dkv B |", "|---|---|---|---|"]
+    lines = ["| D | forward B | dq B | dkdv B |", "|---|---|---|---|"]
     for dim, tiles in sorted(demo.TILES.items()):
         sizes = tiles.threadgroup_bytes(dim)
-        lines.append(f"| {dim} | {sizes['forward']:,} | {sizes['dq']:,} | {sizes['dkv']:,} |")
+        lines.append(f"| {dim} | {sizes['forward']:,} | {sizes['dq']:,} | {sizes['dkdv']:,} |")
     return lines
 
 
@@ -285,7 +285,7 @@ def markdown(results: dict) -> str:
     if any(c["family"] == "practical" for c in cells):
         lines += ["", "## Practical: non-MMA ALU work per evaluated pair", "", ALU_DEFINITION, ""]
         lines += _alu_table(cells)
-    lines += ["", "Demo tiles' threadgroup memory as `mlx_flash.demo.Tiles` declares it, every head dim "
+    lines += ["", "Demo tiles' threadgroup memory as `mlx_flash.demo.TileSet` declares it, every head dim "
               "(the counted peaks above agree where counted):", ""] + _declared_demo_tiles()
     before = results.get("before")
     if before:
