@@ -256,6 +256,13 @@ def test_bench_step_extrapolation_and_loss_check():
     (e,) = [e for e in bench_step.extrapolate(cells) if e["mode"] == "all"]
     assert e["per_layer_bytes"] == 300 and e["full_depth_layers"] == 28
     assert e["full_depth_peak_bytes_extrapolated"] == 1000 + 26 * 300
+    # A layer keeps at least its input (4096 x 1536 x 4 B) and its LoRA parameters and gradient:
+    # rank 8 x ((1536 + 1536) x 2 + (1536 + 256) x 2 + (1536 + 8960) x 3) x 4 B, twice.
+    kept = 4096 * 1536 * 4 + 2 * 8 * ((1536 + 1536) * 2 + (1536 + 256) * 2 + (1536 + 8960) * 3) * 4
+    assert e["kept_per_layer_bytes"] == kept
+    assert e["full_depth_peak_bytes_upper"] == 1000 + 26 * kept
+    (f,) = [e for e in bench_step.extrapolate(cells) if e["mode"] == "fused"]
+    assert f["per_layer_bytes"] is None and f["full_depth_peak_bytes_extrapolated"] is None
 
 
 def test_bench_step_refuses_bad_arguments():
