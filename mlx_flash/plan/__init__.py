@@ -42,24 +42,30 @@ Notation: ``T = B x L / N`` tokens per rank (``B`` rows of ``L`` tokens,
   checkpointing; with bounded activations, one layer's full-length
   attention arrays plus one MLP chunk: ``T s (c_wh H + c_wa A) + c_ci B x
   chunk x I x s`` (``chunk`` as step.py's ``auto`` picks it).
-- ``attention``: dense (stock mlx-lm on packed rows, windows): ``c_s x
-  B x Hq x (L / N) x L x s`` per layer that holds them (every adapted
-  layer without checkpointing, one with it); fused: the float32 log-sum-exp,
-  ``k x T x Hq x 4``.
+- ``attention``: dense (stock mlx-lm on packed rows, windows): ``c_s x k x
+  B x Hq x (L / N) x L x s`` without checkpointing, exactly one layer's
+  ``B x Hq x (L / N) x L x s`` with it (the layer being differentiated
+  holds its softmax); fused: the float32 log-sum-exp, ``k x T x Hq x 4``.
 - ``loss``: full logits (mlx-lm's ``default_loss``) ``c_v x T x V x s``;
-  logit-free (mlx_flash.losses) ``4 T (H + 1)`` (the float32 log-sum-exp and
-  gradient direction per token) plus four float32 chunks of ``512 x 8192``
-  logits.
+  logit-free (mlx_flash.losses) ``c_lt x 4 T (H + 1)`` (the float32
+  log-sum-exp and gradient direction per token) plus ``c_lc`` x four
+  float32 chunks of ``min(T, 512) x min(V, 8192)`` logits.
 - Context parallelism (Llama 3's): every per-token term counts ``L / N``
   tokens; each layer also holds the whole row's gathered keys and values,
   ``B x L x 2 Hkv D x s`` (saved per layer without checkpointing).
 
-The coefficients are fitted (non-negative least squares in relative error,
-``python -m mlx_flash.plan.fit``) to measured steps committed under
-``bench/`` and stored in ``coefficients.json``; a family of modes that no
-measurement covers keeps the design values in ``memory.DESIGN`` (the
-copies of each array a count of the step's operations gives), and the
-plan says which measurements it was fitted to.
+Counted exactly, not fitted: the weights, the LoRA state, the layer inputs
+a checkpointed step keeps, the fused log-sum-exp and one layer's dense
+scores under checkpointing. The other coefficients are fitted per family
+(no checkpointing; mlx-lm's ``grad_checkpoint``; mlx_flash.step's bounded
+activations), non-negative, to make the largest relative error over the
+measured steps committed under ``bench/`` small (``python -m
+mlx_flash.plan.fit``), and stored in ``coefficients.json``
+(``bench/linux-cpu-plan/report.md`` lists them with every cell); a family
+no measurement covers keeps the design values in ``memory.DESIGN``. A
+fitted coefficient of 0 means the measurements did not need that term:
+MLX's peak is the largest live set at one moment, not the sum, so terms
+that are alive at different moments share one coefficient.
 
 Where it is an approximation
 ----------------------------
