@@ -74,12 +74,16 @@ class Plan:
     #: How mlx-lm's attention is patched (``str(mlx_flash.patch_state())``);
     #: filled in by ``mlx_flash.explain``.
     patch: str = ""
+    #: For the fused kernels, the pieces each launch is split into
+    #: (``mlx_flash.dispatch.describe``).
+    launches: str = ""
 
     @property
     def summary(self) -> str:
         """One line: what runs, where, and why (and how the mask is handled)."""
         text = f"{self.implementation} ({self.backend}): {self.reason}"
-        return f"{text}; {self.mask}" if self.mask else text
+        text = f"{text}; {self.mask}" if self.mask else text
+        return f"{text}; {self.launches}" if self.launches else text
 
     def __str__(self) -> str:
         return f"{self.summary}\n{self.patch}" if self.patch else self.summary
@@ -281,7 +285,14 @@ def plan(
     structure = masks.build(q.shape[2], k.shape[2], mask, segment_ids, window)
     chosen = _choose(AttentionCall(q, k, v, None, structure, sinks), variant, force_fused)
     note = _mask_note(structure, chosen.implementation, sinks is not None)
-    return Plan(chosen.variant, chosen.implementation, chosen.backend, chosen.reason, note)
+    launches = ""
+    family = families.REGISTRY.get(chosen.implementation)
+    if family is not None and family.dispatch_tiles is not None and q.ndim == 4:
+        from . import dispatch
+
+        tiles = lambda stage: family.dispatch_tiles(stage, q, k, v)  # noqa: E731
+        launches = dispatch.describe(family.name, tiles, q, k, v, structure)
+    return Plan(chosen.variant, chosen.implementation, chosen.backend, chosen.reason, note, launches=launches)
 
 
 def _choose(call: AttentionCall, variant: str, force_fused: bool = False) -> Plan:

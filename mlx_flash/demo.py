@@ -5,7 +5,8 @@ Same contract and custom-op wrapping as ``practical`` (see
 inside. Every product (``S = Q K^T`` and ``O += P V`` forward;
 ``dV += P^T dO``, ``dP = dO V^T``, ``dQ += dS K``, ``dK += dS^T Q``
 backward) is an 8x8 ``simdgroup_multiply_accumulate`` with half or bfloat16
-operands and float32 accumulators that stay in registers. The kernels are
+operands (float32 operands for float32 inputs) and float32 accumulators
+that stay in registers. The kernels are
 ``metal/demo_forward.metal``, ``metal/demo_backward_dq.metal`` and
 ``metal/demo_backward_dkv.metal`` with ``metal/demo_common.h``.
 
@@ -25,9 +26,35 @@ compiles on a Mac and fewer emulator builds in CI. The lse is natural-log,
 ``+inf`` for a row that keeps no key (whose output is zero).
 
 The demo kernels take the shapes that matter for fine-tuning: head dims 64,
-80, 96 and 128 with ``Dv == D``, float16 and bfloat16, every mask, GQA, any
+80, 96 and 128 with ``Dv == D``, float16, bfloat16 and float32 (on
+``simdgroup_matrix<float, 8, 8>``, ``FLOAT32_TILES``), every mask, GQA, any
 length. ``unsupported_reason`` says why anything else goes to
 ``practical``; ``mlx_flash.explain`` reports it.
+
+Head dim 256 stays on ``practical``: in these kernels a SIMD group owns 8
+rows across the whole head dim, and at D = 256 that alone passes the
+register budget before any tile is chosen (``TileSet.registers``, 32-bit
+words per lane of fragments and accumulators, half operands; the smallest
+tile, 8, in the other dimension):
+
+=======  ==================================  =====  ================================
+kernel   what D = 256 holds per lane         words  threadgroup memory
+=======  ==================================  =====  ================================
+forward  Q 32, O 64; S, P 3 per 8 keys       99     8,480 / 16,960 B (8 / 16 keys)
+dq       q 32, dout 32, dQ 64; S, dP, dS 5   133    8,480 / 16,960 B (8 / 16 keys)
+dkv      v 32, dK 64, dV 64; 4 tiles 6       166    16,992 / 25,440 B (16 / 32 keys)
+=======  ==================================  =====  ================================
+
+against a budget of 96: the forward 3 words over it, dQ 37 and dK/dV 70;
+with some 20 words of addresses and loop state both backward kernels pass
+128 and would spill, and the backward is two thirds of a training step's
+attention work. Threadgroup memory is
+not the limit (all within 32 KB); registers are. Fitting would take
+another work split (two SIMD groups per 8 rows, each owning half the head
+dim's accumulators, recomputing or sharing ``S`` through threadgroup
+memory: a barrier per tile and ``8 x BK`` floats more per pair of SIMD
+groups), a different kernel from the one tested here, so D = 256 is not
+offered rather than offered spilling.
 """
 
 import math
@@ -36,7 +63,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import fused, kernels
+from . import dispatch, fused, kernels
 from .call import AttentionCall
 from .masks import StructuredMask
 
@@ -56,12 +83,21 @@ MAX_THREADS = 1024
 THREADGROUP_BYTES_BUDGET = 16 * 1024
 REGISTER_BUDGET = 96
 
+#: The budgets of the float32 tiles (``FLOAT32_TILES``). A float32 operand
+#: fragment takes 2 registers per lane instead of 1 and a staged float32
+#: row twice the bytes, so at D = 128 the half budgets would leave the dK/dV
+#: kernel one SIMD group: float32 takes up to 28 KB of threadgroup memory
+#: (within Metal's 32 KB) and 104 registers per lane (some 20 more for
+#: addresses and loop state keep it under 128).
+FLOAT32_THREADGROUP_BYTES_BUDGET = 28 * 1024
+FLOAT32_REGISTER_BUDGET = 104
+
 #: Elements added to every staged row (``DEMO_PAD`` in metal/demo_common.h).
 ROW_PAD = 8
 
-#: Input dtypes the demo kernels run. float32 goes to ``practical``: float32
-#: operands double the threadgroup memory of every tile and halve what fits.
-DTYPES = (mx.float16, mx.bfloat16)
+#: Input dtypes the demo kernels run. float32 runs the same kernels with
+#: float32 operands (``simdgroup_matrix<float, 8, 8>``) on ``FLOAT32_TILES``.
+DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
 
 def _aligned(*blocks: int) -> int:
@@ -161,9 +197,10 @@ class TileSet:
             "dkdv": self.dkdv[1] // 8 * 32,
         }
 
-    def threadgroup_bytes(self, head_dim: int) -> dict:
-        """Threadgroup memory each kernel declares at ``head_dim``, in bytes."""
-        row = (head_dim + ROW_PAD) * 2
+    def threadgroup_bytes(self, head_dim: int, size: int = 2) -> dict:
+        """Threadgroup memory each kernel declares at ``head_dim`` for
+        ``size``-byte elements (2: half and bfloat16, 4: float32), in bytes."""
+        row = (head_dim + ROW_PAD) * size
         _, forward_bk = self.forward
         _, dq_bk = self.dq
         dkdv_bq, dkdv_bk = self.dkdv
@@ -173,20 +210,21 @@ class TileSet:
             "dkdv": _aligned(dkdv_bk * row, dkdv_bq * row, dkdv_bq * row, 4 * dkdv_bq, 4 * dkdv_bq, 4 * dkdv_bq),
         }
 
-    def registers(self, head_dim: int) -> dict:
+    def registers(self, head_dim: int, size: int = 2) -> dict:
         """Estimated 32-bit registers per lane that each kernel's fragments and
-        accumulators take at ``head_dim`` (see the class docstring)."""
-        dim = head_dim // 8
+        accumulators take at ``head_dim`` for ``size``-byte operands (see the
+        class docstring): an operand fragment is ``w = size / 2`` words."""
+        dim, w = head_dim // 8, size // 2
         return {
-            "forward": 3 * dim + 3 * self.forward[1] // 8,
-            "dq": 4 * dim + 5 * self.dq[1] // 8,
-            "dkdv": 5 * dim + 6 * self.dkdv[0] // 8,
+            "forward": (w + 2) * dim + (w + 2) * self.forward[1] // 8,
+            "dq": (2 * w + 2) * dim + (w + 4) * self.dq[1] // 8,
+            "dkdv": (w + 4) * dim + (2 * w + 4) * self.dkdv[0] // 8,
         }
 
-    def check(self, head_dim: int):
+    def check(self, head_dim: int, element_size: int = 2):
         """Raise ValueError if a kernel would need more threadgroup memory at
         ``head_dim`` than Metal allows (the pipeline would fail to build)."""
-        for name, size in self.threadgroup_bytes(head_dim).items():
+        for name, size in self.threadgroup_bytes(head_dim, element_size).items():
             if size > MAX_THREADGROUP_BYTES:
                 raise ValueError(
                     f"demo {name} tile {getattr(self, name)} at head dim {head_dim} needs "
@@ -205,6 +243,33 @@ TILES = {
     128: TileSet(forward=(32, 16), dq=(32, 16), dkdv=(8, 32)),
 }
 
+#: TileSet per head dim for float32 inputs, on ``simdgroup_matrix<float, 8,
+#: 8>``: operand fragments of 2 words per lane and staged rows of
+#: ``(D + 8) * 4`` bytes. Within ``THREADGROUP_BYTES_BUDGET`` and
+#: ``REGISTER_BUDGET`` up to D = 96; at D = 128 within the float32 budgets
+#: above (bytes; registers per lane):
+#:
+#: ======  ==============  ==============  ==============
+#: D       forward         dq              dkdv
+#: ======  ==============  ==============  ==============
+#: 64       9,280 B;  40    9,280 B;  60   13,920 B;  56
+#: 80      11,328 B;  48   11,328 B;  72   14,176 B;  68
+#: 96      13,376 B;  56   13,376 B;  84   13,408 B;  80
+#: 128     17,472 B;  72    8,736 B; 102   26,208 B; 104
+#: ======  ==============  ==============  ==============
+#:
+#: Key tiles of 16 (half: 32) keep the forward and dq within budget; dq at
+#: D = 128 takes 8-key tiles (16 would be 108 registers) and so 16 queries
+#: (staged through the K/V tiles' memory), dkdv 8-query tiles
+#: everywhere (16 would add 16 registers) and at D = 80 and 96 24 and 16
+#: keys (32 would pass 16 KB).
+FLOAT32_TILES = {
+    64: TileSet(forward=(32, 16), dq=(32, 16), dkdv=(8, 32)),
+    80: TileSet(forward=(32, 16), dq=(32, 16), dkdv=(8, 24)),
+    96: TileSet(forward=(32, 16), dq=(32, 16), dkdv=(8, 16)),
+    128: TileSet(forward=(32, 16), dq=(16, 8), dkdv=(8, 32)),
+}
+
 
 def unsupported_reason(q, k, v, mask: StructuredMask) -> Optional[str]:
     """Why the demo kernels cannot run these (normalised) inputs, or None.
@@ -213,7 +278,7 @@ def unsupported_reason(q, k, v, mask: StructuredMask) -> Optional[str]:
     dispatcher sends it); the reasons are dtype and head dim.
     """
     if q.dtype not in DTYPES:
-        return f"{_dtype_name(q.dtype)} inputs: demo runs float16 and bfloat16"
+        return f"{_dtype_name(q.dtype)} inputs: demo runs float16, bfloat16 and float32"
     head_dim, value_dim = q.shape[-1], v.shape[-1]
     if value_dim != head_dim:
         return f"value head dim {value_dim} differs from head dim {head_dim}"
@@ -236,10 +301,26 @@ def _kernel(name: str, inputs: Tuple[str, ...], outputs: Tuple[str, ...]):
     return kernels.build(name, inputs, outputs, f"{name}.metal", _HEADERS)
 
 
-def _tiles(head_dim: int) -> TileSet:
-    tiles = TILES[head_dim]
-    tiles.check(head_dim)
+def tiles_for(head_dim: int, dtype) -> TileSet:
+    """The tiles of ``head_dim`` for ``dtype`` inputs (``TILES``, or
+    ``FLOAT32_TILES`` for float32), checked against Metal's limits."""
+    if dtype == mx.float32:
+        tiles = FLOAT32_TILES[head_dim]
+        tiles.check(head_dim, 4)
+    else:
+        tiles = TILES[head_dim]
+        tiles.check(head_dim)
     return tiles
+
+
+def dispatch_tiles(stage: str, q, k, v) -> Tuple[int, int]:
+    """``(rows, inner)`` of ``stage``'s launch for ``mlx_flash.dispatch``:
+    positions per tile along the grid's x axis (queries; keys for dK/dV)
+    and per tile of the loop inside."""
+    tiles = tiles_for(q.shape[-1], q.dtype)
+    if stage == "dkdv":
+        return tiles.dkdv[1], tiles.dkdv[0]
+    return getattr(tiles, stage)
 
 
 # MLX passes an input of fewer than 8 elements in the constant address space
@@ -293,12 +374,16 @@ def _key_grid(k, tile: Tuple[int, int]):
 
 def _run(name: str, outputs, call: AttentionCall, tile: Tuple[int, int], grid, output_shapes):
     """Launch ``metal/<name>.metal`` on ``kernel_inputs`` of ``call`` for
-    ``tile``; every output is in ``q``'s dtype except the forward's lse."""
+    ``tile``, in the pieces ``mlx_flash.dispatch`` plans; every output is in
+    ``q``'s dtype except the forward's lse."""
     q = call.q
     names = fused.input_names(call)
     inputs = fused.kernel_inputs(call, q_tile=tile[0], k_tile=tile[1])
-    return kernels.launch(
+    stage = {"demo_forward": "forward", "demo_backward_dq": "dq", "demo_backward_dkv": "dkdv"}[name]
+    plan = dispatch.split(stage, "demo", q, call.k, call.v, call.mask, *dispatch_tiles(stage, q, call.k, call.v))
+    return dispatch.launch(
         _kernel(name, names, outputs),
+        plan,
         inputs=[_in_device_memory(n, x) for n, x in zip(names, inputs)],
         template=[("T", q.dtype), ("D", q.shape[-1]), ("BQ", tile[0]), ("BK", tile[1])],
         grid=grid[0],
@@ -312,7 +397,7 @@ def forward(call: AttentionCall):
     """``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, lse ``(B, Hq, Lq)``
     float32, natural log, ``+inf`` for rows that keep no key."""
     q = call.q
-    tiles = _tiles(q.shape[-1])
+    tiles = tiles_for(q.shape[-1], q.dtype)
     grid = _query_grid(call, tiles.forward, tiles.heads)
     out, lse = _run("demo_forward", ("out", "lse"), call, tiles.forward, grid, [q.shape, q.shape[:3]])
     return out, lse
@@ -320,14 +405,14 @@ def forward(call: AttentionCall):
 
 def dkdv(call: AttentionCall):
     """``(dk, dv)``, each ``(B, Hkv, Lk, D)`` in q's dtype."""
-    tile = _tiles(call.q.shape[-1]).dkdv
+    tile = tiles_for(call.q.shape[-1], call.q.dtype).dkdv
     dk, dv = _run("demo_backward_dkv", ("dk", "dv"), call, tile, _key_grid(call.k, tile), [call.k.shape, call.v.shape])
     return dk, dv
 
 
 def dq(call: AttentionCall):
     """``dq``, ``(B, Hq, Lq, D)`` in q's dtype."""
-    tiles = _tiles(call.q.shape[-1])
+    tiles = tiles_for(call.q.shape[-1], call.q.dtype)
     grid = _query_grid(call, tiles.dq, tiles.heads)
     (grad_q,) = _run("demo_backward_dq", ("dq",), call, tiles.dq, grid, [call.q.shape])
     return grad_q

@@ -20,8 +20,11 @@ How to add a kernel family
    ``AttentionCall`` (``forward(call) -> (o, lse)``, ``dkdv(call) -> (dk,
    dv)``, ``dq(call) -> dq``; build with ``kernels.build``, pass
    ``fused.kernel_inputs(call, q_tile, k_tile)``, run with
-   ``kernels.launch``), its ``DTYPES`` and an ``unsupported_reason(q, k, v,
-   mask)``.
+   ``kernels.launch``, or ``dispatch.launch`` to cut long launches into
+   pieces under the GPU watchdog: its kernels then start at the tile
+   ``params[9]`` names and write that piece's rows, see
+   ``mlx_flash.dispatch``), its ``DTYPES`` and an ``unsupported_reason(q,
+   k, v, mask)``.
 3. Describe it here with a ``Family(...)`` and add it to ``REGISTRY``; its
    ``fallback`` names the family that takes what it does not (``None``:
    ``blockwise``), which also places it in ``auto``'s default order (a
@@ -82,7 +85,9 @@ class Family:
     ``simdgroup_matrix`` operations (which the emulator's profiler counts);
     ``tiling(kernel, head_dim, dtype, group) -> KernelTiling``; ``inputs``
     and ``backward_inputs`` the names of its kernels' inputs, in the order
-    ``fused.kernel_inputs`` gives them.
+    ``fused.kernel_inputs`` gives them; ``dispatch_tiles(stage, q, k, v) ->
+    (rows, inner)`` the tiles ``mlx_flash.dispatch`` splits a launch by
+    (None: no split is planned, and ``explain`` names none).
     """
 
     name: str
@@ -97,6 +102,7 @@ class Family:
     cost_dtype: str
     fallback: Optional[str] = None
     matrix_products: bool = False
+    dispatch_tiles: Optional[Callable] = None
     inputs: Tuple[str, ...] = fused.KERNEL_INPUTS
     backward_inputs: Tuple[str, ...] = fused.BACKWARD_INPUTS
 
@@ -138,9 +144,10 @@ def _practical_tiling(kernel: str, dim: int, dtype, group: int) -> KernelTiling:
 
 
 def _demo_tiling(kernel: str, dim: int, dtype, group: int) -> KernelTiling:
-    tiles = demo.TILES[dim]
+    tiles = demo.tiles_for(dim, dtype)
+    size = mx.finfo(dtype).bits // 8
     bq, bk = getattr(tiles, kernel)
-    registers, declared = tiles.registers(dim)[kernel], tiles.threadgroup_bytes(dim)[kernel]
+    registers, declared = tiles.registers(dim, size)[kernel], tiles.threadgroup_bytes(dim, size)[kernel]
     if kernel == "dkdv":
         return KernelTiling("key", bk, bq, group, f"BQ/BK {bq}/{bk}", registers, declared)
     heads = fused.heads_per_tile(group, tiles.heads)
@@ -164,11 +171,13 @@ PRACTICAL = Family(
     dq=practical.dq,
     tiling=_practical_tiling,
     cost_dtype="float32",
+    dispatch_tiles=practical.dispatch_tiles,
 )
 
 #: The kernels round P and dS to the input dtype before their products (as
 #: FlashAttention does) and store results in it: a few units of the dtype's
-#: epsilon of the largest value.
+#: epsilon of the largest value. float32 operands round nothing to a
+#: narrower type; the weights' exp2 is Metal's fast one (a few ulps).
 DEMO = Family(
     name="demo",
     dtypes=demo.DTYPES,
@@ -176,6 +185,7 @@ DEMO = Family(
     tolerances=(
         (mx.float16, (1e-3, 5e-3)),
         (mx.bfloat16, (8e-3, 2e-2)),
+        (mx.float32, (2e-5, 2e-4)),
     ),
     unsupported=demo.unsupported_reason,
     forward=demo.forward,
@@ -185,6 +195,7 @@ DEMO = Family(
     cost_dtype="float16",
     fallback="practical",
     matrix_products=True,
+    dispatch_tiles=demo.dispatch_tiles,
 )
 
 #: Every family, by name, in the order they are validated and reported.

@@ -105,6 +105,7 @@ def kernel_inputs(call: AttentionCall, q_tile: int, k_tile: int) -> list:
             mask.window or 0,
             int(mask.has_segments),
             int(sinks is not None),
+            0,  # first tile: mlx_flash.dispatch sets it for each piece of a split launch
         ],
         dtype=mx.int32,
     )

@@ -161,7 +161,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import fused, kernels
+from . import dispatch, fused, kernels
 from .call import AttentionCall
 from .masks import StructuredMask
 
@@ -342,6 +342,22 @@ def _query_launch(call: AttentionCall, tiles: TileConfig) -> dict:
     }
 
 
+def dispatch_tiles(stage: str, q, k, v) -> tuple:
+    """``(rows, inner)`` of ``stage``'s launch for ``mlx_flash.dispatch``:
+    positions per tile along the grid's x axis (query positions; keys for
+    dK/dV) and per tile of the loop inside."""
+    tiles = tile_sizes(stage, q.shape[-1], v.shape[-1], q.dtype)
+    rows = tiles.simdgroups * tiles.rows
+    if stage == "dkdv":
+        return rows, tiles.tile
+    return rows // fused.heads_per_tile(q.shape[1] // k.shape[1], rows), tiles.tile
+
+
+def _split(stage: str, call: AttentionCall) -> dispatch.Split:
+    tiles = dispatch_tiles(stage, call.q, call.k, call.v)
+    return dispatch.split(stage, "practical", call.q, call.k, call.v, call.mask, *tiles)
+
+
 def forward(call: AttentionCall):
     """``(o, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and ``(B, Hq, Lq)``
     float32 (natural log, ``+inf`` for a row that keeps no key)."""
@@ -353,8 +369,9 @@ def forward(call: AttentionCall):
     kernel = kernels.build(
         "flash_practical_forward", fused.KERNEL_INPUTS, ("o", "lse"), "practical_forward.metal", _HEADERS
     )
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
+        _split("forward", call),
         inputs=fused.kernel_inputs(call, q_tile=positions, k_tile=tiles.tile),
         template=_template(call, tiles, "R", "BK"),
         output_shapes=[(B, n_q_heads, q_len, value_dim), (B, n_q_heads, q_len)],
@@ -372,8 +389,9 @@ def dkdv(call: AttentionCall):
     kernel = kernels.build(
         "flash_practical_dkdv", fused.BACKWARD_INPUTS, ("dk", "dv"), "practical_backward_dkdv.metal", _HEADERS
     )
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
+        _split("dkdv", call),
         inputs=fused.kernel_inputs(call, q_tile=tiles.tile, k_tile=block_keys),
         template=_template(call, tiles, "KPS", "BQ"),
         grid=(32 * tiles.simdgroups * -(-k_len // block_keys), n_kv_heads, B),
@@ -391,8 +409,9 @@ def dq(call: AttentionCall):
     kernel = kernels.build(
         "flash_practical_dq", fused.BACKWARD_INPUTS, ("dq",), "practical_backward_dq.metal", _HEADERS
     )
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
+        _split("dq", call),
         inputs=fused.kernel_inputs(call, q_tile=positions, k_tile=tiles.tile),
         template=_template(call, tiles, "R", "BK"),
         output_shapes=[tuple(q.shape)],

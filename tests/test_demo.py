@@ -547,10 +547,6 @@ def test_explain_names_demo_fallbacks(backend):
         fallbacks = [
             ((tensor(32), tensor(32), tensor(32)), "head dim 32 is not one of 64, 80, 96, 128"),
             ((tensor(256), tensor(256), tensor(256)), "head dim 256 is not one of 64, 80, 96, 128"),
-            (
-                (tensor(64, mx.float32), tensor(64, mx.float32), tensor(64, mx.float32)),
-                "float32 inputs: demo runs float16 and bfloat16",
-            ),
             ((tensor(128), tensor(128), tensor(64)), "value head dim 64 differs from head dim 128"),
         ]
         for (q, k, v), reason in fallbacks:

@@ -124,7 +124,7 @@ def test_command_rejects_bad_input_in_one_line(cache, tmp_path, capsys):
         (["--model", str(tmp_path / "missing")], "--model: no model folder"),
         (["--head-dim", "64y"], "--head-dim: expected D or DxDv"),
         (["--out", str(folder)], "is a folder"),
-        (["--emulator", "--dtype", "float32", "--family", "demo"], "nothing to validate"),
+        (["--emulator", "--head-dim", "256", "--family", "demo"], "nothing to validate"),
     ]:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -197,11 +197,14 @@ def test_compile_error_is_reported_with_its_source_and_auto_falls_back(cache, br
     assert BROKEN_LINE in text.split("### Failures")[1]
 
     x = mx.zeros((1, 2, 16, 64), mx.float32)
+    # demo comes first for float32 too; failed here as well, auto falls past
+    # both kernel families to blockwise, saying why.
+    failed = {"status": "failed", "kernel": "forward", "detail": "wrong output: injected", "by": "test"}
+    verdicts.record("emulator", kernels={verdicts.unit_key("demo", "float32", 64, 64, "causal"): failed})
     with emulator.metal():
         plan = mlx_flash.explain(x, x, x, mask="causal")
-    # demo runs no float32 and practical failed here: blockwise, saying why.
     assert plan.implementation == "blockwise"
-    assert "demo: float32 inputs" in plan.reason
+    assert "demo failed validation on this machine (float32 64x64 causal: forward kernel" in plan.reason
     assert "practical failed validation on this machine (float32 64x64 causal: dq kernel: CompileError" in plan.reason
 
 

@@ -69,10 +69,12 @@ class Case:
     q_heads: int = QUERY_HEADS
     kv_heads: int = QUERY_HEADS
     batch: int = 1
+    #: The dtype counted, when not the family's (``FAMILIES``).
+    precision: str = ""
 
     @property
     def dtype(self) -> str:
-        return FAMILIES[self.family]
+        return self.precision or FAMILIES[self.family]
 
     def label(self) -> str:
         return (f"{self.family} D={self.head_dim} L={self.seq} {self.mask} "

@@ -116,6 +116,8 @@ SCHEMA = {
     "pack_sequences": (bool, False),
     # Not an mlx-lm key: tokens per MLP chunk, recomputed in the backward (mlx_flash.step).
     "chunk_tokens": ((int, str), "auto"),
+    # Not an mlx-lm key: ranks per row, each holding a slice of it (mlx_flash.context).
+    "context_parallel": (int, 1),
     "text_feature": (str, "text"),
     "prompt_feature": (str, "prompt"),
     "completion_feature": (str, "completion"),
@@ -151,6 +153,7 @@ POSITIVE = (
     "save_every",
     "max_seq_length",
     "grad_accumulation_steps",
+    "context_parallel",
     "lora_parameters.rank",
     "output.generation_tokens",
 )

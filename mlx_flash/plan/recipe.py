@@ -15,7 +15,8 @@ A recipe's step is the planner's ``Options``:
 
 Rows are ``max_seq_length`` tokens (packed rows are exactly that; padded
 batches at most that), ``batch_size`` of them, LoRA of the recipe's rank on
-its ``num_layers`` last blocks.
+its ``num_layers`` last blocks, each row split over ``context_parallel``
+ranks where the recipe has that key.
 """
 
 import sys
@@ -49,6 +50,7 @@ def setup_of(recipe) -> Setup:
         batch=recipe.batch_size,
         lora_layers=recipe.num_layers,
         rank=recipe.lora_parameters.get("rank", 8),
+        machines=getattr(recipe, "context_parallel", 1) or 1,
     )
 
 
