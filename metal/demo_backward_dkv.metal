@@ -36,36 +36,51 @@ threadgroup T* k_tile = demo_elements<T>(k_storage);
 threadgroup T* q_tile = demo_elements<T>(q_storage);
 threadgroup T* do_tile = demo_elements<T>(do_storage);
 
-const FlashMask m = flash_read_mask(params);
 const uint tid = thread_index_in_threadgroup;
 const uint n_threads = threads_per_threadgroup.x;
 const ushort sg = simdgroup_index_in_threadgroup;
 const ushort lane = thread_index_in_simdgroup;
+// Metadata, read once into registers (flash_common.h, uniform reads).
+const FlashMask m = flash_read_mask(params, lane);
+const FlashDims<4> q_st = flash_dims<4>(q_strides, lane);
+const FlashDims<4> k_st = flash_dims<4>(k_strides, lane);
+const FlashDims<4> v_st = flash_dims<4>(v_strides, lane);
+const FlashDims<4> do_st = flash_dims<4>(dout_strides, lane);
+const FlashDims<4> ma_st = flash_dims_if<4>(m.array_kind != FLASH_ARRAY_NONE, mask_array_strides, lane);
+const FlashDims<2> qs_st = flash_dims_if<2>(m.segments, q_segments_strides, lane);
+const FlashDims<2> ks_st = flash_dims_if<2>(m.segments, k_segments_strides, lane);
+const FlashDims<3> qr_st = flash_dims_if<3>(m.segments, q_ranges_strides, lane);
+const FlashDims<3> kr_st = flash_dims_if<3>(m.segments, k_ranges_strides, lane);
+const FlashDims<3> lse_st = flash_dims<3>(lse_strides, lane);
+const FlashDims<3> delta_st = flash_dims<3>(delta_strides, lane);
+const FlashDims<4> ma_shape = flash_dims_if<4>(m.array_kind != FLASH_ARRAY_NONE, mask_array_shape, lane);
 
 const int batch = threadgroup_position_in_grid.z;
 const int kv_head = threadgroup_position_in_grid.y;
-const int k_tile_index = threadgroup_position_in_grid.x;
+const int k_tile_index = m.first_tile + int(threadgroup_position_in_grid.x);
+// The keys this launch writes (all of them unless it is a piece).
+const FlashPiece piece = flash_piece(m, BK, threadgroups_per_grid.x, m.k_len);
 const int k_start = k_tile_index * BK;
 const int group = m.n_q_heads / m.n_kv_heads;
-const float scale = fparams[0];
+const float scale = flash_uniform_float(fparams, 0, lane);
 
-const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
-const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
-const size_t key_offset = size_t(batch * m.n_kv_heads + kv_head) * m.k_len;
+const int64_t k_base = batch * k_st[0] + kv_head * k_st[1];
+const int64_t v_base = batch * v_st[0] + kv_head * v_st[1];
+const size_t key_offset = size_t(batch * m.n_kv_heads + kv_head) * piece.count;
 
 // This lane's key (fragment row) and the first of its two query columns.
 const short2 coord = demo_frag_coord(lane);
 const int key = k_start + sg * 8 + coord.y;
 const int col = coord.x;
 const int k_id =
-    m.segments ? demo_segment_id(k_segments, k_segments_strides, batch, min(key, m.k_len - 1)) : 0;
-const int64_t msi = flash_axis_stride(mask_array_shape[2], mask_array_strides[2]);
-const int64_t msj = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
+    m.segments ? demo_row_segment_id(k_segments, ks_st, batch, k_start + sg * 8, m.k_len, lane, coord.y) : 0;
+const int64_t msi = flash_axis_stride(ma_shape[2], ma_st[2]);
+const int64_t msj = flash_axis_stride(ma_shape[3], ma_st[3]);
 
 // v fragments (keys as rows), loaded once; then k, read from threadgroup
 // memory at every query tile.
 demo_stage<T, BK, D, LD>(
-    k_tile, v + v_base, v_strides[2], v_strides[3], k_start, m.k_len, tid, n_threads);
+    k_tile, v + v_base, v_st[2], v_st[3], k_start, m.k_len, tid, n_threads);
 threadgroup_barrier(mem_flags::mem_threadgroup);
 simdgroup_matrix<T, 8, 8> v_frag[DF];
 DEMO_UNROLL
@@ -74,7 +89,7 @@ for (int d = 0; d < DF; ++d) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 demo_stage<T, BK, D, LD>(
-    k_tile, k + k_base, k_strides[2], k_strides[3], k_start, m.k_len, tid, n_threads);
+    k_tile, k + k_base, k_st[2], k_st[3], k_start, m.k_len, tid, n_threads);
 
 simdgroup_matrix<float, 8, 8> dk_acc[DF];
 simdgroup_matrix<float, 8, 8> dv_acc[DF];
@@ -86,22 +101,22 @@ for (int d = 0; d < DF; ++d) {
 
 const int row_begin = flash_row_begin(m, k_start);
 const int row_end = flash_row_end(m, min(k_start + BK, m.k_len));
-const int2 k_range = m.segments ? flash_tile_range(k_ranges, k_ranges_strides, batch, k_tile_index) : int2(0);
+const int2 k_range = m.segments ? flash_tile_range(k_ranges, kr_st, batch, k_tile_index, lane) : int2(0);
 bool kept = false;  // unused: the forward's lse already says which rows keep nothing
 
 for (int g = 0; g < group; ++g) {
   const int head = kv_head * group + g;
-  const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
-  const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
-  const int64_t mask_head = demo_mask_row(mask_array_shape, mask_array_strides, batch, head, 0);
+  const int64_t q_base = batch * q_st[0] + head * q_st[1];
+  const int64_t do_base = batch * do_st[0] + head * do_st[1];
+  const int64_t mask_head = demo_mask_row(ma_shape, ma_st, batch, head, 0);
 
   for (int q_start = (row_begin / BQ) * BQ; q_start < row_end; q_start += BQ) {
     if (m.segments) {
       // No query tile from here on holds an id of this key tile.
-      if (flash_min_id_from(q_ranges, q_ranges_strides, batch, q_start / BQ) > k_range.y) {
+      if (flash_min_id_from(q_ranges, qr_st, batch, q_start / BQ, lane) > k_range.y) {
         break;
       }
-      if (!flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q_start / BQ), k_range)) {
+      if (!flash_ranges_meet(flash_tile_range(q_ranges, qr_st, batch, q_start / BQ, lane), k_range)) {
         continue;  // no query of the tile shares a document with a key of it
       }
     }
@@ -109,21 +124,21 @@ for (int g = 0; g < group; ++g) {
     // staged, the first time).
     threadgroup_barrier(mem_flags::mem_threadgroup);
     demo_stage<T, BQ, D, LD>(
-        q_tile, q + q_base, q_strides[2], q_strides[3], q_start, m.q_len, tid, n_threads);
+        q_tile, q + q_base, q_st[2], q_st[3], q_start, m.q_len, tid, n_threads);
     demo_stage<T, BQ, D, LD>(
-        do_tile, dout + do_base, dout_strides[2], dout_strides[3], q_start, m.q_len, tid, n_threads);
+        do_tile, dout + do_base, do_st[2], do_st[3], q_start, m.q_len, tid, n_threads);
     for (uint i = tid; i < uint(BQ); i += n_threads) {
       // Queries past the end get lse +inf: their weights are exactly 0.
       const int query = q_start + int(i);
       const int safe = min(query, m.q_len - 1);
       const bool inside = query < m.q_len;
       lse_tile[i] =
-          inside ? lse[batch * lse_strides[0] + head * lse_strides[1] + safe * lse_strides[2]]
+          inside ? lse[batch * lse_st[0] + head * lse_st[1] + safe * lse_st[2]]
                  : INFINITY;
       delta_tile[i] = inside
-          ? delta[batch * delta_strides[0] + head * delta_strides[1] + safe * delta_strides[2]]
+          ? delta[batch * delta_st[0] + head * delta_st[1] + safe * delta_st[2]]
           : 0.0f;
-      q_ids[i] = m.segments ? demo_segment_id(q_segments, q_segments_strides, batch, safe) : 0;
+      q_ids[i] = m.segments ? demo_segment_id(q_segments, qs_st, batch, safe) : 0;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -196,8 +211,8 @@ for (int g = 0; g < group; ++g) {
 }
 
 if (key < m.k_len) {
-  device T* dk_row = dk + (key_offset + key) * D;
-  device T* dv_row = dv + (key_offset + key) * D;
+  device T* dk_row = dk + (key_offset + key - piece.begin) * D;
+  device T* dv_row = dv + (key_offset + key - piece.begin) * D;
   DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
     *reinterpret_cast<device vec<T, 2>*>(dk_row + d * 8 + col) = vec<T, 2>(

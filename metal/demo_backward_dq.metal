@@ -27,45 +27,62 @@ threadgroup int k_ids[BK];
 threadgroup T* k_tile = demo_elements<T>(kv_storage);
 threadgroup T* v_tile = k_tile + BK * LD;
 
-const FlashMask m = flash_read_mask(params);
 const uint tid = thread_index_in_threadgroup;
 const uint n_threads = threads_per_threadgroup.x;
 const ushort sg = simdgroup_index_in_threadgroup;
 const ushort lane = thread_index_in_simdgroup;
+// Metadata, read once into registers (flash_common.h, uniform reads).
+const FlashMask m = flash_read_mask(params, lane);
+const FlashDims<4> q_st = flash_dims<4>(q_strides, lane);
+const FlashDims<4> k_st = flash_dims<4>(k_strides, lane);
+const FlashDims<4> v_st = flash_dims<4>(v_strides, lane);
+const FlashDims<4> do_st = flash_dims<4>(dout_strides, lane);
+const FlashDims<4> ma_st = flash_dims_if<4>(m.array_kind != FLASH_ARRAY_NONE, mask_array_strides, lane);
+const FlashDims<2> qs_st = flash_dims_if<2>(m.segments, q_segments_strides, lane);
+const FlashDims<2> ks_st = flash_dims_if<2>(m.segments, k_segments_strides, lane);
+const FlashDims<3> qr_st = flash_dims_if<3>(m.segments, q_ranges_strides, lane);
+const FlashDims<3> kr_st = flash_dims_if<3>(m.segments, k_ranges_strides, lane);
+const FlashDims<3> lse_st = flash_dims<3>(lse_strides, lane);
+const FlashDims<3> delta_st = flash_dims<3>(delta_strides, lane);
+const FlashDims<4> ma_shape = flash_dims_if<4>(m.array_kind != FLASH_ARRAY_NONE, mask_array_shape, lane);
 
 const int heads_here = int(n_threads) / (QSG * 32);
 const int batch = threadgroup_position_in_grid.z;
-const int q_tile_index = threadgroup_position_in_grid.x;
+const int q_tile_index = m.first_tile + int(threadgroup_position_in_grid.x);
+// The query rows this launch writes (all of them unless it is a piece).
+const FlashPiece piece = flash_piece(m, BQ, threadgroups_per_grid.x, m.q_len);
 const int q_start = q_tile_index * BQ;
 const int first_head = threadgroup_position_in_grid.y * heads_here;
 const int head_slot = sg / QSG;
 const int head = first_head + head_slot;
 const int kv_head = first_head / (m.n_q_heads / m.n_kv_heads);
-const float scale = fparams[0];
+const float scale = flash_uniform_float(fparams, 0, lane);
 
-const int64_t k_base = batch * k_strides[0] + kv_head * k_strides[1];
-const int64_t v_base = batch * v_strides[0] + kv_head * v_strides[1];
+const int64_t k_base = batch * k_st[0] + kv_head * k_st[1];
+const int64_t v_base = batch * v_st[0] + kv_head * v_st[1];
 
 const short2 coord = demo_frag_coord(lane);
 const int row = q_start + (sg % QSG) * 8 + coord.y;
 const int col = coord.x;
 const int safe_row = min(row, m.q_len - 1);
-const int64_t mrow = demo_mask_row(mask_array_shape, mask_array_strides, batch, head, safe_row);
-const int64_t msj = flash_axis_stride(mask_array_shape[3], mask_array_strides[3]);
-const int q_id = m.segments ? demo_segment_id(q_segments, q_segments_strides, batch, safe_row) : 0;
-const float row_lse = lse[batch * lse_strides[0] + head * lse_strides[1] + safe_row * lse_strides[2]];
+const int64_t mrow = demo_mask_row(ma_shape, ma_st, batch, head, safe_row);
+const int64_t msj = flash_axis_stride(ma_shape[3], ma_st[3]);
+const int q_id = m.segments
+    ? demo_row_segment_id(q_segments, qs_st, batch, q_start + (sg % QSG) * 8, m.q_len, lane, coord.y)
+    : 0;
+const float row_lse = lse[batch * lse_st[0] + head * lse_st[1] + safe_row * lse_st[2]];
 const float row_delta =
-    delta[batch * delta_strides[0] + head * delta_strides[1] + safe_row * delta_strides[2]];
+    delta[batch * delta_st[0] + head * delta_st[1] + safe_row * delta_st[2]];
 
 // q and dout fragments, loaded once: each head's rows of each staged in turn.
 simdgroup_matrix<T, 8, 8> q_frag[DF];
 simdgroup_matrix<T, 8, 8> do_frag[DF];
 for (int h = 0; h < heads_here; ++h) {
-  const int64_t q_base = batch * q_strides[0] + (first_head + h) * q_strides[1];
-  const int64_t do_base = batch * dout_strides[0] + (first_head + h) * dout_strides[1];
+  const int64_t q_base = batch * q_st[0] + (first_head + h) * q_st[1];
+  const int64_t do_base = batch * do_st[0] + (first_head + h) * do_st[1];
   threadgroup_barrier(mem_flags::mem_threadgroup);
   demo_stage<T, BQ, D, LD>(
-      k_tile, q + q_base, q_strides[2], q_strides[3], q_start, m.q_len, tid, n_threads);
+      k_tile, q + q_base, q_st[2], q_st[3], q_start, m.q_len, tid, n_threads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (head_slot == h) {
     DEMO_UNROLL
@@ -75,7 +92,7 @@ for (int h = 0; h < heads_here; ++h) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   demo_stage<T, BQ, D, LD>(
-      k_tile, dout + do_base, dout_strides[2], dout_strides[3], q_start, m.q_len, tid, n_threads);
+      k_tile, dout + do_base, do_st[2], do_st[3], q_start, m.q_len, tid, n_threads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (head_slot == h) {
     DEMO_UNROLL
@@ -93,7 +110,7 @@ for (int d = 0; d < DF; ++d) {
 
 const int key_begin = flash_key_begin(m, q_start);
 const int key_end = flash_key_end(m, q_start + BQ);
-const int2 q_range = m.segments ? flash_tile_range(q_ranges, q_ranges_strides, batch, q_tile_index) : int2(0);
+const int2 q_range = m.segments ? flash_tile_range(q_ranges, qr_st, batch, q_tile_index, lane) : int2(0);
 bool kept = false;  // unused: the forward's lse already says which rows keep nothing
 
 // From the last key tile down, as the forward walks them.
@@ -101,17 +118,17 @@ const int k_first = (key_begin / BK) * BK;
 const int k_last = key_end > k_first ? k_first + (key_end - 1 - k_first) / BK * BK : k_first - BK;
 for (int k_start = k_last; k_start >= k_first; k_start -= BK) {
   if (m.segments) {
-    if (flash_max_id_through(k_ranges, k_ranges_strides, batch, k_start / BK) < q_range.x) {
+    if (flash_max_id_through(k_ranges, kr_st, batch, k_start / BK, lane) < q_range.x) {
       break;
     }
-    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k_start / BK))) {
+    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, kr_st, batch, k_start / BK, lane))) {
       continue;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   demo_stage_keys<T, BK, D, LD>(
-      k_tile, v_tile, k_ids, k + k_base, k_strides, v + v_base, v_strides, k_segments,
-      k_segments_strides, m, batch, k_start, tid, n_threads);
+      k_tile, v_tile, k_ids, k + k_base, k_st, v + v_base, v_st, k_segments,
+      ks_st, m, batch, k_start, tid, n_threads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   // S = q K^T and dP = dout V^T: (8, D) x (D, BK) each.
@@ -174,7 +191,7 @@ for (int k_start = k_last; k_start >= k_first; k_start -= BK) {
 }
 
 if (row < m.q_len) {
-  device T* dq_row = dq + (size_t(batch * m.n_q_heads + head) * m.q_len + row) * D;
+  device T* dq_row = dq + (size_t(batch * m.n_q_heads + head) * piece.count + (row - piece.begin)) * D;
   DEMO_UNROLL
   for (int d = 0; d < DF; ++d) {
     *reinterpret_cast<device vec<T, 2>*>(dq_row + d * 8 + col) = vec<T, 2>(

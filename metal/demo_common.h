@@ -118,6 +118,17 @@ inline int demo_segment_id(Ptr ids, StridePtr strides, int batch, int pos) {
   return ids[batch * strides[0] + pos * strides[1]];
 }
 
+// The segment id of this lane's fragment row, position `first + row` of a
+// SIMD group's 8 (clamped to `length - 1`): lane r < 8 loads position
+// first + r and a shuffle hands it to the four lanes that hold the row, so
+// a SIMD group makes 8 loads instead of 32. Every lane calls it (a shuffle).
+template <typename Ptr, typename StridePtr>
+inline int demo_row_segment_id(
+    Ptr ids, StridePtr strides, int batch, int first, int length, ushort lane, short row) {
+  const int own = lane < 8 ? demo_segment_id(ids, strides, batch, min(first + int(lane), length - 1)) : 0;
+  return simd_shuffle(own, ushort(row));
+}
+
 // Stage the BK keys from k_start: their K and V rows (zero past
 // k_len) and, with segment ids, their ids (the last key's past k_len; such
 // keys are dropped by position anyway). `k` and `v` point at this batch and

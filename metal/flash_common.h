@@ -20,7 +20,13 @@
 //   sinks (Hq,): float32 logits in natural units; a placeholder unless
 //     params[8].
 //   params (int32): [q_len, k_len, n_q_heads, n_kv_heads, array_kind, causal,
-//                    window, has_segments, has_sinks], window 0 = none.
+//                    window, has_segments, has_sinks, first_tile], window 0 =
+//                    none. first_tile: the tile (along the grid's x axis)
+//                    of this launch's first threadgroup. A launch split into
+//                    pieces (mlx_flash.dispatch) runs tiles [first_tile,
+//                    first_tile + threadgroups_per_grid.x) and writes only
+//                    their rows, into outputs whose sequence axis holds just
+//                    those rows (flash_piece); 0 for a whole launch.
 //   fparams (float32): [scale].
 //   Backward kernels also take dout (B, Hq, Lq, Dv), any strides, and lse,
 //   delta (B, Hq, Lq) float32, row-contiguous.
@@ -87,22 +93,98 @@ struct FlashMask {
   int window; // 0: none; only meaningful with causal
   bool segments;
   bool sinks;
+  int first_tile; // this launch's first tile along the grid's x axis
 };
 
+// Uniform reads. Every thread of a threadgroup needs the same metadata
+// (params, strides, shapes, a tile's id bounds). Lane 0 of each SIMD group
+// loads a value and simd_broadcast hands it to the other lanes, so it costs
+// one load per SIMD group instead of one per thread; the kernels read their
+// metadata once, at the start, into registers (FlashDims, FlashMask), and a
+// tile's id bounds once per tile, never again inside the loops over
+// elements. These are SIMD collectives: every lane of the SIMD group calls
+// them, at the start of a kernel or in tile loops every thread runs alike.
 template <typename P>
-inline FlashMask flash_read_mask(P params) {
+inline int flash_uniform(P p, int at, ushort lane) {
+  return simd_broadcast(lane == 0 ? int(p[at]) : 0, ushort(0));
+}
+
+template <typename P>
+inline float flash_uniform_float(P p, int at, ushort lane) {
+  return simd_broadcast(lane == 0 ? float(p[at]) : 0.0f, ushort(0));
+}
+
+template <typename P>
+inline int64_t flash_uniform64(P p, int at, ushort lane) {
+  const int64_t x = lane == 0 ? int64_t(p[at]) : int64_t(0);
+  return as_type<int64_t>(simd_broadcast(as_type<int2>(x), ushort(0)));
+}
+
+// N strides (or a shape) of an input, held in registers and indexed as the
+// input's own buffer would be, so helpers take either.
+template <int N>
+struct FlashDims {
+  int64_t at[N];
+  int64_t operator[](int i) const {
+    return at[i];
+  }
+};
+
+template <int N, typename P>
+inline FlashDims<N> flash_dims(P p, ushort lane) {
+  FlashDims<N> dims;
+  for (int i = 0; i < N; ++i) {
+    dims.at[i] = flash_uniform64(p, i, lane);
+  }
+  return dims;
+}
+
+// flash_dims where `needed` (the same in every thread: a uniform branch),
+// zeros where the kernel never reads that input.
+template <int N, typename P>
+inline FlashDims<N> flash_dims_if(bool needed, P p, ushort lane) {
+  FlashDims<N> dims;
+  for (int i = 0; i < N; ++i) {
+    dims.at[i] = needed ? flash_uniform64(p, i, lane) : int64_t(0);
+  }
+  return dims;
+}
+
+template <typename P>
+inline FlashMask flash_read_mask(P params, ushort lane) {
+  int v[10];
+  for (int i = 0; i < 10; ++i) {
+    v[i] = flash_uniform(params, i, lane);
+  }
   FlashMask mask;
-  mask.q_len = params[0];
-  mask.k_len = params[1];
-  mask.offset = params[1] - params[0];
-  mask.n_q_heads = params[2];
-  mask.n_kv_heads = params[3];
-  mask.array_kind = params[4];
-  mask.causal = params[5] != 0;
-  mask.window = params[5] != 0 ? params[6] : 0;
-  mask.segments = params[7] != 0;
-  mask.sinks = params[8] != 0;
+  mask.q_len = v[0];
+  mask.k_len = v[1];
+  mask.offset = v[1] - v[0];
+  mask.n_q_heads = v[2];
+  mask.n_kv_heads = v[3];
+  mask.array_kind = v[4];
+  mask.causal = v[5] != 0;
+  mask.window = v[5] != 0 ? v[6] : 0;
+  mask.segments = v[7] != 0;
+  mask.sinks = v[8] != 0;
+  mask.first_tile = v[9];
   return mask;
+}
+
+// The rows (queries, or keys for dK/dV) one launch writes: tiles
+// [first_tile, first_tile + n_tiles) of `tile_rows` rows each, within
+// `length` rows. Outputs hold `count` rows per (batch, head): row r of the
+// whole problem is row r - begin of the launch's output.
+struct FlashPiece {
+  int begin;
+  int count;
+};
+
+inline FlashPiece flash_piece(FlashMask mask, int tile_rows, uint n_tiles, int length) {
+  FlashPiece piece;
+  piece.begin = min(mask.first_tile * tile_rows, length);
+  piece.count = min((mask.first_tile + int(n_tiles)) * tile_rows, length) - piece.begin;
+  return piece;
 }
 
 // The first key that any query row at or after `row_begin` can see by the
@@ -141,27 +223,28 @@ inline bool flash_segments_keep(int q_id, int k_id) {
   return q_id >= 0 && q_id == k_id;
 }
 
-// Entry `tile` of a (B, T, 2) q_ranges / k_ranges input: (min, max) id.
+// Entry `tile` of a (B, T, 4) q_ranges / k_ranges input: (min, max) id.
+// Uniform reads (see flash_uniform): every lane of the SIMD group calls it.
 template <typename P, typename S>
-inline int2 flash_tile_range(P ranges, S strides, int batch, int tile) {
-  const int64_t at = batch * strides[0] + tile * strides[1];
-  return int2(ranges[at], ranges[at + strides[2]]);
+inline int2 flash_tile_range(P ranges, S strides, int batch, int tile, ushort lane) {
+  const int at = int(batch * strides[0] + tile * strides[1]);
+  return int2(flash_uniform(ranges, at, lane), flash_uniform(ranges, at + int(strides[2]), lane));
 }
 
 // The largest id of tiles 0..tile of a ranges input (-1 if none has one):
 // walking tiles downwards, none at or before `tile` meets a range whose
 // minimum is above it.
 template <typename P, typename S>
-inline int flash_max_id_through(P ranges, S strides, int batch, int tile) {
-  return ranges[batch * strides[0] + tile * strides[1] + 2 * strides[2]];
+inline int flash_max_id_through(P ranges, S strides, int batch, int tile, ushort lane) {
+  return flash_uniform(ranges, int(batch * strides[0] + tile * strides[1] + 2 * strides[2]), lane);
 }
 
 // The smallest id of tiles tile..T-1 of a ranges input (INT_MAX if none has
 // one): walking tiles upwards, none from `tile` on meets a range whose
 // maximum is below it.
 template <typename P, typename S>
-inline int flash_min_id_from(P ranges, S strides, int batch, int tile) {
-  return ranges[batch * strides[0] + tile * strides[1] + 3 * strides[2]];
+inline int flash_min_id_from(P ranges, S strides, int batch, int tile, ushort lane) {
+  return flash_uniform(ranges, int(batch * strides[0] + tile * strides[1] + 3 * strides[2]), lane);
 }
 
 // Whether two tiles' id ranges can hold an equal id. A tile with no

@@ -42,13 +42,26 @@ threadgroup float lse_tile[BQ];
 threadgroup float delta_tile[BQ];
 threadgroup int q_id_tile[BQ];
 
-const FlashMask mask = flash_read_mask(params);
-const float scale = fparams[0];
 
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
+// Metadata, read once into registers (flash_common.h, uniform reads).
+const FlashMask mask = flash_read_mask(params, ushort(lane));
+const FlashDims<4> q_st = flash_dims<4>(q_strides, ushort(lane));
+const FlashDims<4> k_st = flash_dims<4>(k_strides, ushort(lane));
+const FlashDims<4> v_st = flash_dims<4>(v_strides, ushort(lane));
+const FlashDims<4> do_st = flash_dims<4>(dout_strides, ushort(lane));
+const FlashDims<4> ma_st = flash_dims_if<4>(mask.array_kind != FLASH_ARRAY_NONE, mask_array_strides, ushort(lane));
+const FlashDims<2> qs_st = flash_dims_if<2>(mask.segments, q_segments_strides, ushort(lane));
+const FlashDims<2> ks_st = flash_dims_if<2>(mask.segments, k_segments_strides, ushort(lane));
+const FlashDims<3> qr_st = flash_dims_if<3>(mask.segments, q_ranges_strides, ushort(lane));
+const FlashDims<3> kr_st = flash_dims_if<3>(mask.segments, k_ranges_strides, ushort(lane));
+const FlashDims<4> ma_shape = flash_dims_if<4>(mask.array_kind != FLASH_ARRAY_NONE, mask_array_shape, ushort(lane));
+const float scale = flash_uniform_float(fparams, 0, ushort(lane));
 const int sg = simdgroup_index_in_threadgroup;
-const int key_block = threadgroup_position_in_grid.x;
+const int key_block = mask.first_tile + int(threadgroup_position_in_grid.x);
+// The keys this launch writes (all of them unless it is a piece).
+const FlashPiece piece = flash_piece(mask, BKV, threadgroups_per_grid.x, mask.k_len);
 const int kv_head = threadgroup_position_in_grid.y;
 const int batch = threadgroup_position_in_grid.z;
 const int group = mask.n_q_heads / mask.n_kv_heads;
@@ -56,14 +69,14 @@ const int key_begin = key_block * BKV;
 const int key_end = min(key_begin + BKV, mask.k_len);
 
 const PracticalArrayStrides array_strides =
-    practical_array_strides(mask_array_shape, mask_array_strides);
+    practical_array_strides(ma_shape, ma_st);
 
 practical_stage<T, BKV, D4, NT>(
-    k_block, k, batch * k_strides[0] + kv_head * k_strides[1], 0, k_strides[2],
-    k_strides[3], 1, BKV, key_begin, mask.k_len, D, tid);
+    k_block, k, batch * k_st[0] + kv_head * k_st[1], 0, k_st[2],
+    k_st[3], 1, BKV, key_begin, mask.k_len, D, tid);
 practical_stage<T, BKV, DV4, NT>(
-    v_block, v, batch * v_strides[0] + kv_head * v_strides[1], 0, v_strides[2],
-    v_strides[3], 1, BKV, key_begin, mask.k_len, DV, tid);
+    v_block, v, batch * v_st[0] + kv_head * v_st[1], 0, v_st[2],
+    v_st[3], 1, BKV, key_begin, mask.k_len, DV, tid);
 
 // Score-phase keys of this lane: simdgroup key lk + LK * u.
 const int lk = lane / BQ;
@@ -72,7 +85,7 @@ int key[KL];
 int k_id[KL];
 for (int u = 0; u < KL; ++u) {
   key[u] = key_begin + sg * KPS + lk + LK * u;
-  k_id[u] = practical_key_id(mask, k_segments, k_segments_strides, batch, key[u]);
+  k_id[u] = practical_key_id(mask, k_segments, ks_st, batch, key[u]);
 }
 
 float dk_acc[KPS][DT];
@@ -90,38 +103,38 @@ for (int c = 0; c < KPS; ++c) {
 const int row_begin = flash_row_begin(mask, key_begin);
 const int row_end = flash_row_end(mask, key_end);
 const int2 k_range = mask.segments
-    ? flash_tile_range(k_ranges, k_ranges_strides, batch, key_block)
+    ? flash_tile_range(k_ranges, kr_st, batch, key_block, ushort(lane))
     : int2(0, 0);
 
 for (int g = 0; g < group; ++g) {
   const int head = kv_head * group + g;
-  const int64_t q_base = batch * q_strides[0] + head * q_strides[1];
-  const int64_t do_base = batch * dout_strides[0] + head * dout_strides[1];
+  const int64_t q_base = batch * q_st[0] + head * q_st[1];
+  const int64_t do_base = batch * do_st[0] + head * do_st[1];
   const int64_t stat_base = (int64_t(batch) * mask.n_q_heads + head) * mask.q_len;
 
   for (int q0 = (row_begin / BQ) * BQ; q0 < row_end; q0 += BQ) {
     if (mask.segments) {
       // No query tile from here on holds an id of this key block.
-      if (flash_min_id_from(q_ranges, q_ranges_strides, batch, q0 / BQ) > k_range.y) {
+      if (flash_min_id_from(q_ranges, qr_st, batch, q0 / BQ, ushort(lane)) > k_range.y) {
         break;
       }
-      if (!flash_ranges_meet(flash_tile_range(q_ranges, q_ranges_strides, batch, q0 / BQ), k_range)) {
+      if (!flash_ranges_meet(flash_tile_range(q_ranges, qr_st, batch, q0 / BQ, ushort(lane)), k_range)) {
         continue;
       }
     }
     // Every simdgroup is done with the previous tile before it is overwritten.
     threadgroup_barrier(mem_flags::mem_threadgroup);
     practical_stage<T, BQ, D4, NT>(
-        q_tile, q, q_base, 0, q_strides[2], q_strides[3], 1, BQ, q0, mask.q_len, D, tid);
+        q_tile, q, q_base, 0, q_st[2], q_st[3], 1, BQ, q0, mask.q_len, D, tid);
     practical_stage<T, BQ, DV4, NT>(
-        do_tile, dout, do_base, 0, dout_strides[2], dout_strides[3], 1, BQ, q0, mask.q_len, DV, tid);
+        do_tile, dout, do_base, 0, do_st[2], do_st[3], 1, BQ, q0, mask.q_len, DV, tid);
     for (int t = tid; t < BQ; t += NT) {
       // Queries past the end: lse +inf, so their weights are exactly 0.
       const int pos = q0 + t;
       const bool valid = pos < mask.q_len;
       lse_tile[t] = valid ? lse[stat_base + pos] : INFINITY;
       delta_tile[t] = valid ? delta[stat_base + pos] : 0.0f;
-      q_id_tile[t] = practical_query_id(mask, q_segments, q_segments_strides, batch, pos, valid);
+      q_id_tile[t] = practical_query_id(mask, q_segments, qs_st, batch, pos, valid);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -156,7 +169,7 @@ for (int g = 0; g < group; ++g) {
 for (int c = 0; c < KPS; ++c) {
   const int key_c = key_begin + sg * KPS + c;
   if (key_c < mask.k_len) {
-    const int64_t out_row = (int64_t(batch) * mask.n_kv_heads + kv_head) * mask.k_len + key_c;
+    const int64_t out_row = (int64_t(batch) * mask.n_kv_heads + kv_head) * piece.count + key_c - piece.begin;
     for (int t = 0; t < DT; ++t) {
       const int d = lane + 32 * t;
       if (d < D) {

@@ -147,6 +147,7 @@ struct PracticalQueryTile {
   int rows_used;
   int pos_begin;
   int pos_end; // exclusive, at most q_len
+  FlashPiece piece; // the query positions this launch writes
 };
 
 inline PracticalQueryTile practical_query_tile(FlashMask mask, uint3 tg, uint3 n_tg, int rows) {
@@ -156,7 +157,8 @@ inline PracticalQueryTile practical_query_tile(FlashMask mask, uint3 tg, uint3 n
   tile.kv_head = tile.first_head / (mask.n_q_heads / mask.n_kv_heads);
   const int positions = rows / tile.heads;
   tile.rows_used = tile.heads * positions;
-  tile.pos_begin = int(tg.x) * positions;
+  tile.pos_begin = (mask.first_tile + int(tg.x)) * positions;
+  tile.piece = flash_piece(mask, positions, n_tg.x, mask.q_len);
   tile.pos_end = min(tile.pos_begin + positions, mask.q_len);
   return tile;
 }

@@ -46,20 +46,30 @@ threadgroup float p_tile[BQ * BK];
 threadgroup float row_scale[BQ];
 threadgroup int k_id_tile[BK]; // the key tile's document ids (practical_key_id)
 
-const FlashMask mask = flash_read_mask(params);
-const float scale = fparams[0];
 const int tid = thread_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
+// Metadata, read once into registers (flash_common.h, uniform reads).
+const FlashMask mask = flash_read_mask(params, ushort(lane));
+const FlashDims<4> q_st = flash_dims<4>(q_strides, ushort(lane));
+const FlashDims<4> k_st = flash_dims<4>(k_strides, ushort(lane));
+const FlashDims<4> v_st = flash_dims<4>(v_strides, ushort(lane));
+const FlashDims<4> ma_st = flash_dims_if<4>(mask.array_kind != FLASH_ARRAY_NONE, mask_array_strides, ushort(lane));
+const FlashDims<2> qs_st = flash_dims_if<2>(mask.segments, q_segments_strides, ushort(lane));
+const FlashDims<2> ks_st = flash_dims_if<2>(mask.segments, k_segments_strides, ushort(lane));
+const FlashDims<3> qr_st = flash_dims_if<3>(mask.segments, q_ranges_strides, ushort(lane));
+const FlashDims<3> kr_st = flash_dims_if<3>(mask.segments, k_ranges_strides, ushort(lane));
+const FlashDims<4> ma_shape = flash_dims_if<4>(mask.array_kind != FLASH_ARRAY_NONE, mask_array_shape, ushort(lane));
+const float scale = flash_uniform_float(fparams, 0, ushort(lane));
 const int sg = simdgroup_index_in_threadgroup;
 const int batch = threadgroup_position_in_grid.z;
 const PracticalQueryTile tile =
     practical_query_tile(mask, threadgroup_position_in_grid, threadgroups_per_grid, BQ);
 const PracticalArrayStrides array_strides =
-    practical_array_strides(mask_array_shape, mask_array_strides);
+    practical_array_strides(ma_shape, ma_st);
 
 practical_stage<T, BQ, D4, NT>(
-    q_tile, q, batch * q_strides[0] + tile.first_head * q_strides[1], q_strides[1],
-    q_strides[2], q_strides[3], tile.heads, tile.rows_used, tile.pos_begin, mask.q_len, D, tid);
+    q_tile, q, batch * q_st[0] + tile.first_head * q_st[1], q_st[1],
+    q_st[2], q_st[3], tile.heads, tile.rows_used, tile.pos_begin, mask.q_len, D, tid);
 
 // Score-phase rows of this lane: simdgroup row lr + LR * u.
 const int lr = lane / BK;
@@ -81,7 +91,7 @@ for (int u = 0; u < RL; ++u) {
   const int head = tile.first_head + f % tile.heads;
   const bool valid = f < tile.rows_used && pos < mask.q_len;
   rows[u] = practical_row(
-      mask, array_strides, q_segments, q_segments_strides, batch, head, pos, valid);
+      mask, array_strides, q_segments, qs_st, batch, head, pos, valid);
   // A sink starts the row: m = sink, l = 1 (held by the lane-row's lane 0).
   // A sink of -inf adds nothing: the row starts as without one (m = -inf
   // would make exp(s - m) NaN for the -inf scores of an additive mask).
@@ -103,10 +113,10 @@ for (int r = 0; r < R; ++r) {
 const int key_begin = flash_key_begin(mask, tile.pos_begin);
 const int key_end = flash_key_end(mask, tile.pos_end);
 const int2 q_range = mask.segments
-    ? flash_tile_range(q_ranges, q_ranges_strides, batch, threadgroup_position_in_grid.x)
+    ? flash_tile_range(q_ranges, qr_st, batch, mask.first_tile + int(threadgroup_position_in_grid.x), ushort(lane))
     : int2(0, 0);
-const int64_t k_base = batch * k_strides[0] + tile.kv_head * k_strides[1];
-const int64_t v_base = batch * v_strides[0] + tile.kv_head * v_strides[1];
+const int64_t k_base = batch * k_st[0] + tile.kv_head * k_st[1];
+const int64_t v_base = batch * v_st[0] + tile.kv_head * v_st[1];
 
 // Walked from the last key tile down. With segment ids the walk ends where
 // no tile below holds an id of this query tile, and documents that cannot
@@ -116,21 +126,21 @@ const int k_first = (key_begin / BK) * BK;
 const int k_last = key_end > k_first ? k_first + (key_end - 1 - k_first) / BK * BK : k_first - BK;
 for (int k0 = k_last; k0 >= k_first; k0 -= BK) {
   if (mask.segments) {
-    if (flash_max_id_through(k_ranges, k_ranges_strides, batch, k0 / BK) < q_range.x) {
+    if (flash_max_id_through(k_ranges, kr_st, batch, k0 / BK, ushort(lane)) < q_range.x) {
       break;
     }
-    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, k_ranges_strides, batch, k0 / BK))) {
+    if (!flash_ranges_meet(q_range, flash_tile_range(k_ranges, kr_st, batch, k0 / BK, ushort(lane)))) {
       continue;
     }
   }
   // Every simdgroup is done with the previous tile before it is overwritten.
   threadgroup_barrier(mem_flags::mem_threadgroup);
   practical_stage<T, BK, D4, NT>(
-      k_tile, k, k_base, 0, k_strides[2], k_strides[3], 1, BK, k0, mask.k_len, D, tid);
+      k_tile, k, k_base, 0, k_st[2], k_st[3], 1, BK, k0, mask.k_len, D, tid);
   practical_stage<T, BK, DV4, NT>(
-      v_tile, v, v_base, 0, v_strides[2], v_strides[3], 1, BK, k0, mask.k_len, DV, tid);
+      v_tile, v, v_base, 0, v_st[2], v_st[3], 1, BK, k0, mask.k_len, DV, tid);
   for (int t = tid; t < BK; t += NT) {
-    k_id_tile[t] = practical_key_id(mask, k_segments, k_segments_strides, batch, k0 + t);
+    k_id_tile[t] = practical_key_id(mask, k_segments, ks_st, batch, k0 + t);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -198,7 +208,7 @@ for (int u = 0; u < RL; ++u) {
     row_scale[f] = row_kept ? 1.0f / row_sum : -INFINITY;
     if (f < tile.rows_used && pos < mask.q_len) {
       const int head = tile.first_head + f % tile.heads;
-      lse[(int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos] =
+      lse[(int64_t(batch) * mask.n_q_heads + head) * tile.piece.count + pos - tile.piece.begin] =
           row_kept ? m[u] + log(row_sum) : INFINITY;
     }
   }
@@ -210,7 +220,7 @@ for (int r = 0; r < R; ++r) {
   if (f < tile.rows_used && pos < mask.q_len) {
     const int head = tile.first_head + f % tile.heads;
     const float inv_sum = row_scale[f];
-    const int64_t out_row = ((int64_t(batch) * mask.n_q_heads + head) * mask.q_len + pos) * DV;
+    const int64_t out_row = ((int64_t(batch) * mask.n_q_heads + head) * tile.piece.count + pos - tile.piece.begin) * DV;
     for (int t = 0; t < DVT; ++t) {
       const int d = lane + 32 * t;
       if (d < DV) {

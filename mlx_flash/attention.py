@@ -30,16 +30,18 @@ the weight, as in MLX), MLX's uniform weights (the mean of ``v``) otherwise.
 
 import contextlib
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from . import blockwise, kernels, masks, reference, verdicts
+from . import blockwise, families, kernels, masks, reference, verdicts
+from .call import AttentionCall
 from .masks import StructuredMask
+from .text import first_line
 
-#: Every name ``variant=`` accepts.
-VARIANTS = ("auto", "manual", "mlx", "blockwise", "practical", "demo")
+#: Every name ``variant=`` accepts: the kernel families follow the MLX-op ones.
+VARIANTS = ("auto", "manual", "mlx", "blockwise") + families.names()
 
 #: Queries at most this long are decoding steps: ``auto`` sends them to MLX's
 #: own fused inference kernel, which is built for exactly that case.
@@ -72,12 +74,16 @@ class Plan:
     #: How mlx-lm's attention is patched (``str(mlx_flash.patch_state())``);
     #: filled in by ``mlx_flash.explain``.
     patch: str = ""
+    #: For the fused kernels, the pieces each launch is split into
+    #: (``mlx_flash.dispatch.describe``).
+    launches: str = ""
 
     @property
     def summary(self) -> str:
         """One line: what runs, where, and why (and how the mask is handled)."""
         text = f"{self.implementation} ({self.backend}): {self.reason}"
-        return f"{text}; {self.mask}" if self.mask else text
+        text = f"{text}; {self.mask}" if self.mask else text
+        return f"{text}; {self.launches}" if self.launches else text
 
     def __str__(self) -> str:
         return f"{self.summary}\n{self.patch}" if self.patch else self.summary
@@ -215,13 +221,9 @@ def _mlx_has_fused_vjp() -> bool:
     return version >= (0, 32, 4)
 
 
-def _fused_unsupported(implementation: str, q, k, v, mask: StructuredMask) -> Optional[str]:
-    """Why the Metal ``implementation`` cannot run these inputs, or None."""
-    if implementation == "practical":
-        from . import practical as module
-    else:
-        from . import demo as module
-    return module.unsupported_reason(q, k, v, mask)
+def _fused_unsupported(implementation: str, call: AttentionCall) -> Optional[str]:
+    """Why the kernel family ``implementation`` cannot run ``call``, or None."""
+    return families.get(implementation).unsupported(call.q, call.k, call.v, call.mask)
 
 
 def _mask_note(mask: StructuredMask, implementation: str, sinks: bool = False) -> str:
@@ -281,12 +283,20 @@ def plan(
     """Choose the implementation for already-checked inputs (see ``explain``)."""
     check_variant(variant)
     structure = masks.build(q.shape[2], k.shape[2], mask, segment_ids, window)
-    chosen = _choose(q, k, v, structure, sinks, variant, force_fused)
+    chosen = _choose(AttentionCall(q, k, v, None, structure, sinks), variant, force_fused)
     note = _mask_note(structure, chosen.implementation, sinks is not None)
-    return Plan(chosen.variant, chosen.implementation, chosen.backend, chosen.reason, note)
+    launches = ""
+    family = families.REGISTRY.get(chosen.implementation)
+    if family is not None and family.dispatch_tiles is not None and q.ndim == 4:
+        from . import dispatch
+
+        tiles = lambda stage: family.dispatch_tiles(stage, q, k, v)  # noqa: E731
+        launches = dispatch.describe(family.name, tiles, q, k, v, structure)
+    return Plan(chosen.variant, chosen.implementation, chosen.backend, chosen.reason, note, launches=launches)
 
 
-def _choose(q, k, v, mask: StructuredMask, sinks, variant: str, force_fused: bool = False) -> Plan:
+def _choose(call: AttentionCall, variant: str, force_fused: bool = False) -> Plan:
+    q, k = call.q, call.k
     if variant == "manual":
         return Plan(variant, "manual", "mlx ops", "requested")
     if variant == "mlx":
@@ -311,11 +321,10 @@ def _choose(q, k, v, mask: StructuredMask, sinks, variant: str, force_fused: boo
     if backend is None:
         return Plan(variant, "blockwise", "mlx ops", "Metal is not available on this machine: using blockwise")
     if variant == "auto":
-        return _choose_auto(q, k, v, mask, sinks, backend)
-    candidates = ("demo", "practical") if variant == "demo" else ("practical",)
+        return _choose_auto(call, backend)
     reasons = []
-    for name in candidates:
-        why_not = _fused_unsupported(name, q, k, v, mask)
+    for name in families.chain(variant):
+        why_not = _fused_unsupported(name, call)
         if why_not is None:
             reason = "requested" if name == variant else f"fastest supported ({'; '.join(reasons)})"
             return Plan(variant, name, backend, reason)
@@ -323,13 +332,14 @@ def _choose(q, k, v, mask: StructuredMask, sinks, variant: str, force_fused: boo
     return Plan(variant, "blockwise", "mlx ops", "; ".join(reasons) + ": using blockwise")
 
 
-def _kernel_verdict(name: str, q, k, v, mask: StructuredMask, sinks, backend: str, verdict) -> Tuple[str, str]:
+def _kernel_verdict(name: str, call: AttentionCall, backend: str, verdict) -> Tuple[str, str]:
     """Whether kernel family ``name`` may run this call here: ``("passed",
     "")``, ``("failed", why)``, ``("not run", why)`` (its validation could
     not run here) or ``("unvalidated", why)`` (first-use validation is off).
     A family nobody validated for the call's dtype, head dims and mask kinds
     is validated now, once per verdict key, where first-use validation is on."""
-    kinds = verdicts.kinds_of(mask, sinks)
+    q, k, v = call.q, call.k, call.v
+    kinds = verdicts.kinds_of(call.mask, call.sinks)
     dtype = verdicts.dtype_name(q.dtype)
     state, detail = ("unknown", "") if verdict is None else verdict.status(name, dtype, q.shape[-1], v.shape[-1], kinds)
     if state == "failed":
@@ -345,10 +355,10 @@ def _kernel_verdict(name: str, q, k, v, mask: StructuredMask, sinks, backend: st
     for r in results:
         if r.status == "failed":
             unit = f"{dtype} {r.unit.dim}x{r.unit.value_dim} {r.unit.kind}: {r.kernel} kernel"
-            return "failed", f"{name} failed validation on this machine ({unit}: {verdicts.first_line(r.detail)})"
+            return "failed", f"{name} failed validation on this machine ({unit}: {first_line(r.detail)})"
     for r in results:
         if r.status == "not run":
-            return "not run", f"{name} could not be validated here ({verdicts.first_line(r.detail)})"
+            return "not run", f"{name} could not be validated here ({first_line(r.detail)})"
     return "passed", ""
 
 
@@ -364,7 +374,7 @@ def _auto_reason(name: str, verdict, ranking, notes) -> str:
     return "; ".join([reason] + list(notes))
 
 
-def _choose_auto(q, k, v, mask: StructuredMask, sinks, backend: str) -> Plan:
+def _choose_auto(call: AttentionCall, backend: str) -> Plan:
     """``auto`` with Metal kernels available: the fastest validated
     implementation measured on this machine, else the default order.
 
@@ -380,6 +390,7 @@ def _choose_auto(q, k, v, mask: StructuredMask, sinks, backend: str) -> Plan:
     one nobody validated is validated first (``_kernel_verdict``); a skip
     is named in the reason.
     """
+    q, k, v, mask, sinks = call.q, call.k, call.v, call.mask, call.sinks
     mlx_fuses = (
         backend == "metal"
         and mask.array is None
@@ -388,7 +399,7 @@ def _choose_auto(q, k, v, mask: StructuredMask, sinks, backend: str) -> Plan:
         and sinks is None
         and _mlx_has_fused_vjp()
     )
-    order = (["mlx"] if mlx_fuses else []) + ["demo", "practical", "blockwise"]
+    order = (["mlx"] if mlx_fuses else []) + families.preferred() + ["blockwise"]
     verdict = verdicts.current(backend)
     ranking = None if verdict is None else verdict.ranking(
         verdicts.timing_kind(mask, sinks), q.dtype, q.shape[-1], v.shape[-1], k.shape[2]
@@ -403,12 +414,12 @@ def _choose_auto(q, k, v, mask: StructuredMask, sinks, backend: str) -> Plan:
         ranking = ranking if measured else None
     for name in order:
         note = ""
-        if name in ("demo", "practical"):
-            why_not = _fused_unsupported(name, q, k, v, mask)
+        if name in families.REGISTRY:
+            why_not = _fused_unsupported(name, call)
             if why_not is not None:
                 skipped.append(f"{name}: {why_not}")
                 continue
-            state, note = _kernel_verdict(name, q, k, v, mask, sinks, backend, verdict)
+            state, note = _kernel_verdict(name, call, backend, verdict)
             if state in ("failed", "not run"):
                 skipped.append(note)
                 continue
@@ -424,15 +435,11 @@ def _normalise(mask: Mask, dtype: mx.Dtype) -> Mask:
     return mask
 
 
-def _run(implementation: str, q, k, v, scale: float, mask: StructuredMask, sinks):
+def _run(implementation: str, call: AttentionCall):
     """``(out, lse)`` of a tiled implementation."""
     if implementation == "blockwise":
-        return blockwise.attention(q, k, v, scale, mask, sinks)
-    if implementation == "practical":
-        from . import practical as module
-    else:
-        from . import demo as module
-    return module.attention(q, k, v, scale, mask, sinks)
+        return blockwise.attention(call)
+    return families.get(implementation).attention(call)
 
 
 def _uniform_rows(v: mx.array, n_q_heads: int, n_rows: int) -> mx.array:
@@ -446,31 +453,33 @@ def _uniform_rows(v: mx.array, n_q_heads: int, n_rows: int) -> mx.array:
     return mean.reshape(B, n_q_heads, n_rows, dv)
 
 
-def _empty_rows(v, n_q_heads: int, n_rows: int, mask: StructuredMask, sinks) -> mx.array:
-    """What rows that keep no key return: zeros with segment ids (a padded
-    or isolated query) or sinks (the sink takes all the weight), else MLX's
-    uniform weights."""
-    if mask.has_segments or sinks is not None:
+def _empty_rows(call: AttentionCall, n_rows: int) -> mx.array:
+    """What ``n_rows`` rows that keep no key return: zeros with segment ids
+    (a padded or isolated query) or sinks (the sink takes all the weight),
+    else MLX's uniform weights."""
+    v, n_q_heads = call.v, call.q.shape[1]
+    if call.mask.has_segments or call.sinks is not None:
         return mx.zeros((v.shape[0], n_q_heads, n_rows, v.shape[-1]), v.dtype)
     return _uniform_rows(v, n_q_heads, n_rows)
 
 
-def _run_tiled(implementation, q, k, v, scale, mask: StructuredMask, sinks):
+def _run_tiled(implementation: str, call: AttentionCall):
+    q, k, v, mask = call.q, call.k, call.v, call.mask
     n_q_heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
     if mask.causal and q_len > k_len:
         # Bottom-right causal leaves the first Lq - Lk queries with no key at
         # all. Split them off so the tiled implementations only ever see
         # causal with Lq <= Lk.
         n_empty = q_len - k_len
-        empty = _empty_rows(v, n_q_heads, n_empty, mask, sinks)
+        empty = _empty_rows(call, n_empty)
         q_ids = mask.q_segments[:, n_empty:] if mask.has_segments else None
         rest = StructuredMask(k_len, k_len, True, mask.window, q_ids, mask.k_segments, mask.array)
         if rest.array is not None and rest.array.shape[2] > 1:
             rest = rest.with_array(rest.array[:, :, n_empty:])
-        out = _run_tiled(implementation, q[:, :, n_empty:], k, v, scale, rest, sinks)
+        out = _run_tiled(implementation, replace(call, q=q[:, :, n_empty:], mask=rest))
         return mx.concatenate([empty, out], axis=2)
-    out, lse = _run(implementation, q, k, v, scale, mask, sinks)
-    if mask.drops and not (mask.has_segments or sinks is not None):
+    out, lse = _run(implementation, call)
+    if mask.drops and not (mask.has_segments or call.sinks is not None):
         # Rows that keep no key come back as zeros with lse = +inf; MLX gives
         # them uniform weights. The where() also keeps their gradient out of
         # the implementation, as MLX's constant scores do.
@@ -479,12 +488,15 @@ def _run_tiled(implementation, q, k, v, scale, mask: StructuredMask, sinks):
     return out
 
 
-def _run_mlx(q, k, v, scale, mask: Mask, structure: StructuredMask, sinks, force_fused, stream):
-    """MLX's own op; segments and windows become their dense boolean mask."""
-    if not (structure.has_segments or structure.window is not None):
-        return MLX_ATTENTION(q, k, v, scale=scale, mask=mask, sinks=sinks, force_fused=force_fused, stream=stream)
-    dense = structure.dense()
-    out = MLX_ATTENTION(q, k, v, scale=scale, mask=dense, sinks=sinks, force_fused=force_fused, stream=stream)
+def _run_mlx(call: AttentionCall, mask: Mask, force_fused: bool, stream):
+    """MLX's own op on the call's inputs and its user-given ``mask``;
+    segments and windows become their dense boolean mask."""
+    structure = call.mask
+    if structure.has_segments or structure.window is not None:
+        mask = structure.dense()
+    out = MLX_ATTENTION(
+        call.q, call.k, call.v, scale=call.scale, mask=mask, sinks=call.sinks, force_fused=force_fused, stream=stream
+    )
     if structure.has_segments:
         keep = structure.dense_keep()
         out = mx.where(mx.any(keep, axis=-1, keepdims=True), out, mx.zeros_like(out))
@@ -547,14 +559,15 @@ def scaled_dot_product_attention(
     check_variant(variant)
     _check_structure(q, k, mask, segment_ids, window, force_fused, variant)
     structure = masks.build(q.shape[2], k.shape[2], _normalise(mask, dtype), segment_ids, window)
-    chosen = _choose(q, k, v, structure, sinks, variant, force_fused)
+    call = AttentionCall(q, k, v, scale, structure, sinks)
+    chosen = _choose(call, variant, force_fused)
     if chosen.implementation == "mlx":
-        return _run_mlx(q, k, v, scale, mask, structure, sinks, force_fused, stream)
+        return _run_mlx(call, mask, force_fused, stream)
 
     with mx.stream(stream) if stream is not None else contextlib.nullcontext():
         if chosen.implementation == "empty":
             return mx.zeros((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), dtype)
-        q, k, v = (x.astype(dtype) for x in (q, k, v))
+        call = replace(call, q=q.astype(dtype), k=k.astype(dtype), v=v.astype(dtype))
         if chosen.implementation == "manual":
-            return reference.attention(q, k, v, scale, structure, sinks)
-        return _run_tiled(chosen.implementation, q, k, v, scale, structure, sinks)
+            return reference.attention(call.q, call.k, call.v, scale, structure, sinks)
+        return _run_tiled(chosen.implementation, call)

@@ -42,7 +42,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import fused, masks
-from .masks import StructuredMask
+from .call import AttentionCall
 
 #: Tile sizes. Square tiles skip the most work under a causal mask, and on
 #: the 2-core Linux CPU 128 x 128 was the fastest of 64-512 per side for
@@ -108,7 +108,8 @@ class _Tiles:
     backward.
     """
 
-    def __init__(self, q, k, v, scale: float, mask: StructuredMask, sinks=None):
+    def __init__(self, call: AttentionCall):
+        q, k, v, scale, mask, sinks = call.q, call.k, call.v, call.scale, call.mask, call.sinks
         B, n_q_heads, self.q_len, d = q.shape
         n_kv_heads, self.k_len = k.shape[1], k.shape[2]
         self.groups = n_q_heads // n_kv_heads
@@ -343,57 +344,35 @@ def _backward(tiles: _Tiles, out, lse, d_out):
     return dq, mx.concatenate(dk, axis=-2), mx.concatenate(dv, axis=-2), delta
 
 
-@functools.lru_cache(maxsize=None)
-def _op(scale: float, layout: masks.Layout):
-    """The custom function for one (scale, mask layout).
-
-    ``op(q, k, v, *layout arrays)`` returns the output in ``q``'s dtype and
-    the float32 log-sum-exp, which the vjp receives back instead of
-    recomputing.
-    """
-
-    @mx.custom_function
-    def op(q, k, v, *arrays):
-        mask, sinks = layout.unpack(arrays)
-        tiles = _Tiles(q, k, v, scale, mask, sinks)
-        out, lse = _forward(tiles)
-        return out.reshape(*tiles.shape, -1).astype(q.dtype), lse.reshape(tiles.shape)
-
-    @op.vjp
-    def op_vjp(primals, cotangents, outputs):
-        q, k, v, *arrays = primals
-        mask, sinks = layout.unpack(arrays)
-        tiles = _Tiles(q, k, v, scale, mask, sinks)
-        out, lse = outputs
-        grouped = tiles.q.shape[:-1] + (out.shape[-1],)
-        d_out = cotangents[0].astype(mx.float32).reshape(grouped)
-        dq, dk, dv, delta = _backward(
-            tiles, out.astype(mx.float32).reshape(grouped), lse.reshape(tiles.q.shape[:-1] + (1,)), d_out
-        )
-        grads = [dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)]
-        # The mask and the ids get no gradient (MLX's fused attention gives
-        # the mask none either); the sinks do.
-        grads += [mx.zeros_like(x) for x in arrays[: len(arrays) - layout.has_sinks]]
-        if layout.has_sinks:
-            grads.append(fused.sink_grad(sinks, lse, delta.reshape(lse.shape)))
-        return tuple(grads)
-
-    return op
+def _forward_call(call: AttentionCall):
+    """``(out, lse)`` of ``call``: the custom op's forward."""
+    tiles = _Tiles(call)
+    out, lse = _forward(tiles)
+    return out.reshape(*tiles.shape, -1).astype(call.q.dtype), lse.reshape(tiles.shape)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: StructuredMask, sinks=None):
+def _gradients(call: AttentionCall, out: mx.array):
+    """``(dq, dk, dv, delta)`` of a backward ``call``: the custom op's vjp."""
+    q, k, v = call.q, call.k, call.v
+    tiles = _Tiles(call)
+    grouped = tiles.q.shape[:-1] + (out.shape[-1],)
+    d_out = call.dout.astype(mx.float32).reshape(grouped)
+    lse = call.lse.reshape(tiles.q.shape[:-1] + (1,))
+    dq, dk, dv, delta = _backward(tiles, out.astype(mx.float32).reshape(grouped), lse, d_out)
+    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), delta.reshape(call.lse.shape)
+
+
+def attention(call: AttentionCall):
     """Blockwise attention with a memory-efficient backward.
 
     Args:
-        q: ``(B, Hq, Lq, D)``; ``k``: ``(B, Hkv, Lk, D)``; ``v``: ``(B, Hkv, Lk, Dv)``.
-        scale: score scale.
-        mask: the ``StructuredMask`` (causal only with ``Lq <= Lk``).
-        sinks: optional ``(Hq,)`` sink logits.
+        call: ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk,
+            Dv)``, the scale, the ``StructuredMask`` (causal only with
+            ``Lq <= Lk``) and optional ``(Hq,)`` sink logits.
 
     Returns:
         ``(out, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and the
         ``(B, Hq, Lq)`` float32 log-sum-exp (``+inf`` for a row that keeps
         no key, whose output is zero).
     """
-    op = _op(float(scale), masks.Layout.of(mask, sinks))
-    return op(q, k, v, *masks.Layout.arrays(mask, sinks))
+    return fused.run(_forward_call, _gradients, call)

@@ -13,6 +13,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import blas
+
 
 def backend() -> str:
     """MLX's backend for the default device: ``"metal"``, ``"cuda"`` or ``"cpu"``."""
@@ -135,6 +137,7 @@ def describe() -> dict:
         "mlx_flash_version": __version__,
         "source": source_state(),
         "backend": where,
+        "blas": str(blas.in_use()),
         "load_average": load,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

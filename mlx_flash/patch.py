@@ -166,7 +166,7 @@ def scaled_dot_product_attention(
     Same signature as ``mlx_lm.models.base``'s, same results up to float
     rounding: ``queries`` is ``(B, Hq, Lq, D)``, ``keys`` and ``values`` are
     ``(B, Hkv, Lk, D)`` arrays, or the quantized triples of a cache with
-    ``bits``, which go to mlx-lm's quantized path as before. ``mask`` is
+    ``bits``, which go to mlx-lm's own quantized path. ``mask`` is
     whatever mlx-lm passes: ``None``, ``"causal"`` or an array (causal,
     sliding-window, padding); a training window mask from the patched
     ``create_attention_mask`` becomes ``window=``.

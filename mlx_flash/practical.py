@@ -24,7 +24,7 @@ their gradient is ``fused.sink_grad``.
 
 Work layout. A threadgroup has ``NSG`` simdgroups; a forward or dQ query
 tile is ``BQ = NSG * R`` rows, ``heads x positions``: the ``heads`` query
-heads of one KV head (``heads_per_tile``: the largest divisor of the GQA
+heads of one KV head (``fused.heads_per_tile``: the largest divisor of the GQA
 group that fits) side by side, so each K/V tile is staged once for all of
 them. Each tile product has two phases:
 
@@ -47,7 +47,7 @@ mlx_flash.bench --cost`` report counts the exps and collectives on the
 emulator (``mlx_flash.bench.cost.practical_alu``):
 
 ================  ===============================  ===============================
-                  one lane per pair, a group max   now: a lazy maximum
+                  one lane per pair, a group max   these kernels: a lazy maximum
                   and correction every tile
 ================  ===============================  ===============================
 forward ALU       ~20: mask 7 (2 position          ~13: mask 7, scale 1, the lazy-
@@ -68,10 +68,10 @@ backward          0                                0
 collectives
 ================  ===============================  ===============================
 
-Counted at L = 1024, D = 128, causal, float32: the forward went from 2.0 exp2
-and 3.1 shuffles per pair to 1.02 and 0.14 (plus one simd_any); in the
-cost report's terms, from 2.5x the scalar minimum (one thread per pair, 8
-lane operations) to 1.7x. The lazy maximum: every score the row has seen
+Counted at L = 1024, D = 128, causal, float32: the lazy maximum's forward
+issues 1.02 exp2 and 0.14 shuffles per pair (plus one simd_any), a group
+max every tile 2.0 and 3.1; in the cost report's terms 1.7x the scalar
+minimum (one thread per pair, 8 lane operations) against 2.5x. The lazy maximum: every score the row has seen
 is at most ``m + PRACTICAL_SLACK`` (8, natural units), so ``p = exp(s - m)
 <= e^8`` cannot overflow, and ``lse = m + log(l)`` is exact whatever ``m``
 is; only a score past that bound moves ``m`` (a branch that is uniform per
@@ -90,11 +90,11 @@ float32 accumulators per lane (64 where nothing else fits: float32 dK/dV at
 head dim 256). Tiles are staged in the input dtype (a half or bfloat16 tile
 takes half the bytes of a float32 one) and converted on read; the forward
 and dQ also stage their query rows, which the lane-per-key scores read as
-broadcasts. Compared with the float32 staging before, the half and
-bfloat16 forward shares each staged K/V tile among twice the query rows
-(32 instead of 16 at D = 64 and 128, 16 instead of 8 at D = 256), which
-halves its K/V traffic from device memory; dQ and dK/dV share theirs among
-32 rows (keys) at D = 64, 16 at D = 128 (as before) and 16 / 8 at D = 256.
+broadcasts. Staged in their own dtype, half and bfloat16 tiles let the
+forward share each staged K/V tile among twice the query rows a float32
+staging would fit (32 instead of 16 at D = 64 and 128, 16 instead of 8 at
+D = 256), half the K/V traffic from device memory; dQ and dK/dV share
+theirs among 32 rows (keys) at D = 64, 16 at D = 128 and 16 / 8 at D = 256.
 ``registers`` is an estimate of a lane's float32
 registers (accumulators, per-row state, temporaries), not a compiler count.
 bfloat16 is as float16. ``NSG/R/BK`` reads ``NSG/KPS/BQ`` for dK/dV.
@@ -161,7 +161,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import fused, kernels
+from . import dispatch, fused, kernels
+from .call import AttentionCall
 from .masks import StructuredMask
 
 #: Largest head dim (``D`` and ``Dv``) the kernels take.
@@ -176,14 +177,13 @@ LIMIT_BYTES = 32 * 1024
 ACCUMULATORS = 32
 MAX_ACCUMULATORS = 64
 
-_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+#: Input dtypes the practical kernels run.
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _HEADERS = ("flash_common.h", "practical_common.h")
-_FORWARD_INPUTS = fused.KERNEL_INPUTS
-_BACKWARD_INPUTS = fused.BACKWARD_INPUTS
 
 
 @dataclass(frozen=True)
-class Tiles:
+class TileConfig:
     """One kernel's tile configuration.
 
     ``rows``: query rows per simdgroup (R, forward and dQ) or keys per
@@ -211,7 +211,7 @@ def _per_lane(n: int) -> int:
     return -(-n // 32)
 
 
-def _configuration(kernel: str, dim: int, value_dim: int, size: int, simdgroups: int, rows: int, tile: int) -> Tiles:
+def _configuration(kernel: str, dim: int, value_dim: int, size: int, simdgroups: int, rows: int, tile: int) -> TileConfig:
     """The threadgroup memory and register estimate of one candidate, as the
     kernel declares them: staged tiles of 4-vectors (``size``-byte
     elements; rows read by different lanes padded) and float32 weights."""
@@ -234,13 +234,13 @@ def _configuration(kernel: str, dim: int, value_dim: int, size: int, simdgroups:
     # Per score slot: its row's (or key's) bounds, id and statistics; per
     # output column: the accumulation's four staged values and its index.
     registers = accumulators + state * slots + 5 * columns + fixed
-    return Tiles(simdgroups, rows, tile, size * 4 * vectors + 4 * floats, registers, accumulators)
+    return TileConfig(simdgroups, rows, tile, size * 4 * vectors + 4 * floats, registers, accumulators)
 
 
 _KERNELS = ("forward", "dq", "dkdv")
 
 
-def tile_sizes(kernel: str, head_dim: int, value_dim: int, dtype) -> Tiles:
+def tile_sizes(kernel: str, head_dim: int, value_dim: int, dtype) -> TileConfig:
     """The tile configuration of ``kernel`` ("forward", "dq" or "dkdv").
 
     Candidates are 4, 2 or 1 simdgroups, 8, 4, 2 or 1 rows (keys, for
@@ -289,28 +289,21 @@ def tile_sizes(kernel: str, head_dim: int, value_dim: int, dtype) -> Tiles:
 
 
 def tile_table(dims=(32, 64, 80, 96, 128, 256)) -> list:
-    """``(D, Dv, dtype, kernel, Tiles)`` for head dims ``dims`` (``Dv = D``
+    """``(D, Dv, dtype, kernel, TileConfig)`` for head dims ``dims`` (``Dv = D``
     and ``Dv = 64``) in every dtype."""
     table = []
     for dim in dims:
         for value_dim in sorted({dim, 64}):
-            for dtype in _DTYPES:
+            for dtype in DTYPES:
                 for kernel in _KERNELS:
                     table.append((dim, value_dim, dtype, kernel, tile_sizes(kernel, dim, value_dim, dtype)))
     return table
 
 
-def heads_per_tile(groups: int, rows: int) -> int:
-    """Query heads side by side in a query tile of ``rows`` rows: the largest
-    divisor of the GQA group size ``groups`` that is at most ``rows``, so a
-    tile's heads share one KV head."""
-    return max(h for h in range(1, min(groups, rows) + 1) if groups % h == 0)
-
-
 def unsupported_reason(q, k, v, mask: StructuredMask) -> Optional[str]:
     """Why these (normalised) inputs cannot run on the practical kernels, or
     None. Every ``StructuredMask`` is supported."""
-    if q.dtype not in _DTYPES:
+    if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not float32, float16 or bfloat16"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
@@ -321,28 +314,27 @@ def unsupported_reason(q, k, v, mask: StructuredMask) -> Optional[str]:
     return None
 
 
-def _template(q, v, tiles: Tiles, rows_name: str, tile_name: str) -> list:
+def _template(call: AttentionCall, tiles: TileConfig, rows_name: str, tile_name: str) -> list:
     return [
-        ("T", q.dtype),
-        ("D", q.shape[-1]),
-        ("DV", v.shape[-1]),
+        ("T", call.q.dtype),
+        ("D", call.q.shape[-1]),
+        ("DV", call.v.shape[-1]),
         ("NSG", tiles.simdgroups),
         (rows_name, tiles.rows),
         (tile_name, tiles.tile),
     ]
 
 
-def _query_tiling(q, k, tiles: Tiles):
+def _query_tiling(call: AttentionCall, tiles: TileConfig):
     """``(heads, positions)`` of a forward / dQ query tile."""
-    groups = q.shape[1] // k.shape[1]
-    heads = heads_per_tile(groups, tiles.simdgroups * tiles.rows)
+    heads = fused.heads_per_tile(call.group, tiles.simdgroups * tiles.rows)
     return heads, tiles.simdgroups * tiles.rows // heads
 
 
-def _query_launch(q, k, tiles: Tiles) -> dict:
+def _query_launch(call: AttentionCall, tiles: TileConfig) -> dict:
     """Grid and threadgroup of a forward / dQ launch."""
-    B, n_q_heads, q_len, _ = q.shape
-    heads, positions = _query_tiling(q, k, tiles)
+    B, n_q_heads, q_len, _ = call.q.shape
+    heads, positions = _query_tiling(call, tiles)
     threads = 32 * tiles.simdgroups
     return {
         "grid": (threads * -(-q_len // positions), n_q_heads // heads, B),
@@ -350,81 +342,79 @@ def _query_launch(q, k, tiles: Tiles) -> dict:
     }
 
 
-def forward(q, k, v, scale: float, mask: StructuredMask, sinks):
+def dispatch_tiles(stage: str, q, k, v) -> tuple:
+    """``(rows, inner)`` of ``stage``'s launch for ``mlx_flash.dispatch``:
+    positions per tile along the grid's x axis (query positions; keys for
+    dK/dV) and per tile of the loop inside."""
+    tiles = tile_sizes(stage, q.shape[-1], v.shape[-1], q.dtype)
+    rows = tiles.simdgroups * tiles.rows
+    if stage == "dkdv":
+        return rows, tiles.tile
+    return rows // fused.heads_per_tile(q.shape[1] // k.shape[1], rows), tiles.tile
+
+
+def _split(stage: str, call: AttentionCall) -> dispatch.Split:
+    tiles = dispatch_tiles(stage, call.q, call.k, call.v)
+    return dispatch.split(stage, "practical", call.q, call.k, call.v, call.mask, *tiles)
+
+
+def forward(call: AttentionCall):
     """``(o, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and ``(B, Hq, Lq)``
     float32 (natural log, ``+inf`` for a row that keeps no key)."""
+    q, v = call.q, call.v
     B, n_q_heads, q_len, _ = q.shape
     value_dim = v.shape[-1]
     tiles = tile_sizes("forward", q.shape[-1], value_dim, q.dtype)
-    _, positions = _query_tiling(q, k, tiles)
+    _, positions = _query_tiling(call, tiles)
     kernel = kernels.build(
-        "flash_practical_forward", _FORWARD_INPUTS, ("o", "lse"), "practical_forward.metal", _HEADERS
+        "flash_practical_forward", fused.KERNEL_INPUTS, ("o", "lse"), "practical_forward.metal", _HEADERS
     )
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
-        inputs=fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=positions, k_tile=tiles.tile),
-        template=_template(q, v, tiles, "R", "BK"),
+        _split("forward", call),
+        inputs=fused.kernel_inputs(call, q_tile=positions, k_tile=tiles.tile),
+        template=_template(call, tiles, "R", "BK"),
         output_shapes=[(B, n_q_heads, q_len, value_dim), (B, n_q_heads, q_len)],
         output_dtypes=[q.dtype, mx.float32],
-        **_query_launch(q, k, tiles),
+        **_query_launch(call, tiles),
     )
 
 
-def dkdv(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
+def dkdv(call: AttentionCall):
     """``(dk, dv)`` with the shapes and dtype of ``k`` and ``v``."""
+    k, v = call.k, call.v
     B, n_kv_heads, k_len, head_dim = k.shape
-    tiles = tile_sizes("dkdv", head_dim, v.shape[-1], q.dtype)
+    tiles = tile_sizes("dkdv", head_dim, v.shape[-1], call.q.dtype)
     block_keys = tiles.simdgroups * tiles.rows
     kernel = kernels.build(
-        "flash_practical_dkdv", _BACKWARD_INPUTS, ("dk", "dv"), "practical_backward_dkdv.metal", _HEADERS
+        "flash_practical_dkdv", fused.BACKWARD_INPUTS, ("dk", "dv"), "practical_backward_dkdv.metal", _HEADERS
     )
-    inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=tiles.tile, k_tile=block_keys)
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
-        inputs=inputs + [dout, lse, delta],
-        template=_template(q, v, tiles, "KPS", "BQ"),
+        _split("dkdv", call),
+        inputs=fused.kernel_inputs(call, q_tile=tiles.tile, k_tile=block_keys),
+        template=_template(call, tiles, "KPS", "BQ"),
         grid=(32 * tiles.simdgroups * -(-k_len // block_keys), n_kv_heads, B),
         threadgroup=(32 * tiles.simdgroups, 1, 1),
         output_shapes=[tuple(k.shape), tuple(v.shape)],
-        output_dtypes=[q.dtype, q.dtype],
+        output_dtypes=[call.q.dtype, call.q.dtype],
     )
 
 
-def dq(q, k, v, scale: float, mask: StructuredMask, sinks, dout, lse, delta):
+def dq(call: AttentionCall):
     """``dq`` with the shape and dtype of ``q``."""
-    tiles = tile_sizes("dq", q.shape[-1], v.shape[-1], q.dtype)
-    _, positions = _query_tiling(q, k, tiles)
+    q = call.q
+    tiles = tile_sizes("dq", q.shape[-1], call.v.shape[-1], q.dtype)
+    _, positions = _query_tiling(call, tiles)
     kernel = kernels.build(
-        "flash_practical_dq", _BACKWARD_INPUTS, ("dq",), "practical_backward_dq.metal", _HEADERS
+        "flash_practical_dq", fused.BACKWARD_INPUTS, ("dq",), "practical_backward_dq.metal", _HEADERS
     )
-    inputs = fused.kernel_inputs(q, k, v, scale, mask, sinks, q_tile=positions, k_tile=tiles.tile)
-    return kernels.launch(
+    return dispatch.launch(
         kernel,
-        inputs=inputs + [dout, lse, delta],
-        template=_template(q, v, tiles, "R", "BK"),
+        _split("dq", call),
+        inputs=fused.kernel_inputs(call, q_tile=positions, k_tile=tiles.tile),
+        template=_template(call, tiles, "R", "BK"),
         output_shapes=[tuple(q.shape)],
         output_dtypes=[q.dtype],
-        **_query_launch(q, k, tiles),
+        **_query_launch(call, tiles),
     )[0]
-
-
-#: The practical kernel family, as ``mlx_flash.fused`` takes it.
-LAUNCHERS = fused.Launchers(forward=forward, dkdv=dkdv, dq=dq)
-
-
-def attention(q, k, v, scale: float, mask: StructuredMask, sinks=None):
-    """Practical fused attention on normalised inputs (see ``mlx_flash.attention``).
-
-    Args:
-        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``,
-            one dtype among float32, float16, bfloat16, head dims <= 256.
-        scale: multiplies ``q @ k^T``.
-        mask: the ``StructuredMask`` (causal only with ``Lq <= Lk``).
-        sinks: optional ``(Hq,)`` sink logits.
-
-    Returns:
-        ``(out, lse)``: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype and the
-        ``(B, Hq, Lq)`` float32 log-sum-exp (``+inf`` for a row that keeps
-        no key, whose output is zero).
-    """
-    return fused.attention(LAUNCHERS, q, k, v, scale, mask, sinks)

@@ -1,12 +1,12 @@
 """Validating the Metal kernels where they run, against the float32 oracle.
 
-A *unit* is one kernel family (``practical`` or ``demo``) at one input
+A *unit* is one kernel family (``mlx_flash.families``) at one input
 dtype, head dims ``(D, Dv)`` and mask kind (``verdicts.MASK_KINDS``).
 ``check`` builds one small problem of the unit, runs the family's three
 kernels on it in order (forward, dK/dV, dQ, each evaluated on its own so a
 failure names its kernel) and compares the output, the log-sum-exp, dq, dk,
 dv and the sinks' gradient with ``mlx_flash.oracle`` at the test suite's
-tolerances (``oracle.TOLERANCES``). A kernel that does not compile (on the
+tolerances (the family's ``tolerances``, which ``oracle.TOLERANCES`` lists). A kernel that does not compile (on the
 emulator ``emulator.CompileError`` quotes the generated source lines; on
 Metal MLX raises with the compiler's message), crashes, races (emulator) or
 is wrong fails the unit, and the result says which kernel and why.
@@ -39,20 +39,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from . import demo, fused, masks, oracle, practical, verdicts
-
-#: What each family is validated for by default (``python -m mlx_flash.doctor``).
-FAMILIES = ("practical", "demo")
-DTYPES = {"practical": ("float32", "float16", "bfloat16"), "demo": ("float16", "bfloat16")}
-HEAD_DIMS = {
-    "practical": ((64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (128, 64)),
-    "demo": ((64, 64), (80, 80), (96, 96), (128, 128)),
-}
+from . import families, fused, masks, oracle, verdicts
+from .call import AttentionCall
 
 #: Longest text of a failure kept in a verdict (a compiler's message can run long).
 MAX_DETAIL = 8000
-
-_MODULES = {"practical": practical, "demo": demo}
 
 
 @dataclass(frozen=True)
@@ -114,27 +105,22 @@ class Result:
         }
 
 
-def unsupported(family: str, dtype: str, dim: int, value_dim: int) -> Optional[str]:
-    """Why ``family`` has no kernel for this dtype and these head dims, or None."""
-    x = mx.zeros((1, 1, 1, dim), getattr(mx, dtype))
-    v = mx.zeros((1, 1, 1, value_dim), getattr(mx, dtype))
-    return _MODULES[family].unsupported_reason(x, x, v, masks.build(1, 1))
-
-
 def units(
-    families: Sequence[str] = FAMILIES,
+    family_names: Optional[Sequence[str]] = None,
     dtypes: Optional[Sequence[str]] = None,
     head_dims: Optional[Sequence[Tuple[int, int]]] = None,
     kinds: Sequence[str] = verdicts.MASK_KINDS,
 ) -> List[Unit]:
     """Every supported unit of ``families`` x ``dtypes`` x ``head_dims`` x
-    ``kinds`` (each family's own dtypes and head dims where not given)."""
+    ``kinds`` (every family, and each family's own dtypes and head dims,
+    where not given)."""
     found = []
-    for family in families:
-        for dtype in dtypes or DTYPES[family]:
-            for dim, value_dim in head_dims or HEAD_DIMS[family]:
-                if unsupported(family, dtype, dim, value_dim) is None:
-                    found += [Unit(family, dtype, dim, value_dim, kind) for kind in kinds]
+    for name in family_names or families.names():
+        family = families.get(name)
+        for dtype in dtypes or family.dtype_names:
+            for dim, value_dim in head_dims or family.head_dims:
+                if family.unsupported_dims(dtype, dim, value_dim) is None:
+                    found += [Unit(name, dtype, dim, value_dim, kind) for kind in kinds]
     return found
 
 
@@ -168,23 +154,25 @@ def problem(unit: Unit, shape: Shape = Shape()):
 STAGES = ("forward", "dkdv", "dq", "sinks")
 
 
-def kernel_stages(launchers: fused.Launchers, q, k, v, dout, scale, mask, sinks=None) -> Iterator[tuple]:
-    """Run ``launchers`` on a ``StructuredMask`` one kernel at a time,
-    yielding ``(kernel, outputs)`` as each is evaluated: ``("forward", (out,
-    lse))``, ``("dkdv", (dk, dv))``, ``("dq", (dq,))`` and, with sinks,
-    ``("sinks", (dsinks,))`` (``fused.sink_grad`` of the forward's lse)."""
-    out, lse = launchers.forward(q, k, v, scale, mask, sinks)
+def kernel_stages(family: families.Family, call: AttentionCall, dout: mx.array) -> Iterator[tuple]:
+    """Run ``family``'s launchers on ``call`` one kernel at a time (``dout``
+    for the backward), yielding ``(kernel, outputs)`` as each is evaluated:
+    ``("forward", (out, lse))``, ``("dkdv", (dk, dv))``, ``("dq", (dq,))``
+    and, with sinks, ``("sinks", (dsinks,))`` (``fused.sink_grad`` of the
+    forward's lse)."""
+    out, lse = family.forward(call)
     mx.eval(out, lse)
     yield "forward", (out, lse)
     delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
-    dk, dv = launchers.dkdv(q, k, v, scale, mask, sinks, dout, lse, delta)
+    backward = call.backward(dout, lse, delta)
+    dk, dv = family.dkdv(backward)
     mx.eval(dk, dv)
     yield "dkdv", (dk, dv)
-    dq = launchers.dq(q, k, v, scale, mask, sinks, dout, lse, delta)
+    dq = family.dq(backward)
     mx.eval(dq)
     yield "dq", (dq,)
-    if sinks is not None:
-        dsinks = fused.sink_grad(sinks, lse, delta)
+    if call.sinks is not None:
+        dsinks = fused.sink_grad(call.sinks, lse, delta)
         mx.eval(dsinks)
         yield "sinks", (dsinks,)
 
@@ -212,7 +200,8 @@ def check(unit: Unit, shape: Shape = Shape()) -> Result:
     except Exception as e:  # noqa: BLE001 - the check cannot run here: no verdict
         return result("not run", detail=describe_error(e))
     dq, dk, dv = grads[:3]
-    tolerance = oracle.TOLERANCES[unit.family][getattr(mx, unit.dtype)]
+    family = families.get(unit.family)
+    tolerance = family.tolerance(getattr(mx, unit.dtype))
     expected = {
         "forward": (("output", out, tolerance), ("lse", lse, oracle.lse_tolerance(getattr(mx, unit.dtype)))),
         "dkdv": (("dk", dk, tolerance), ("dv", dv, tolerance)),
@@ -221,7 +210,7 @@ def check(unit: Unit, shape: Shape = Shape()) -> Result:
     }
     done = 0  # kernels finished: an error belongs to the next one, in STAGES order
     try:
-        for kernel, outputs in kernel_stages(_MODULES[unit.family].LAUNCHERS, q, k, v, dout, scale, mask, sinks):
+        for kernel, outputs in kernel_stages(family, AttentionCall(q, k, v, scale, mask, sinks), dout):
             done += 1
             for (name, want, allowed), got in zip(expected[kernel], outputs):
                 compare = oracle.lse_mismatch if name == "lse" else oracle.mismatch

@@ -53,6 +53,7 @@ import mlx.core as mx
 
 from . import machine
 from .folders import cache_root
+from .text import first_line
 
 #: Version of the file layout; another version is ignored.
 FORMAT = 1
@@ -240,14 +241,6 @@ class Verdict:
             "kernels": self.kernels,
             "timings": self.timings,
         }
-
-
-def first_line(text: str) -> str:
-    """The first non-empty line of ``text``."""
-    for line in str(text).splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 def _read(path: Path, key: Dict[str, str]) -> Optional[Verdict]:

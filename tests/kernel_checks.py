@@ -1,7 +1,8 @@
-"""What the practical and demo kernel tests share: where kernels run, random
-inputs, masks and segment layouts, the float32 oracle and the closeness check
-(the inputs, the oracle and the tolerances live in ``mlx_flash.oracle``,
-which ``python -m mlx_flash.doctor`` checks the kernels with on a Mac).
+"""What the kernel-family tests share: where kernels run, random inputs,
+masks and segment layouts, the float32 oracle and the kernels run one by one
+against it (the inputs, the oracle and the tolerances live in
+``mlx_flash.oracle``, which ``python -m mlx_flash.doctor`` checks the
+kernels with on a Mac; the closeness check is ``conftest.assert_close``).
 
 Every kernel test runs on each backend that can run Metal kernels here: the
 CPU emulator always, real Metal too where ``mx.metal.is_available()``. On the
@@ -23,7 +24,9 @@ import contextlib
 
 import mlx.core as mx
 
+from conftest import assert_close
 from mlx_flash import emulator, masks, oracle, validation
+from mlx_flash.call import AttentionCall
 from mlx_flash.oracle import kernel_oracle, oracle_lse, random_inputs, random_mask, segment_layout  # noqa: F401
 
 BACKENDS = ["emulator"] + (["metal"] if mx.metal.is_available() else [])
@@ -43,20 +46,13 @@ def on_backend(backend, schedule=SCHEDULES):
     return emulator.metal(schedule=schedule, math="fast", strict=True)
 
 
-def assert_close(actual, expected, tolerance, what=""):
-    """``max |actual - expected| <= atol + rtol * max |expected|`` with
-    ``tolerance = (atol, rtol)``, and NaN exactly where ``expected`` has NaN
-    (rows whose additive mask is all -inf, and the gradients they reach)."""
-    problem = oracle.mismatch(actual, expected, tolerance)
-    assert problem is None, f"{what}: {problem}"
-
-
-def run_kernels(module, q, k, v, dout, scale, mask, sinks=None):
-    """Output, lse and (dq, dk, dv[, dsinks]) from ``module``'s three
-    launchers, on a ``StructuredMask`` (or None / "causal" / an array)."""
+def run_kernels(family, q, k, v, dout, scale, mask, sinks=None):
+    """Output, lse and (dq, dk, dv[, dsinks]) from the three launchers of
+    ``family`` (a ``mlx_flash.families.Family``), on a ``StructuredMask``
+    (or None / "causal" / an array)."""
     if not isinstance(mask, masks.StructuredMask):
         mask = masks.build(q.shape[2], k.shape[2], mask)
-    results = dict(validation.kernel_stages(module.LAUNCHERS, q, k, v, dout, scale, mask, sinks))
+    results = dict(validation.kernel_stages(family, AttentionCall(q, k, v, scale, mask, sinks), dout))
     out, lse = results["forward"]
     grads = (results["dq"][0],) + results["dkdv"] + results.get("sinks", ())
     return out, lse, grads
@@ -70,8 +66,8 @@ def assert_lse_close(lse, expected, tolerance, what="lse"):
     assert problem is None, f"{what}: {problem}"
 
 
-def check_kernels_match_reference(module, backend, q, k, v, dout, mask, tolerances, sinks=None):
-    """``module``'s forward and backward kernels against the oracle: output
+def check_kernels_match_reference(family, backend, q, k, v, dout, mask, tolerances, sinks=None):
+    """``family``'s forward and backward kernels against the oracle: output
     and (dq, dk, dv) in ``q``'s dtype and the sinks' gradient within
     ``tolerances[dtype]``, and a float32 log-sum-exp."""
     dtype = q.dtype
@@ -79,7 +75,7 @@ def check_kernels_match_reference(module, backend, q, k, v, dout, mask, toleranc
     expected_out, expected_grads, expected_lse = kernel_oracle(q, k, v, dout, scale, mask, sinks)
 
     with on_backend(backend):
-        out, lse, grads = run_kernels(module, q, k, v, dout, scale, mask, sinks)
+        out, lse, grads = run_kernels(family, q, k, v, dout, scale, mask, sinks)
 
     assert out.dtype == dtype and lse.dtype == mx.float32
     assert_close(out, expected_out, tolerances[dtype], "output")

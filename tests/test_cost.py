@@ -11,6 +11,7 @@ import pytest
 
 from mlx_flash import demo, masks
 from mlx_flash.bench import bounds, cli, cost, cost_report
+from mlx_flash.call import AttentionCall
 
 
 def _ids(*runs):
@@ -135,15 +136,52 @@ def test_practical_forward_counts_by_hand():
     assert forward["math"] == {"exp2": 128 * 4 + 64 * 4, "log": 16}
     # simd_any once per simdgroup; the rescale's group max (4 shuffles per
     # slot, 2 simdgroups) and the final row sum and kept flag (8 per slot).
-    assert forward["collectives"] == {"simd_any": 4, "simd_shuffle_xor": 2 * 4 * 4 + 4 * 4 * 8}
+    # Besides: the metadata, read once per simdgroup by lane 0 and broadcast
+    # (params 10, the scale 1, q, k and v strides 12; see flash_uniform).
+    assert forward["collectives"] == {
+        "simd_any": 4,
+        "simd_shuffle_xor": 2 * 4 * 4 + 4 * 4 * 8,
+        "simd_broadcast": 4 * (10 + 1 + 12),
+    }
     assert forward["device_bytes"]["k"] == [16 * 32 * 4, 0]
     assert forward["device_bytes"]["o"] == [0, 16 * 32 * 4]
+
+
+def test_metadata_is_read_once_per_simdgroup():
+    # D=64, L=32, Hq=2 sharing one KV head: one threadgroup of 8 SIMD groups.
+    # Every uniform value is loaded by one lane of each SIMD group, once;
+    # the array mask's shape and strides not at all (there is none).
+    case = cost.Case("demo", 32, 64, "causal+docs16", q_heads=2, kv_heads=1)
+    forward = cost.count(case)[0]
+    metadata = {n: v for n, v in forward["device_bytes"].items() if cost.buffer_class(n) == "metadata"}
+    int64, groups = 8, 8
+    assert metadata == {
+        "params": [groups * 10 * 4, 0],
+        "fparams": [groups * 4, 0],
+        **{f"{n}_strides": [groups * 4 * int64, 0] for n in ("q", "k", "v")},
+        **{f"{n}_strides": [groups * 2 * int64, 0] for n in ("q_segments", "k_segments")},
+        **{f"{n}_strides": [groups * 3 * int64, 0] for n in ("q_ranges", "k_ranges")},
+    }
+    # The query tile's id range (2) and, for its one key tile, the running
+    # bound and the range (3): int32 each, once per SIMD group.
+    assert forward["device_bytes"]["q_ranges"] == [groups * 2 * 4, 0]
+    assert forward["device_bytes"]["k_ranges"] == [groups * 3 * 4, 0]
+
+
+@pytest.mark.parametrize("family, bound", [("demo", 0.10), ("practical", 0.25)])
+def test_mask_and_metadata_bytes_stay_small_beside_tensor_bytes(family, bound):
+    # Packed documents: per-tile id bounds are read once per tile and SIMD
+    # group, the key (query) tile's ids once per tile.
+    case = cost.Case(family, 256, 64, "causal+docs64", q_heads=4, kv_heads=2)
+    for cell in cost.count(case):
+        ratio = cost_report.mask_metadata_ratio(cell)
+        assert 0 < ratio <= bound, (cell["kernel"], cell["bytes"])
 
 
 def _practical_forward_cell(case, q, k, v):
     mask = cost.structured_mask(case)
     scale = case.head_dim ** -0.5
-    (profile,) = cost.profile_launches(lambda: mx.eval(cost.practical.forward(q, k, v, scale, mask, None)))
+    (profile,) = cost.profile_launches(lambda: mx.eval(cost.families.get("practical").forward(AttentionCall(q, k, v, scale, mask, None))))
     tiling, text, registers, declared = cost.kernel_tiling(case, "forward")
     return cost.cell(case, "forward", profile, tiling, mask, text, registers, declared, seconds=0.0)
 
@@ -182,11 +220,11 @@ def test_one_grid_column_scales_exactly_to_the_launch(family):
     mask = cost.structured_mask(case)
     q, k, v, dout = cost.inputs(case)
     scale = 0.125
-    lse, delta = cost.backward_inputs(q, k, v, dout, scale, mask)
-    module = getattr(cost, family)
-    run = lambda: (mx.eval(module.forward(q, k, v, scale, mask, None)),  # noqa: E731
-                   mx.eval(module.dkdv(q, k, v, scale, mask, None, dout, lse, delta)),
-                   mx.eval(module.dq(q, k, v, scale, mask, None, dout, lse, delta)))
+    lse, delta = cost.backward_inputs(AttentionCall(q, k, v, scale, mask), dout)
+    module = cost.families.get(family)
+    run = lambda: (mx.eval(module.forward(AttentionCall(q, k, v, scale, mask, None))),  # noqa: E731
+                   mx.eval(module.dkdv(AttentionCall(q, k, v, scale, mask, None, dout, lse, delta))),
+                   mx.eval(module.dq(AttentionCall(q, k, v, scale, mask, None, dout, lse, delta))))
     columns = cost.profile_launches(run)
     with cost.emulator.metal(schedule="forward", profile=True) as session:
         run()
@@ -209,7 +247,7 @@ def test_cost_report_is_written(tmp_path, capsys):
     assert [(c["kernel"], c["mask"]) for c in results["cells"]] == [
         (k, m) for m in cost.MASKS for k in cost.KERNELS]
     statuses = {t["name"].split(":")[0]: t["status"] for t in results["targets"]}
-    assert list(statuses.values()) == ["NOT MEASURED", "NOT MEASURED", "PASS"]
+    assert list(statuses.values()) == ["NOT MEASURED", "NOT MEASURED", "PASS", "NOT MEASURED", "PASS"]
     text = (out / "report.md").read_text()
     assert "Counted by the CPU emulator: exact counts of what the kernels issue, not Metal timings." in text
     assert "| demo | forward | 64 | 32 | causal | 2/1 |" in text
@@ -226,10 +264,11 @@ def test_cost_report_is_written(tmp_path, capsys):
 
 def test_cost_targets_fail_above_their_bound():
     cell = {"family": "demo", "kernel": "forward", "head_dim": 128, "mask": "causal", "seq": 4096,
-            "q_heads": 8, "kv_heads": 8, "bytes": {"tensor": 160, "tiling": 100}, "threadgroup_peak_bytes": 20000}
+            "q_heads": 8, "kv_heads": 8, "bytes": {"tensor": 160, "tiling": 100, "mask": 4, "metadata": 16},
+            "threadgroup_peak_bytes": 20000}
     results = cost_report.evaluate([cell])
-    assert [r["status"] for r in results] == ["FAIL", "NOT MEASURED", "FAIL"]
-    assert "1.6" in results[0]["detail"] and "20,000" in results[2]["detail"]
+    assert [r["status"] for r in results] == ["FAIL", "NOT MEASURED", "FAIL", "NOT MEASURED", "FAIL"]
+    assert "1.6" in results[0]["detail"] and "0.125" in results[2]["detail"] and "20,000" in results[4]["detail"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import mlx_flash
+from conftest import assert_close
 from kernel_checks import (
     BACKENDS,
-    assert_close,
     check_kernels_match_reference,
     kernel_oracle,
     on_backend,
@@ -30,7 +30,9 @@ from kernel_checks import (
     segment_layout,
     structured,
 )
-from mlx_flash import demo, emulator, kernels, oracle
+from mlx_flash import demo, emulator, fused, kernels, oracle
+from mlx_flash.call import AttentionCall
+from mlx_flash.families import DEMO
 
 # max |actual - expected| <= ATOL + RTOL * max |expected|, per dtype (see
 # mlx_flash.oracle, which python -m mlx_flash.doctor checks with too).
@@ -42,7 +44,7 @@ def _inputs(B, n_q, n_kv, q_len, k_len, dim, dtype, seed):
 
 
 def _check(backend, q, k, v, dout, mask, sinks=None):
-    check_kernels_match_reference(demo, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
+    check_kernels_match_reference(DEMO, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
 
 
 # ---- the array masks: every kind, shapes and tails ---------------------------
@@ -229,7 +231,7 @@ def test_skipped_tiles_are_never_read(backend, case):
     scale = dim**-0.5
     expected_out, expected_grads, _ = kernel_oracle(*clean, scale, structure)
     with on_backend(backend):
-        out, _, grads = run_kernels(demo, *dirty, scale, structure)
+        out, _, grads = run_kernels(DEMO, *dirty, scale, structure)
     results = dict(zip(("out", "dq", "dk", "dv"), zip((out, *grads), (expected_out, *expected_grads))))
     for name, (first, last) in checked.items():
         actual, expected = results[name]
@@ -247,9 +249,9 @@ def test_seeded_schedule_reproduces_every_bit(backend):
     case = (1, 2, 1, 14, 26, 64, mx.float16, "bool_empty_row", "unsorted", None, True)
     q, k, v, dout, mask, sinks = _structured_inputs(case, seed=11)
     with on_backend(backend, schedule="forward"):
-        first = run_kernels(demo, q, k, v, dout, 0.3, mask, sinks)
+        first = run_kernels(DEMO, q, k, v, dout, 0.3, mask, sinks)
     with on_backend(backend, schedule=20261122):
-        second = run_kernels(demo, q, k, v, dout, 0.3, mask, sinks)
+        second = run_kernels(DEMO, q, k, v, dout, 0.3, mask, sinks)
     for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
         assert mx.array_equal(a, b, equal_nan=True).item()
 
@@ -267,18 +269,18 @@ def test_retuned_tiles_and_head_groups(backend, monkeypatch):
     mask = structured(29, 45, "causal", ids, 13)
     results = []
     for heads in (4, 1):
-        tiles = demo.Tiles(forward=(16, 64), dq=(16, 8), dkv=(8, 16), heads=heads)
+        tiles = demo.TileSet(forward=(16, 64), dq=(16, 8), dkdv=(8, 16), heads=heads)
         monkeypatch.setitem(demo.TILES, 64, tiles)
         _check(backend, q, k, v, dout, mask)
         with on_backend(backend, schedule="forward"):
-            results.append(run_kernels(demo, q, k, v, dout, 0.125, mask))
+            results.append(run_kernels(DEMO, q, k, v, dout, 0.125, mask))
     for a, b in zip((results[0][0], *results[0][2]), (results[1][0], *results[1][2])):
         assert mx.array_equal(a, b).item()
 
 
 def test_heads_per_threadgroup_divide_the_group():
-    assert [demo.heads_per_threadgroup(group, 2) for group in (1, 2, 3, 4, 8)] == [1, 2, 1, 2, 2]
-    assert [demo.heads_per_threadgroup(group, 4) for group in (1, 2, 6, 8)] == [1, 2, 3, 4]
+    assert [fused.heads_per_tile(group, 2) for group in (1, 2, 3, 4, 8)] == [1, 2, 1, 2, 2]
+    assert [fused.heads_per_tile(group, 4) for group in (1, 2, 6, 8)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -297,7 +299,7 @@ def test_strided_inputs_and_broadcast_mask(backend):
     ids_t = mx.swapaxes(mx.swapaxes(ids, 0, 1) + 0, 0, 1)
     expected_out, expected_grads, _ = kernel_oracle(q, k, v, dout, 0.25, structured(12, 18, array, ids))
     with on_backend(backend):
-        out, _, grads = run_kernels(demo, q_t, k_t, v_t, dout, 0.25, structured(12, 18, array, ids_t))
+        out, _, grads = run_kernels(DEMO, q_t, k_t, v_t, dout, 0.25, structured(12, 18, array, ids_t))
     assert_close(out, expected_out, TOLERANCES[dtype], "output")
     for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv")):
         assert_close(grad, expected, TOLERANCES[dtype], name)
@@ -545,10 +547,6 @@ def test_explain_names_demo_fallbacks(backend):
         fallbacks = [
             ((tensor(32), tensor(32), tensor(32)), "head dim 32 is not one of 64, 80, 96, 128"),
             ((tensor(256), tensor(256), tensor(256)), "head dim 256 is not one of 64, 80, 96, 128"),
-            (
-                (tensor(64, mx.float32), tensor(64, mx.float32), tensor(64, mx.float32)),
-                "float32 inputs: demo runs float16 and bfloat16",
-            ),
             ((tensor(128), tensor(128), tensor(64)), "value head dim 64 differs from head dim 128"),
         ]
         for (q, k, v), reason in fallbacks:
@@ -574,11 +572,11 @@ def test_unsupported_reason():
 
 
 def test_tiles_stay_within_their_budgets():
-    # The budgets written down in demo.Tiles, for every head dim.
+    # The budgets written down in demo.TileSet, for every head dim.
     for dim in demo.HEAD_DIMS:
         tiles = demo.TILES[dim]
         used = tiles.threadgroup_bytes(dim)
-        assert set(used) == {"forward", "dq", "dkv"}
+        assert set(used) == {"forward", "dq", "dkdv"}
         assert all(0 < size <= demo.THREADGROUP_BYTES_BUDGET for size in used.values()), (dim, used)
         registers = tiles.registers(dim)
         assert all(0 < r <= demo.REGISTER_BUDGET for r in registers.values()), (dim, registers)
@@ -586,12 +584,12 @@ def test_tiles_stay_within_their_budgets():
     # D = 128: K and V tiles of 16 keys of (128 + 8) halves and 16 ids; the
     # dK/dV kernel keeps 32 keys of k, 8 queries of q and dout, and 3 x 8
     # floats for lse, delta and ids.
-    assert demo.TILES[128].threadgroup_bytes(128) == {"forward": 8768, "dq": 8768, "dkv": 13152}
-    assert demo.TILES[128].registers(128) == {"forward": 54, "dq": 74, "dkv": 86}
+    assert demo.TILES[128].threadgroup_bytes(128) == {"forward": 8768, "dq": 8768, "dkdv": 13152}
+    assert demo.TILES[128].registers(128) == {"forward": 54, "dq": 74, "dkdv": 86}
     with pytest.raises(ValueError, match="multiples of 8"):
-        demo.Tiles(forward=(32, 12), dq=(32, 32), dkv=(32, 32))
+        demo.TileSet(forward=(32, 12), dq=(32, 32), dkdv=(32, 32))
     with pytest.raises(ValueError, match="at most 2 BK"):
-        demo.Tiles(forward=(32, 8), dq=(32, 32), dkv=(32, 32))
+        demo.TileSet(forward=(32, 8), dq=(32, 32), dkdv=(32, 32))
 
 
 _PROBE = "\nthreadgroup uchar demo_probe[32768];\n"
@@ -618,9 +616,9 @@ def test_threadgroup_bytes_match_what_the_kernels_declare(monkeypatch):
         lse = delta = mx.zeros((1, 1, 8))
         mask = structured(8, 8)
         launches = {
-            "forward": lambda: demo.forward(q, k, v, 0.1, mask),
-            "dq": lambda: demo.dq(q, k, v, 0.1, mask, None, dout, lse, delta),
-            "dkv": lambda: demo.dkdv(q, k, v, 0.1, mask, None, dout, lse, delta),
+            "forward": lambda: demo.forward(AttentionCall(q, k, v, 0.1, mask)),
+            "dq": lambda: demo.dq(AttentionCall(q, k, v, 0.1, mask, None, dout, lse, delta)),
+            "dkdv": lambda: demo.dkdv(AttentionCall(q, k, v, 0.1, mask, None, dout, lse, delta)),
         }
         expected = demo.TILES[dim].threadgroup_bytes(dim)
         for name, launch in launches.items():
@@ -633,22 +631,22 @@ def test_threadgroup_bytes_match_what_the_kernels_declare(monkeypatch):
 
 def test_tiles_over_metal_limits_are_refused(monkeypatch):
     # 33 SIMD groups of 32 threads: more than a threadgroup may have.
-    with pytest.raises(ValueError, match=r"dkv tile \(32, 264\) needs 1056 threads.*1024"):
-        demo.Tiles(forward=(32, 32), dq=(32, 32), dkv=(32, 264))
+    with pytest.raises(ValueError, match=r"dkdv tile \(32, 264\) needs 1056 threads.*1024"):
+        demo.TileSet(forward=(32, 32), dq=(32, 32), dkdv=(32, 264))
     # Four query heads of 128 rows: 64 SIMD groups.
     with pytest.raises(ValueError, match=r"forward tile \(128, 64\) needs 2048 threads"):
-        demo.Tiles(forward=(128, 64), dq=(32, 32), dkv=(32, 32), heads=4)
+        demo.TileSet(forward=(128, 64), dq=(32, 32), dkdv=(32, 32), heads=4)
     # Retuning is checked at launch, where the head dim is known: a forward K/V
     # tile of 64 keys stages 2 * 64 rows of D + 8 halves, which fits Metal's
     # 32 KB at D = 64 (18,688 bytes with the ids) but not at D = 128.
-    big = demo.Tiles(forward=(32, 64), dq=(32, 16), dkv=(8, 32))
+    big = demo.TileSet(forward=(32, 64), dq=(32, 16), dkdv=(8, 32))
     big.check(64)
     monkeypatch.setitem(demo.TILES, 128, big)
     q, k, v, _ = _inputs(1, 1, 1, 8, 8, 128, mx.float16, seed=0)
     too_big = r"forward tile \(32, 64\) at head dim 128 needs 35072 bytes.*32768"
     with pytest.raises(ValueError, match=too_big):
         with on_backend("emulator"):
-            demo.attention(q, k, v, 0.1, structured(8, 8))
+            DEMO.attention(AttentionCall(q, k, v, 0.1, structured(8, 8)))
 
 
 def test_small_inputs_are_padded_into_device_memory():

@@ -9,6 +9,7 @@ source lines). Kernel units are checked at float16 / float32 and head dim
 build too.
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -20,8 +21,9 @@ import mlx.core as mx
 import pytest
 
 import mlx_flash
-from kernel_checks import assert_close, random_inputs
-from mlx_flash import demo, emulator, fused, kernels, validation, verdicts
+from conftest import assert_close
+from kernel_checks import random_inputs
+from mlx_flash import emulator, families, kernels, validation, verdicts
 from mlx_flash.bench import harness
 
 checkup = importlib.import_module("mlx_flash.doctor.checkup")
@@ -43,13 +45,13 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def wrong_demo(monkeypatch):
     """demo's forward kernel returns an output 5% and 0.2 off (wrong also at the benchmark's looser tolerance)."""
-    right = demo.LAUNCHERS
+    right = families.DEMO
 
-    def forward(q, k, v, scale, mask, sinks):
-        out, lse = right.forward(q, k, v, scale, mask, sinks)
+    def forward(call):
+        out, lse = right.forward(call)
         return out * 1.05 + 0.2, lse
 
-    monkeypatch.setattr(demo, "LAUNCHERS", fused.Launchers(forward, right.dkdv, right.dq))
+    monkeypatch.setitem(families.REGISTRY, "demo", dataclasses.replace(right, forward=forward))
 
 
 BROKEN_LINE = "this_line_is_not_metal;"
@@ -122,7 +124,7 @@ def test_command_rejects_bad_input_in_one_line(cache, tmp_path, capsys):
         (["--model", str(tmp_path / "missing")], "--model: no model folder"),
         (["--head-dim", "64y"], "--head-dim: expected D or DxDv"),
         (["--out", str(folder)], "is a folder"),
-        (["--emulator", "--dtype", "float32", "--family", "demo"], "nothing to validate"),
+        (["--emulator", "--head-dim", "256", "--family", "demo"], "nothing to validate"),
     ]:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -195,11 +197,14 @@ def test_compile_error_is_reported_with_its_source_and_auto_falls_back(cache, br
     assert BROKEN_LINE in text.split("### Failures")[1]
 
     x = mx.zeros((1, 2, 16, 64), mx.float32)
+    # demo comes first for float32 too; failed here as well, auto falls past
+    # both kernel families to blockwise, saying why.
+    failed = {"status": "failed", "kernel": "forward", "detail": "wrong output: injected", "by": "test"}
+    verdicts.record("emulator", kernels={verdicts.unit_key("demo", "float32", 64, 64, "causal"): failed})
     with emulator.metal():
         plan = mlx_flash.explain(x, x, x, mask="causal")
-    # demo runs no float32 and practical failed here: blockwise, saying why.
     assert plan.implementation == "blockwise"
-    assert "demo: float32 inputs" in plan.reason
+    assert "demo failed validation on this machine (float32 64x64 causal: forward kernel" in plan.reason
     assert "practical failed validation on this machine (float32 64x64 causal: dq kernel: CompileError" in plan.reason
 
 

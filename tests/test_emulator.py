@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import kernel_checks
-from mlx_flash import demo, emulator, practical
-from test_demo import TOLERANCES as DEMO_TOLERANCES
-from test_practical import TOLERANCES as PRACTICAL_TOLERANCES
+from conftest import assert_close
+from mlx_flash import emulator, oracle
+from mlx_flash.families import DEMO, PRACTICAL
 
 
 def kernel(name, inputs, outputs, source, header="", atomic=False):
@@ -1485,26 +1485,26 @@ def _inputs_and_mask(dtype, dim, value_dim, mask_kind):
 # once with every structured part at once. These are template
 # instantiations the kernel tests build too.
 PROJECT_CASES = [
-    (practical, mx.float32, 96, 64, "additive"),
-    (practical, mx.float32, 128, 128, "bool_empty_row"),
-    (practical, mx.float16, 64, 64, "bool"),
-    (practical, mx.float16, 256, 256, "causal"),
-    (practical, mx.bfloat16, 32, 48, "bool_empty_row"),
-    (practical, mx.bfloat16, 80, 80, "structured"),
-    (demo, mx.float16, 64, 64, "none"),
-    (demo, mx.float16, 80, 80, "additive_nan_row"),
-    (demo, mx.float16, 96, 96, "bool"),
-    (demo, mx.float16, 128, 128, "causal"),
-    (demo, mx.bfloat16, 64, 64, "bool_empty_row"),
-    (demo, mx.bfloat16, 80, 80, "causal"),
-    (demo, mx.bfloat16, 96, 96, "structured"),
-    (demo, mx.bfloat16, 128, 128, "additive"),
+    (PRACTICAL, mx.float32, 96, 64, "additive"),
+    (PRACTICAL, mx.float32, 128, 128, "bool_empty_row"),
+    (PRACTICAL, mx.float16, 64, 64, "bool"),
+    (PRACTICAL, mx.float16, 256, 256, "causal"),
+    (PRACTICAL, mx.bfloat16, 32, 48, "bool_empty_row"),
+    (PRACTICAL, mx.bfloat16, 80, 80, "structured"),
+    (DEMO, mx.float16, 64, 64, "none"),
+    (DEMO, mx.float16, 80, 80, "additive_nan_row"),
+    (DEMO, mx.float16, 96, 96, "bool"),
+    (DEMO, mx.float16, 128, 128, "causal"),
+    (DEMO, mx.bfloat16, 64, 64, "bool_empty_row"),
+    (DEMO, mx.bfloat16, 80, 80, "causal"),
+    (DEMO, mx.bfloat16, 96, 96, "structured"),
+    (DEMO, mx.bfloat16, 128, 128, "additive"),
 ]
 
 
 def _project_id(case):
     module, dtype, dim, value_dim, mask = case
-    return f"{module.__name__.split('.')[-1]}-{str(dtype).split('.')[-1]}-D{dim}-Dv{value_dim}-{mask}"
+    return f"{module.name}-{str(dtype).split('.')[-1]}-D{dim}-Dv{value_dim}-{mask}"
 
 
 @pytest.mark.parametrize("case", PROJECT_CASES, ids=_project_id)
@@ -1513,7 +1513,7 @@ def test_project_kernels_pass_every_check(case):
     # fast-math accuracy, every schedule and the address-based race detector,
     # against the oracle within the kernel tests' own tolerances.
     module, dtype, dim, value_dim, mask_kind = case
-    tolerances = PRACTICAL_TOLERANCES if module is practical else DEMO_TOLERANCES
+    tolerances = oracle.TOLERANCES[module.name]
     q, k, v, dout, mask, sinks = _inputs_and_mask(dtype, dim, value_dim, mask_kind)
     scale = dim ** -0.5
     expected_out, expected_grads, _ = kernel_checks.kernel_oracle(q, k, v, dout, scale, mask, sinks)
@@ -1522,6 +1522,6 @@ def test_project_kernels_pass_every_check(case):
     assert len(session.strict_reports) == 3
     for report in session.strict_reports:
         assert 0 < report.total_threadgroup_bytes <= 32 * 1024
-    kernel_checks.assert_close(out, expected_out, tolerances[dtype], "output")
+    assert_close(out, expected_out, tolerances[dtype], "output")
     for grad, expected, name in zip(grads, expected_grads, ("dq", "dk", "dv", "dsinks")):
-        kernel_checks.assert_close(grad, expected, tolerances[dtype], name)
+        assert_close(grad, expected, tolerances[dtype], name)

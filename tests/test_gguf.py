@@ -41,23 +41,19 @@ RECIPE = REPO / "recipes" / "smollm2-135m-qlora.yaml"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(autouse=True)
-def unpatched():
-    mlx_flash.unpatch()
-    yield
-    mlx_flash.unpatch()
+pytestmark = pytest.mark.usefixtures("unpatched")
 
 
 @pytest.fixture(scope="module")
 def smollm():
-    """The real model, float32 activations, and its tokenizer."""
-    model, tokenizer, config = gguf.load("smollm2-135m", dtype=mx.float32)
+    """The real model as stored (quantized), float32 activations, and its tokenizer."""
+    model, tokenizer, config = gguf.load("smollm2-135m", dtype=mx.float32, dequantize=False)
     return model, tokenizer, config
 
 
 def truncated(num_layers: int, dtype=mx.float32):
     """The real model cut to its first ``num_layers`` layers, for quick checks."""
-    model, _, _ = gguf.load("smollm2-135m", dtype=dtype)
+    model, _, _ = gguf.load("smollm2-135m", dtype=dtype, dequantize=False)
     model.model.layers = model.model.layers[:num_layers]
     return model
 
@@ -293,7 +289,7 @@ def test_each_tensor_type_loads_with_its_bits(tmp_path):
     path = gguf_files.write(tmp_path / "types.gguf", "llama", config, tensors, types)
     assert {read_header(path).tensors[n].type for n in types} == {"Q4_0", "Q4_1", "Q8_0", "F16", "BF16"}
 
-    model, _, loaded = gguf.load(f"gguf:{path}", dtype=mx.float32)
+    model, _, loaded = gguf.load(f"gguf:{path}", dtype=mx.float32, dequantize=False)
     bits = [
         (model.model.embed_tokens, 8),
         (model.lm_head, 4),
@@ -319,6 +315,16 @@ def test_each_tensor_type_loads_with_its_bits(tmp_path):
     )
     x = mx.array([[0, 5, 77, 120, 3, 1, 200, 9]])
     assert relative_error(model(x), reference(x)) < 1e-4
+
+    # Dequantized once (the default without a GPU): plain layers, the same function.
+    dense, _, dense_config = gguf.load(f"gguf:{path}", dtype=mx.float32, dequantize=True)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in dense.named_modules())
+    assert "quantization" not in dense_config
+    assert relative_error(dense(x), model(x)) < 1e-5
+    assert relative_error(dense(x), reference(x)) < 1e-4
+    if not (mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())):
+        default, _, _ = gguf.load(f"gguf:{path}", dtype=mx.float32)
+        assert type(default.layers[0].self_attn.q_proj) is nn.Linear
 
 
 # -- errors ----------------------------------------------------------------------

@@ -21,8 +21,11 @@ import pytest
 
 import kernel_checks
 import mlx_flash
+from conftest import assert_close
 from kernel_checks import BACKENDS, on_backend, random_inputs, random_mask, run_kernels, segment_layout, structured
 from mlx_flash import fused, kernels, masks, oracle, practical, reference
+from mlx_flash.call import AttentionCall
+from mlx_flash.families import PRACTICAL
 from mlx_flash.emulator.source import generated_source
 
 # max |actual - expected| <= ATOL + RTOL * max |expected|, per dtype (see
@@ -102,7 +105,7 @@ def _problem(case: Case, seed: int = 0):
 
 def _assert_grads_close(grads, expected, dtype):
     for grad, want, name in zip(grads, expected, ("dq", "dk", "dv", "dsinks")):
-        kernel_checks.assert_close(grad, want, TOLERANCES[dtype], name)
+        assert_close(grad, want, TOLERANCES[dtype], name)
 
 
 def _check_op_against_manual(backend, q, k, v, dout, sinks=None, **op_args):
@@ -124,7 +127,7 @@ def _check_op_against_manual(backend, q, k, v, dout, sinks=None, **op_args):
         value, grads = value_and_grads("practical")
         mx.eval(value, grads)
     want_value, want_grads = value_and_grads("manual")
-    kernel_checks.assert_close(value, want_value, TOLERANCES[q.dtype], "loss")
+    assert_close(value, want_value, TOLERANCES[q.dtype], "loss")
     _assert_grads_close(grads, want_grads, q.dtype)
 
 
@@ -179,7 +182,7 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 def test_kernels_match_reference(backend, case):
     q, k, v, dout, mask, sinks = _problem(case, seed=case.lq)
-    kernel_checks.check_kernels_match_reference(practical, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
+    kernel_checks.check_kernels_match_reference(PRACTICAL, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
 
 
 # -- tiles outside the mask are never visited --------------------------------
@@ -233,7 +236,7 @@ def test_forward_lazy_maximum_rescales_exactly(backend):
     k = k * 0.1 + mx.concatenate([ramp, mx.zeros((1, 1, L, dim - 1))], axis=-1)
     for mask, sinks in ((structured(L, L), None), (structured(L, L, "causal"), mx.array([1.0, -30.0]))):
         kernel_checks.check_kernels_match_reference(
-            practical, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks
+            PRACTICAL, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks
         )
 
 
@@ -264,22 +267,22 @@ def test_tiles_outside_the_mask_are_never_read():
     assert 0 < len(live_fwd) < n_pairs / 3
 
     with on_backend("emulator"):
-        out, lse = practical.forward(q, k, v, scale, mask, None)
+        out, lse = practical.forward(AttentionCall(q, k, v, scale, mask, None))
         delta = mx.sum(dout * out, axis=-1)
         for j in range(-(-length // forward.tile)):
             bad_v = _poisoned(v, j * forward.tile, (j + 1) * forward.tile)
-            rows = _nan_rows(practical.forward(q, k, bad_v, scale, mask, None)[0])
+            rows = _nan_rows(practical.forward(AttentionCall(q, k, bad_v, scale, mask, None))[0])
             # A row that keeps no key returns zeros whatever its tiles read.
             expected = [r for r in range(length) if (r // rows_fwd, j) in live_fwd and keeps_any[r]]
             assert rows.tolist() == expected, f"forward, key tile {j}"
         for j in range(-(-length // dq_tiles.tile)):
             bad_k = _poisoned(k, j * dq_tiles.tile, (j + 1) * dq_tiles.tile)
-            rows = _nan_rows(practical.dq(q, bad_k, v, scale, mask, None, dout, lse, delta))
+            rows = _nan_rows(practical.dq(AttentionCall(q, bad_k, v, scale, mask, None, dout, lse, delta)))
             expected = [r for r in range(length) if (r // rows_dq, j) in live_dq]
             assert rows.tolist() == expected, f"dq, key tile {j}"
         for i in range(-(-length // dkdv_tiles.tile)):
             bad_do = _poisoned(dout, i * dkdv_tiles.tile, (i + 1) * dkdv_tiles.tile)
-            _, dv = practical.dkdv(q, k, v, scale, mask, None, bad_do, lse, delta)
+            _, dv = practical.dkdv(AttentionCall(q, k, v, scale, mask, None, bad_do, lse, delta))
             expected = [key for key in range(length) if (i, key // keys_dkdv) in live_dkdv]
             assert _nan_rows(dv).tolist() == expected, f"dkdv, query tile {i}"
 
@@ -325,7 +328,7 @@ def test_mlx_edge_cases_end_to_end(backend):
         with on_backend(backend):
             out = mlx_flash.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask, variant="practical")
             mx.eval(out)
-        kernel_checks.assert_close(out, expected, TOLERANCES[mx.float32], str(mask))
+        assert_close(out, expected, TOLERANCES[mx.float32], str(mask))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -339,7 +342,7 @@ def test_a_sink_of_minus_infinity_adds_nothing(backend):
     additive = mx.concatenate([mx.zeros((L, L - 8)), mx.full((L, 8), -math.inf)], axis=1)
     mask = structured(L, L, additive)
     sinks = mx.array([-math.inf, 0.5])
-    kernel_checks.check_kernels_match_reference(practical, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
+    kernel_checks.check_kernels_match_reference(PRACTICAL, backend, q, k, v, dout, mask, TOLERANCES, sinks=sinks)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -374,7 +377,7 @@ def test_value_and_grad_and_checkpoint(backend):
     terms = reference.attention(proj(q), k, v, 0.2, None).astype(mx.float32) * dout.astype(mx.float32)
     atol, rtol = TOLERANCES[dtype]
     assert abs(value.item() - ref_value.item()) <= atol + rtol * mx.sum(mx.abs(terms)).item()
-    kernel_checks.assert_close(grads["weight"], ref_grads["weight"], TOLERANCES[dtype], "weight grad")
+    assert_close(grads["weight"], ref_grads["weight"], TOLERANCES[dtype], "weight grad")
 
 
 # -- inputs, schedules, caching ------------------------------------------------
@@ -397,8 +400,8 @@ def test_strided_inputs(backend):
     assert mask.causal
     expected_out, expected_grads, _ = kernel_checks.kernel_oracle(q, k, v, dout, 0.25, mask)
     with on_backend(backend):
-        out, _, grads = run_kernels(practical, q_t, k_t, v_t, do_t, 0.25, mask)
-    kernel_checks.assert_close(out, expected_out, TOLERANCES[dtype], "output")
+        out, _, grads = run_kernels(PRACTICAL, q_t, k_t, v_t, do_t, 0.25, mask)
+    assert_close(out, expected_out, TOLERANCES[dtype], "output")
     _assert_grads_close(grads, expected_grads, dtype)
 
 
@@ -409,9 +412,9 @@ def test_results_do_not_depend_on_the_schedule(backend):
     case = Case(1, 4, 2, 40, 40, 32, 32, F32, causal=True, window=15, segments="padding", sinks=True)
     q, k, v, dout, mask, sinks = _problem(case, seed=11)
     with on_backend(backend, schedule="forward"):
-        out, lse, grads = run_kernels(practical, q, k, v, dout, 0.3, mask, sinks)
+        out, lse, grads = run_kernels(PRACTICAL, q, k, v, dout, 0.3, mask, sinks)
     with on_backend(backend, schedule=20261122):
-        out2, lse2, grads2 = run_kernels(practical, q, k, v, dout, 0.3, mask, sinks)
+        out2, lse2, grads2 = run_kernels(PRACTICAL, q, k, v, dout, 0.3, mask, sinks)
     assert mx.any(lse == mx.inf).item()  # some rows keep nothing
     for a, b in zip((out, lse, *grads), (out2, lse2, *grads2)):
         assert mx.array_equal(a, b, equal_nan=True).item()
@@ -437,14 +440,14 @@ def test_kernels_and_ops_are_cached(backend):
     q, k, v, _ = random_inputs(1, 2, 2, 8, 8, 32, 32, mx.float32, seed=9)
     mask = structured(8, 8)
     with on_backend(backend):
-        practical.attention(q, k, v, 0.5, mask)
+        PRACTICAL.attention(AttentionCall(q, k, v, 0.5, mask))
         built = kernels.build.cache_info().currsize
-        ops = fused._custom_op.cache_info().currsize
-        out, _ = practical.attention(q, k, v, 0.5, mask)
-        again, _ = practical.attention(q, k, v, 0.5, structured(8, 8))
+        ops = fused.custom_op.cache_info().currsize
+        out, _ = PRACTICAL.attention(AttentionCall(q, k, v, 0.5, mask))
+        again, _ = PRACTICAL.attention(AttentionCall(q, k, v, 0.5, structured(8, 8)))
         mx.eval(out, again)
         assert kernels.build.cache_info().currsize == built
-        assert fused._custom_op.cache_info().currsize == ops
+        assert fused.custom_op.cache_info().currsize == ops
         assert mx.array_equal(out, again).item()
 
 
@@ -543,7 +546,7 @@ def test_signatures_have_no_unused_shape_buffers(monkeypatch):
     ids = segment_layout("many", 1, 8, seed=0)
     mask = structured(8, 8, mx.ones((1, 1, 8, 8), dtype=mx.bool_), ids, window=3)
     with on_backend("emulator", schedule="forward"):
-        run_kernels(practical, q, k, v, dout, 0.125, mask, mx.zeros((2,)))
+        run_kernels(PRACTICAL, q, k, v, dout, 0.125, mask, mx.zeros((2,)))
     assert len(launches) == 3
     for kernel, call in launches:
         rest = {key: value for key, value in call.items() if key != "inputs"}
@@ -610,11 +613,11 @@ def test_docstring_tile_table_is_current():
 
 
 def test_heads_per_tile_divides_the_group():
-    assert practical.heads_per_tile(1, 32) == 1
-    assert practical.heads_per_tile(8, 32) == 8
-    assert practical.heads_per_tile(6, 16) == 6
-    assert practical.heads_per_tile(64, 32) == 32
-    assert practical.heads_per_tile(7, 4) == 1
+    assert fused.heads_per_tile(1, 32) == 1
+    assert fused.heads_per_tile(8, 32) == 8
+    assert fused.heads_per_tile(6, 16) == 6
+    assert fused.heads_per_tile(64, 32) == 32
+    assert fused.heads_per_tile(7, 4) == 1
 
 
 def test_unsupported_reason():
@@ -648,4 +651,4 @@ if mx.metal.is_available():
         grads = mx.compile(loss_of("practical"))(q, k, v, ids)
         expected = loss_of("manual")(q, k, v, ids)
         for grad, want in zip(grads, expected):
-            kernel_checks.assert_close(grad, want, TOLERANCES[mx.float16], "compiled")
+            assert_close(grad, want, TOLERANCES[mx.float16], "compiled")

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import mlx_flash
-from kernel_checks import assert_close, assert_lse_close, kernel_oracle, random_inputs, segment_layout
+from conftest import assert_close
+from kernel_checks import assert_lse_close, kernel_oracle, random_inputs, segment_layout
 from mlx_flash import blockwise, masks, reference
+from mlx_flash.call import AttentionCall
 
 TOLERANCES = {mx.float32: (2e-5, 2e-5), mx.float16: (3e-3, 1e-2), mx.bfloat16: (2e-2, 3e-2)}
 
@@ -176,11 +178,11 @@ def test_blockwise_matches_the_reference(case):
     expected_out, expected_grads, expected_lse = kernel_oracle(q, k, v, dout, scale, structure, sinks)
 
     def fn(q, k, v, *rest):
-        return blockwise.attention(q, k, v, scale, structure, rest[0] if rest else None)[0]
+        return blockwise.attention(AttentionCall(q, k, v, scale, structure, rest[0] if rest else None))[0]
 
     primals = [q, k, v] + ([sinks] if sinks is not None else [])
     out, grads = grads_of(fn, primals, dout)
-    _, lse = blockwise.attention(q, k, v, scale, structure, sinks)
+    _, lse = blockwise.attention(AttentionCall(q, k, v, scale, structure, sinks))
     assert_close(out, expected_out, TOLERANCES[dtype], "output")
     assert_lse_close(lse, expected_lse, (1e-4, 1e-5) if dtype == mx.float32 else (2e-2, 1e-3))
     for grad, want, name in zip(grads, expected_grads, ("dq", "dk", "dv", "dsinks")):
@@ -246,20 +248,20 @@ def test_packed_tiles_are_skipped(monkeypatch):
     q, k, v, _ = random_inputs(1, 1, 1, 128, 128, 8, 8, mx.float32, seed=8)
     ids = mx.array(np.repeat(np.arange(4), 32)[None])
     structure = masks.build(128, 128, "causal", ids)
-    tiles = blockwise._Tiles(q, k, v, 1.0, structure)
+    tiles = blockwise._Tiles(AttentionCall(q, k, v, 1.0, structure))
     live = sum(len(v) for v in tiles.live.values())
     # 4 documents of 2 x 2 tiles each, causal inside: 3 tiles per document.
     assert live == 12
     full_tiles = sum(1 for blocks in tiles.live.values() for _, full in blocks if full)
     assert full_tiles == 12  # every live tile lies inside one document
-    causal_only = blockwise._Tiles(q, k, v, 1.0, masks.build(128, 128, "causal"))
+    causal_only = blockwise._Tiles(AttentionCall(q, k, v, 1.0, masks.build(128, 128, "causal")))
     assert sum(len(v) for v in causal_only.live.values()) == 36
 
 
 def test_window_tiles_are_skipped():
     structure = masks.build(256, 256, "causal", None, 32)
     q = mx.zeros((1, 1, 256, 8))
-    tiles = blockwise._Tiles(q, q, q, 1.0, structure)
+    tiles = blockwise._Tiles(AttentionCall(q, q, q, 1.0, structure))
     # 16-row query tiles see at most 32 + 15 keys: 2 or 3 key tiles of 32.
     assert max(len(v) for v in tiles.live.values()) <= 3
     assert sum(len(v) for v in tiles.live.values()) < 3 * 16

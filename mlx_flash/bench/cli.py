@@ -47,7 +47,7 @@ DEFAULT_COST_OUT = os.path.join("runs", "bench-cost")
 #: Runs estimated to take longer than this ask before they start.
 CONFIRM_ABOVE_S = 3600
 
-ALL_VARIANTS = ["manual", "mlx", "blockwise", "practical", "demo"]
+ALL_VARIANTS = [name for name in harness.VARIANTS if name != "auto"]
 
 PRESETS = {
     "matrix": dict(
@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preset.add_argument("--quick", action="store_true", help="a small matrix that runs in well under a minute")
     preset.add_argument(
+        "--blas",
+        action="store_true",
+        help="time a float32 2048^3 product on the BLAS MLX's Linux wheel ships against the optimized BLAS "
+        "preloaded, in interleaved fresh processes (minutes: the shipped BLAS is slow)",
+    )
+    parser.add_argument(
         "--cost",
         action="store_true",
         help="count what the practical and demo kernels issue (bytes, FLOPs, collectives, threadgroup memory) "
@@ -450,10 +456,9 @@ def cost_cases(args: argparse.Namespace) -> List:
     for case in cases:
         if case.seq < 1:
             raise ValueError(f"--seq: must be at least 1, got {case.seq}")
-        if case.family == "demo" and case.head_dim not in cost.demo.HEAD_DIMS:
-            raise ValueError(f"--head-dim: demo takes {', '.join(map(str, cost.demo.HEAD_DIMS))}, not {case.head_dim}")
-        if case.head_dim > cost.practical.MAX_HEAD_DIM:
-            raise ValueError(f"--head-dim: at most {cost.practical.MAX_HEAD_DIM}, got {case.head_dim}")
+        why = cost.families.get(case.family).unsupported_dims(case.dtype, case.head_dim, case.head_dim)
+        if why is not None:
+            raise ValueError(f"--head-dim: {case.family} takes no head dim {case.head_dim} ({why})")
         cost.structured_mask(case)  # ValueError for masks --cost does not count
     return cases
 
@@ -521,12 +526,20 @@ def run_cost(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:
+        from ..blas import reexec_with_fast_blas
+
+        reexec_with_fast_blas()
     given = list(sys.argv[1:] if argv is None else argv)
     if "--step" in given:
         from . import step
 
         return step.main([a for a in given if a != "--step"])
     args = build_parser().parse_args(argv)
+    if args.blas:
+        from .blas import compare
+
+        return compare()
     if args.cost:
         return run_cost(args, argv)
     if args.before:

@@ -40,12 +40,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .. import blockwise, demo, emulator, masks, practical
+from .. import blockwise, emulator, families, masks
+from ..call import AttentionCall
 from . import bounds
 from . import masks as mask_names
 
 #: Kernel families and the dtype each one is counted in.
-FAMILIES = {"practical": "float32", "demo": "float16"}
+FAMILIES = {family.name: family.cost_dtype for family in families.REGISTRY.values()}
 KERNELS = ("forward", "dkdv", "dq")
 MASKS = ("causal", "causal+docs512")
 DTYPES = {"float32": mx.float32, "float16": mx.float16}
@@ -68,10 +69,12 @@ class Case:
     q_heads: int = QUERY_HEADS
     kv_heads: int = QUERY_HEADS
     batch: int = 1
+    #: The dtype counted, when not the family's (``FAMILIES``).
+    precision: str = ""
 
     @property
     def dtype(self) -> str:
-        return FAMILIES[self.family]
+        return self.precision or FAMILIES[self.family]
 
     def label(self) -> str:
         return (f"{self.family} D={self.head_dim} L={self.seq} {self.mask} "
@@ -109,30 +112,9 @@ def kernel_tiling(case: Case, kernel: str) -> Tuple[bounds.Tiling, str, int, int
     """``(tiling, tiles text, registers, declared threadgroup bytes)`` of one
     kernel on ``case``, from the family's own tile rules (the registers are
     the family docstring's estimate per lane, not a compiler count)."""
-    group = case.q_heads // case.kv_heads
-    dim = case.head_dim
-    if case.family == "practical":
-        tiles = practical.tile_sizes(kernel, dim, dim, DTYPES[case.dtype])
-        rows = tiles.simdgroups * tiles.rows
-        if kernel == "dkdv":
-            tiling = bounds.Tiling("key", rows, tiles.tile, group)
-            text = f"NSG/KPS/BQ {tiles.simdgroups}/{tiles.rows}/{tiles.tile}"
-        else:
-            heads = practical.heads_per_tile(group, rows)
-            tiling = bounds.Tiling("query", rows // heads, tiles.tile, heads)
-            text = f"NSG/R/BK {tiles.simdgroups}/{tiles.rows}/{tiles.tile}, {heads} head(s) x {rows // heads}"
-        return tiling, text, tiles.registers, tiles.threadgroup_bytes
-    tiles = demo.TILES[dim]
-    name = "dkv" if kernel == "dkdv" else kernel
-    bq, bk = getattr(tiles, name)
-    if kernel == "dkdv":
-        tiling = bounds.Tiling("key", bk, bq, group)
-        text = f"BQ/BK {bq}/{bk}"
-    else:
-        heads = demo.heads_per_threadgroup(group, tiles.heads)
-        tiling = bounds.Tiling("query", bq, bk, heads)
-        text = f"BQ/BK {bq}/{bk}, {heads} head(s)"
-    return tiling, text, tiles.registers(dim)[name], tiles.threadgroup_bytes(dim)[name]
+    family = families.get(case.family)
+    t = family.tiling(kernel, case.head_dim, DTYPES[case.dtype], case.q_heads // case.kv_heads)
+    return bounds.Tiling(t.owner, t.own, t.inner, t.heads), t.text, t.registers, t.threadgroup_bytes
 
 
 def visits(mask: masks.StructuredMask, tiling: bounds.Tiling, batch: int = 1) -> int:
@@ -238,9 +220,9 @@ def inputs(case: Case, seed: int = 0):
     )
 
 
-def backward_inputs(q, k, v, dout, scale: float, mask):
+def backward_inputs(call: AttentionCall, dout):
     """``(lse, delta)`` for the backward kernels, from ``blockwise``."""
-    out, lse = blockwise.attention(q, k, v, scale, mask)
+    out, lse = blockwise.attention(call)
     delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
     mx.eval(lse, delta)
     return lse, delta
@@ -258,15 +240,15 @@ def count(case: Case, seed: int = 0) -> List[dict]:
     """The cells (``cell``) of the three kernels of ``case.family`` on ``case``."""
     if case.batch != 1:
         raise ValueError(f"--cost counts one batch row (a launch's first column), not {case.batch}")
-    family = {"practical": practical, "demo": demo}[case.family]
+    family = families.get(case.family)
     mask = structured_mask(case, seed)
     q, k, v, dout = inputs(case, seed)
-    scale = case.head_dim ** -0.5
-    lse, delta = backward_inputs(q, k, v, dout, scale, mask)
+    call = AttentionCall(q, k, v, case.head_dim ** -0.5, mask)
+    backward = call.backward(dout, *backward_inputs(call, dout))
     launches = {
-        "forward": lambda: mx.eval(family.forward(q, k, v, scale, mask, None)),
-        "dkdv": lambda: mx.eval(family.dkdv(q, k, v, scale, mask, None, dout, lse, delta)),
-        "dq": lambda: mx.eval(family.dq(q, k, v, scale, mask, None, dout, lse, delta)),
+        "forward": lambda: mx.eval(family.forward(call)),
+        "dkdv": lambda: mx.eval(family.dkdv(backward)),
+        "dq": lambda: mx.eval(family.dq(backward)),
     }
     cells = []
     for kernel in KERNELS:
@@ -311,7 +293,7 @@ def cell(case: Case, kernel: str, profile: emulator.Profile, tiling: bounds.Tili
             "issued": product_flops(kernel, evaluated, case.head_dim, case.head_dim),
             # demo: 8x8x8 multiply-accumulates, 2 FLOPs each; practical: scalar
             # FMAs the profiler does not count (issued follows from the visits).
-            "counted": 2 * 512 * counted_mma if case.family == "demo" else None,
+            "counted": 2 * 512 * counted_mma if families.get(case.family).matrix_products else None,
         },
         "bytes": {
             "tensor": classes["tensor"],

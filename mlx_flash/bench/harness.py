@@ -109,8 +109,9 @@ def _builtin(name: str) -> Variant:
     return Variant(name, fn, describe)
 
 
+#: The package's variants, ``auto`` last (it resolves to one of the others).
 VARIANTS: Dict[str, Variant] = {
-    name: _builtin(name) for name in ("manual", "mlx", "blockwise", "practical", "demo", "auto")
+    name: _builtin(name) for name in [n for n in mlx_flash.VARIANTS if n != "auto"] + ["auto"]
 }
 
 

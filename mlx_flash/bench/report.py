@@ -177,8 +177,9 @@ def machine_lines(m: dict) -> List[str]:
         source = f" at commit {m['source']['commit']}"
         if m["source"]["uncommitted"]:
             source += " with uncommitted changes to " + ", ".join(m["source"]["uncommitted"])
+    matmuls = f", CPU BLAS {m['blas']}" if m.get("blas") else ""
     return [
-        f"- **Hardware:** {m['chip']} ({m['cpu_cores']} CPU cores{memory}), MLX backend **{m['backend']}**",
+        f"- **Hardware:** {m['chip']} ({m['cpu_cores']} CPU cores{memory}), MLX backend **{m['backend']}**{matmuls}",
         f"- **Software:** {m['os']}, Python {m['python']}, MLX {m['mlx_version']}, mlx-flash {m['mlx_flash_version']}{source}",
     ]
 

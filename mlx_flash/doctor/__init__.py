@@ -48,7 +48,8 @@ def doctor(
     """
     from pathlib import Path
 
-    from .. import validation, verdicts
+    from .. import verdicts
+    from ..families import names as family_names
     from . import checkup, grid
 
     if quick and full:
@@ -59,7 +60,7 @@ def doctor(
     if head_dims:
         dims = [grid.parse_head_dims(str(d)) if not isinstance(d, (tuple, list)) else tuple(d) for d in head_dims]
     for name, given, allowed in (
-        ("families", families, validation.FAMILIES),
+        ("families", families, family_names()),
         ("dtypes", dtypes, ("float32", "float16", "bfloat16")),
         ("masks", masks, verdicts.MASK_KINDS),
     ):
@@ -70,7 +71,7 @@ def doctor(
     findings = checkup.run(
         "quick" if quick else "full" if full else "default",
         geometry,
-        families=families or validation.FAMILIES,
+        families=families or family_names(),
         dtypes=dtypes,
         head_dims=dims,
         kinds=masks or verdicts.MASK_KINDS,

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from .. import emulator, machine, masks, validation, verdicts
+from ..families import names as family_names
 from . import grid
 
 
@@ -131,7 +132,7 @@ def time_kernels(
         kinds, _ = _needed_kinds(config)
         chosen = []
         for name in plan.variants:
-            if name in validation.FAMILIES:
+            if name in family_names():
                 units = [verdicts.unit_key(name, config.dtype, config.head_dim, config.head_dim, k) for k in kinds]
                 if not all(u in passed for u in units):
                     continue
@@ -149,7 +150,7 @@ def time_kernels(
         row = _timing_row(config, kind, cells)
         rows.append(row)
         for name, detail in row["failed"].items():
-            if name in validation.FAMILIES:
+            if name in family_names():
                 c = config
                 where = f"B={c.batch} H={c.heads}/{c.kv_heads} L={c.seq} {c.mask} {c.mode}"
                 for k in kinds:
@@ -180,7 +181,7 @@ def auto_choice(row: dict) -> str:
 def run(
     level: str = "default",
     geometry: Optional[grid.Geometry] = None,
-    families: Sequence[str] = validation.FAMILIES,
+    families: Sequence[str] = family_names(),
     dtypes: Optional[Sequence[str]] = None,
     head_dims: Optional[Sequence[Tuple[int, int]]] = None,
     kinds: Sequence[str] = verdicts.MASK_KINDS,

@@ -16,9 +16,10 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
-from .. import validation, verdicts
+from .. import verdicts
+from ..families import names as family_names
 from ..folders import unwritable
 from . import checkup, grid
 
@@ -60,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="as --model, for a fine-tuning recipe's model, with its max_seq_length, batch_size and packing",
     )  # fmt: skip
     parser.add_argument(
-        "--family", action="append", choices=validation.FAMILIES,
-        help="validate only this kernel family (repeatable; default both)",
+        "--family", action="append", choices=family_names(),
+        help="validate only this kernel family (repeatable; default every family)",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", action="append", choices=("float32", "float16", "bfloat16"),
@@ -82,7 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the kernels on the CPU emulator even where Metal is (correctness only, nothing timed)",
     )  # fmt: skip
     parser.add_argument("--out", metavar="FILE", help="also write the report to FILE (Markdown)")
+    parser.add_argument(
+        "--blas", action="store_true",
+        help="only name the BLAS MLX's CPU matrix products run on, with its measured float32 GFLOP/s, and "
+        "what to install if it is the slow reference BLAS (Linux)",
+    )  # fmt: skip
     return parser
+
+
+def blas_lines() -> List[str]:
+    """The BLAS MLX's CPU products use here, its measured speed, and advice."""
+    from .. import blas
+
+    lines = [blas.describe(measure=True)]
+    advice = blas.advice(blas.in_use())
+    if advice:
+        lines.append(f"warning: {advice}")
+    return lines
 
 
 def _fail(message: str) -> int:
@@ -99,7 +116,14 @@ def _out_problem(out: str) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:
+        from ..blas import reexec_with_fast_blas
+
+        reexec_with_fast_blas()
     args = build_parser().parse_args(argv)
+    if args.blas:
+        print("\n".join(blas_lines()))
+        return 0
     level = "quick" if args.quick else "full" if args.full else "default"
     try:
         head_dims = [grid.parse_head_dims(text) for text in args.head_dim or []] or None
@@ -112,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         findings = checkup.run(
             level,
             geometry,
-            families=args.family or validation.FAMILIES,
+            families=args.family or family_names(),
             dtypes=args.dtype,
             head_dims=head_dims,
             kinds=args.mask or verdicts.MASK_KINDS,
@@ -126,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("mlx_flash.doctor: interrupted", file=sys.stderr)
         return 130
     text = str(findings)
+    if sys.platform == "linux":
+        text += "\n## CPU BLAS\n\n" + "\n".join(f"- {line}" for line in blas_lines()) + "\n"
     sys.stdout.write(text)
     sys.stdout.flush()
     if args.out:

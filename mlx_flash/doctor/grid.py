@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .. import validation, verdicts
+from ..families import names as family_names
 
 LEVELS = ("quick", "default", "full")
 
@@ -175,7 +176,7 @@ def parse_head_dims(text: str) -> Tuple[int, int]:
 def validation_units(
     level: str,
     geometry: Optional[Geometry] = None,
-    families: Sequence[str] = validation.FAMILIES,
+    families: Sequence[str] = family_names(),
     dtypes: Optional[Sequence[str]] = None,
     head_dims: Optional[Sequence[Tuple[int, int]]] = None,
     kinds: Sequence[str] = verdicts.MASK_KINDS,
@@ -221,7 +222,7 @@ def timing_plan(
     modes = ("fwdbwd",) if level == "quick" else ("fwd", "fwdbwd")
     # Every level times the kernels against MLX; beyond quick, also against
     # blockwise (the portable fallback auto would otherwise take).
-    variants = ("mlx", "practical", "demo") + (("blockwise",) if level != "quick" else ())
+    variants = ("mlx",) + family_names() + (("blockwise",) if level != "quick" else ())
     repeats = 5 if level == "full" else 3
     heads, kv_heads, batch = 16, 4, 1
     dims = [64, 128] if level != "quick" else [128]

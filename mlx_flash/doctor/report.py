@@ -9,7 +9,7 @@ own op, and what ``auto`` now picks for each timed problem.
 
 from typing import Dict, List
 
-from .. import verdicts
+from .. import families, verdicts
 
 #: Lines of a failure's message shown in the report (the verdict keeps more).
 DETAIL_LINES = 40
@@ -95,7 +95,7 @@ def _timings(f) -> List[str]:
     if not f.timings:
         return lines + ["Nothing was timed.", ""]
     measured = {n for row in f.timings for n in list(row["median_s"]) + list(row["failed"])}
-    names = [n for n in ("mlx", "demo", "practical", "blockwise") if n in measured]
+    names = [n for n in ["mlx"] + families.preferred() + ["blockwise"] if n in measured]
     lines += [
         "Median of the timed runs, each checked against the float32 reference first (a wrong result has no time). "
         "In brackets: MLX's time over this one's (above 1: faster than `mx.fast.scaled_dot_product_attention`). "

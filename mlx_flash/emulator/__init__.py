@@ -44,6 +44,7 @@ from .errors import (
 )
 from .execute import CHECKED_SCHEDULES, MATH, SCHEDULES, run, run_checked
 from .profile import Profile
+from .source import KernelCall
 from .strict import StrictReport, strict_check
 
 

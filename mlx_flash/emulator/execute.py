@@ -231,8 +231,7 @@ class _Result:
 def _launch(
     compiled: build.Kernel,
     captured: source.Capture,
-    inputs: List[mx.array],
-    call: dict,
+    call: source.KernelCall,
     schedule: Schedule,
     math: str,
     detect_races: bool,
@@ -240,8 +239,7 @@ def _launch(
     only: Optional[np.ndarray] = None,
 ) -> _Result:
     code, seed = _schedule_code(schedule)
-    output_shapes = call["output_shapes"]
-    output_dtypes = call["output_dtypes"]
+    inputs, output_shapes, output_dtypes = call.inputs, call.output_shapes, call.output_dtypes
 
     # Outputs: MLX's init_value if the kernel has one, else 0xff bytes (NaN),
     # so that elements a kernel never writes show up.
@@ -313,8 +311,8 @@ def _launch(
     flat = [v for i in range(n_buf) for v in ranges.get(i, (0, 0))]
     launch.ranges = (ctypes.c_uint64 * len(flat))(*flat)
     launch.n_bufs = n_buf
-    launch.grid[:] = call["grid"]
-    launch.group[:] = call["threadgroup"]
+    launch.grid[:] = call.grid
+    launch.group[:] = call.threadgroup
     launch.schedule = code
     launch.seed = seed
     launch.stack_size = STACK_SIZE
@@ -337,7 +335,7 @@ def _launch(
             for kind in ("loaded_bytes", "stored_bytes")
         ]
         counter_names = fixed + per_buffer
-        n_groups = _threadgroups(call["grid"], call["threadgroup"])
+        n_groups = _threadgroups(call.grid, call.threadgroup)
         counters = np.zeros((n_groups, len(counter_names)), dtype=np.uint64)
         launch.counters = counters.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))
         launch.n_counters = len(counter_names)
@@ -369,7 +367,7 @@ def _launch(
     prof = None
     if profile:
         rows = counters if only is None else counters[only.astype(np.int64)]
-        prof = Profile(captured.name, call["grid"], call["threadgroup"], counter_names, rows, only)
+        prof = Profile(captured.name, call.grid, call.threadgroup, counter_names, rows, only)
     return _Result(results, prof, stats, int(launch.tg_float_adds), captured.init_value)
 
 
@@ -443,30 +441,25 @@ def run(
     schedule, math, strict_pass = _resolve(schedule, math, strict)
     threadgroups = _resolve_threadgroups(threadgroups)
     if not isinstance(schedule, (str, int, np.integer)):
-        return run_checked(
-            kernel, inputs, output_shapes, output_dtypes, grid, threadgroup,
-            template=template, init_value=init_value, schedules=schedule,
-            math=math, strict=strict_pass, profile=profile, threadgroups=threadgroups,
-        )
+        schedules = _checked_schedules(schedule)
+        call = source.KernelCall.of(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
+        return _run_checked(kernel, call, schedules, True, math, strict_pass, profile, threadgroups)
     _schedule_code(schedule)
-    inputs, call = source.prepare_call(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
-    captured = source.capture(kernel, inputs, call)
+    call = source.KernelCall.of(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
+    captured = source.capture(kernel, call)
     if verbose:
         print(captured.source)
     if strict_pass:
-        _strict(kernel, inputs, call, captured)
+        _strict(kernel, call, captured)
     counting = _profiling(profile)
-    only = _selected(threadgroups, call["grid"], call["threadgroup"])
+    only = _selected(threadgroups, call.grid, call.threadgroup)
     compiled = build.load(captured.source, captured.math_mode, instrumented=detect_races or counting)
-    result = _launch(
-        compiled, captured, inputs, call, schedule, _math_for(math, captured), detect_races, counting,
-        only,
-    )
+    result = _launch(compiled, captured, call, schedule, _math_for(math, captured), detect_races, counting, only)
     return _finish(result, profile)
 
 
-def _strict(kernel, inputs, call, captured):
-    report = strict.check_call(kernel, inputs, call, captured)
+def _strict(kernel, call: source.KernelCall, captured):
+    report = strict.check_call(kernel, call, captured)
     session = context.current()
     if session is not None:
         session.strict_reports.append(report)
@@ -553,18 +546,29 @@ def run_checked(
     rounding their order explains: ``OrderDependentWarning``, not a race.
     """
     _, math, strict_pass = _resolve("forward", math, strict)
-    threadgroups = _resolve_threadgroups(threadgroups)
-    counting = _profiling(profile)
+    schedules = _checked_schedules(schedules)
+    call = source.KernelCall.of(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
+    return _run_checked(kernel, call, schedules, detect_races, math, strict_pass, profile, threadgroups)
+
+
+def _checked_schedules(schedules) -> list:
+    """``schedules`` as a list of at least two valid schedules."""
     schedules = list(schedules)
     if len(schedules) < 2:
         raise ValueError("run_checked needs at least two schedules")
     for s in schedules:
         _schedule_code(s)
-    inputs, call = source.prepare_call(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
-    captured = source.capture(kernel, inputs, call)
+    return schedules
+
+
+def _run_checked(kernel, call: source.KernelCall, schedules, detect_races, math, strict_pass, profile, threadgroups):
+    """``run_checked`` on a ``KernelCall``, its settings resolved."""
+    threadgroups = _resolve_threadgroups(threadgroups)
+    counting = _profiling(profile)
+    captured = source.capture(kernel, call)
     if strict_pass:
-        _strict(kernel, inputs, call, captured)
-    only = _selected(threadgroups, call["grid"], call["threadgroup"])
+        _strict(kernel, call, captured)
+    only = _selected(threadgroups, call.grid, call.threadgroup)
     has_atomic_floats = "atomic<float>" in captured.source.replace(" ", "")
     compiled = build.load(
         captured.source, captured.math_mode,
@@ -574,8 +578,7 @@ def run_checked(
     order_dependent = {}
     for i, schedule in enumerate(schedules):
         result = _launch(
-            compiled, captured, inputs, call, schedule, _math_for(math, captured), detect_races,
-            counting and i == 0, only,
+            compiled, captured, call, schedule, _math_for(math, captured), detect_races, counting and i == 0, only
         )
         if first is None:
             first = result

@@ -118,43 +118,75 @@ def _check_dims(name, dims):
     return dims
 
 
-def prepare_call(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value):
-    """Validated, evaluated inputs and the keyword arguments of calling a
-    kernel: what ``capture`` takes."""
-    grid = _check_dims("grid", grid)
-    threadgroup = _check_dims("threadgroup", threadgroup)
-    if threadgroup[0] * threadgroup[1] * threadgroup[2] > 1024:
-        raise ValueError(
-            f"threadgroup {threadgroup} has more than 1024 threads, the most "
-            "a Metal threadgroup can have"
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    """The arguments of one call of an ``mx.fast.metal_kernel``, validated,
+    with its inputs evaluated: what ``emulator.run``, ``run_checked`` and
+    ``strict_check`` take, as one value (``of`` builds it from their
+    arguments)."""
+
+    inputs: Tuple[mx.array, ...]
+    output_shapes: Tuple[Tuple[int, ...], ...]
+    output_dtypes: Tuple
+    grid: Tuple[int, int, int]
+    threadgroup: Tuple[int, int, int]
+    template: Optional[Tuple] = None
+    init_value: Optional[float] = None
+
+    @staticmethod
+    def of(inputs, output_shapes, output_dtypes, grid, threadgroup, template=None, init_value=None) -> "KernelCall":
+        """A ``KernelCall`` from the keyword arguments of calling a kernel;
+        ``ValueError`` for a grid, threadgroup or outputs Metal would refuse."""
+        grid = _check_dims("grid", grid)
+        threadgroup = _check_dims("threadgroup", threadgroup)
+        if threadgroup[0] * threadgroup[1] * threadgroup[2] > 1024:
+            raise ValueError(
+                f"threadgroup {threadgroup} has more than 1024 threads, the most "
+                "a Metal threadgroup can have"
+            )
+        if len(output_shapes) != len(output_dtypes):
+            raise ValueError("output_shapes and output_dtypes differ in length")
+        inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
+        mx.eval(inputs)
+        return KernelCall(
+            tuple(inputs),
+            tuple(tuple(s) for s in output_shapes),
+            tuple(output_dtypes),
+            grid,
+            threadgroup,
+            tuple(template) if template else None,
+            init_value,
         )
-    if len(output_shapes) != len(output_dtypes):
-        raise ValueError("output_shapes and output_dtypes differ in length")
-    inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
-    mx.eval(inputs)
-    call = dict(
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[tuple(s) for s in output_shapes],
-        output_dtypes=list(output_dtypes),
-    )
-    if template:
-        call["template"] = list(template)
-    if init_value is not None:
-        call["init_value"] = init_value
-    return inputs, call
+
+    def with_inputs(self, inputs: Sequence[mx.array]) -> "KernelCall":
+        """The same call on other (evaluated) inputs."""
+        return dataclasses.replace(self, inputs=tuple(inputs))
+
+    def keywords(self) -> dict:
+        """The keyword arguments of calling the kernel, but ``inputs``."""
+        call = dict(
+            grid=self.grid,
+            threadgroup=self.threadgroup,
+            output_shapes=list(self.output_shapes),
+            output_dtypes=list(self.output_dtypes),
+        )
+        if self.template:
+            call["template"] = list(self.template)
+        if self.init_value is not None:
+            call["init_value"] = self.init_value
+        return call
 
 
-
-def capture(kernel, inputs: Sequence[mx.array], call: dict) -> Capture:
-    """What MLX would compile and launch for ``kernel(inputs=inputs, **call)``."""
+def capture(kernel, call: KernelCall) -> Capture:
+    """What MLX would compile and launch for ``kernel`` called with ``call``."""
+    keywords = call.keywords()
 
     def traced(*xs):
-        return kernel(inputs=list(xs), **call)
+        return kernel(inputs=list(xs), **keywords)
 
     with _lock, tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.mlxfn")
-        mx.export_function(path, traced, *inputs)
+        mx.export_function(path, traced, *call.inputs)
         with open(path, "rb") as f:
             data = f.read()
     try:
@@ -164,10 +196,10 @@ def capture(kernel, inputs: Sequence[mx.array], call: dict) -> Capture:
             "cannot read the kernel MLX recorded while tracing; this MLX version "
             f"is not supported by the emulator ({mx.__version__}): {e}"
         ) from None
-    if result.grid != tuple(call["grid"]) or result.threadgroup != tuple(call["threadgroup"]):
+    if result.grid != call.grid or result.threadgroup != call.threadgroup:
         raise EmulatorError(
             f"MLX recorded grid {result.grid} and threadgroup {result.threadgroup} for a "
-            f"call with {tuple(call['grid'])} and {tuple(call['threadgroup'])}; this MLX "
+            f"call with {call.grid} and {call.threadgroup}; this MLX "
             f"version is not supported by the emulator ({mx.__version__})"
         )
     return result
@@ -176,4 +208,4 @@ def capture(kernel, inputs: Sequence[mx.array], call: dict) -> Capture:
 def generated_source(kernel, inputs, call: dict) -> str:
     """The Metal source (header, kernel template, instantiation) that MLX
     would compile for ``kernel(inputs=inputs, **call)``."""
-    return capture(kernel, inputs, call).source
+    return capture(kernel, KernelCall.of(inputs, **call)).source

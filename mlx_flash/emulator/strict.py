@@ -346,13 +346,14 @@ def _resized(x: mx.array, elements: int) -> mx.array:
     return mx.zeros((elements,) + (1,) * (x.ndim - 1), dtype=x.dtype)
 
 
-def check_call(kernel, inputs: Sequence[mx.array], call: dict, captured=None) -> StrictReport:
-    """Strict-check ``kernel(inputs=inputs, **call)`` as called and with
+def check_call(kernel, call: source.KernelCall, captured=None) -> StrictReport:
+    """Strict-check ``kernel`` called with ``call`` as called and with
     every input in constant, then in device memory."""
-    captured = captured or source.capture(kernel, list(inputs), call)
+    captured = captured or source.capture(kernel, call)
     variants = {captured.source: "as called"}
     for elements, where in ((1, "constant"), (CONSTANT_ELEMENTS, "device")):
-        text = source.capture(kernel, [_resized(x, elements) for x in inputs], call).source
+        resized = call.with_inputs([_resized(x, elements) for x in call.inputs])
+        text = source.capture(kernel, resized).source
         variants.setdefault(
             text, f"with every input of {elements} element{'s' if elements > 1 else ''} "
             f"(which MLX passes in {where} memory)"
@@ -380,5 +381,5 @@ def strict_check(
     call (the arguments of ``emulator.run``); raise ``StrictError`` with
     clang's message and the kernel source lines it names if not. Returns a
     ``StrictReport`` (threadgroup memory per array)."""
-    inputs, call = source.prepare_call(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
-    return check_call(kernel, inputs, call)
+    call = source.KernelCall.of(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
+    return check_call(kernel, call)

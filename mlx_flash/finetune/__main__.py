@@ -148,6 +148,10 @@ def _preflight(recipe, runs, args) -> list:
 def main(argv=None) -> int:
     from . import interrupts
 
+    if argv is None:
+        from ..blas import reexec_with_fast_blas
+
+        reexec_with_fast_blas()
     args = build_parser().parse_args(argv)
     state = {"variant": None, "finished": 0, "out_dir": None}
     with interrupts.raising():
