@@ -271,3 +271,18 @@ def test_bench_step_refuses_bad_arguments():
     assert bench_step.main(["--model", "no-such-model"]) == 2
     assert bench_step.main(["--modes", "fast"]) == 2
     assert bench_step.main(["--chunk-tokens", "-3"]) == 2
+
+
+def test_bench_step_cell_with_4bit_weights(tmp_path):
+    """A config with ``quantization`` builds 4-bit weights (as the shipped
+    qwen3-8b does); LoRA, the logit-free loss and the bounded layers run on
+    them and agree with the stock step."""
+    from mlx_flash.bench import step as bench_step
+
+    config = dict(TINY_CONFIG, vocab_size=512, quantization={"group_size": 32, "bits": 4})
+    path = tmp_path / "tiny-4bit.json"
+    path.write_text(json.dumps(config))
+    stock = bench_step.run_cell(str(path), 2, 128, "stock")
+    bounded = bench_step.run_cell(str(path), 2, 128, "all", chunk_tokens=32)
+    assert stock["quantized_bits"] == 4 and bounded["quantized_bits"] == 4
+    assert abs(bounded["loss"] - stock["loss"]) <= 1e-4 * stock["loss"]
