@@ -47,7 +47,7 @@ from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer
-from . import packing
+from . import loss_choice, packing
 from .config import run_entry
 from .packing import PackedDataset
 from .progress import Progress
@@ -415,7 +415,16 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         metrics = files.JsonlWriter(metrics_path, resumed.records if resumed else ())
 
     # Packed rows keep attention and targets inside each example.
-    loss_fn = packing.packed_loss if packed else default_loss
+    try:
+        loss_name, loss_fn, loss_reason = (
+            ("full", None, "context_parallel: full logits of each rank's slice")
+            if grid.cp > 1
+            else loss_choice.choose(
+                recipe.loss, model, recipe.batch_size // grid.dp, length, packed, default_loss, packing.packed_loss
+            )
+        )
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     eval_loss, validation_batches = loss_fn, evaluation_batches(recipe.seed)
     if grid.cp > 1:  # every rank of a row holds a slice of it
         loss_fn, eval_loss = context.training_loss(grid), context.evaluation_loss(grid)
@@ -491,6 +500,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         "attention_variant": variant,
         "packed": packed,
         "planned_peak_bytes": planned,
+        "loss": loss_name,
+        "loss_reason": loss_reason,
         **environment(),
     }
     stopped = None  # the signal that stopped the run
