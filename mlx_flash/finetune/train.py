@@ -40,7 +40,9 @@ from .. import context
 from ..explain import explain
 from ..machine import describe
 from ..patch import patched
+from ..plan.recipe import before_loading
 from ..stats import percentile
+from ..step import bounded
 from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
@@ -367,6 +369,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     checkpoints = run_dir / resume.CHECKPOINTS
     resumed = resume.find(recipe, entry, run_dir, metrics_path) if recipe.resume and writer else None
 
+    # The predicted peak, printed (and a run that would not fit refused) before any weight loads.
+    planned = before_loading(recipe, entry, writer)
     mx.random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     model, tokenizer, config, model_path = load_base(recipe)
@@ -495,6 +499,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         "attention_plan": plan.summary,
         "attention_variant": variant,
         "packed": packed,
+        "planned_peak_bytes": planned,
         "loss": loss_name,
         "loss_reason": loss_reason,
         **environment(),
@@ -502,7 +507,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     stopped = None  # the signal that stopped the run
     at_once = False  # stopped mid-iteration: only the last checkpoint is kept
     done = start - 1  # the last iteration completed
-    with patched(variant), grad_checkpointing(model.layers[0], recipe.grad_checkpoint):
+    with patched(variant), bounded(model, checkpoint=recipe.grad_checkpoint, chunk_tokens=recipe.chunk_tokens):
         try:
             if start == 1:
                 info["initial_val_loss"] = validate(valid_set, recipe.val_batches)
