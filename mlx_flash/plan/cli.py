@@ -103,6 +103,9 @@ def plan_from_args(args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Unlike the other commands, no re-execution with an optimized BLAS
+    # (mlx_flash.blas): the plan multiplies no matrices, and a second start
+    # would double its time.
     args = build_parser().parse_args(argv)
     try:
         plan = plan_from_args(args)
