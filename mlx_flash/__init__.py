@@ -11,9 +11,11 @@ from .doctor import doctor
 from .documents import segments
 from .explain import explain
 from .patch import is_patched, patch, patch_state, patched, unpatch
+from .step import bound_activations
 from .version import __version__
 
 __all__ = [
+    "bound_activations",
     "VARIANTS",
     "Plan",
     "doctor",

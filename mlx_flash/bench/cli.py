@@ -12,6 +12,7 @@ Presets fill the axes; any axis flag given on the command line wins::
     python -m mlx_flash.bench --quick --targets --out runs/bench   # with the shipped targets
     python -m mlx_flash.bench --render runs/bench/results.json     # re-draw an earlier run
     python -m mlx_flash.bench --cost                   # what the Metal kernels issue, counted by the emulator
+    python -m mlx_flash.bench --step --help            # one LoRA training step at real model shapes
 
 ``--cost`` counts instead of timing (``mlx_flash.bench.cost``): every kernel
 of the practical and demo families on the emulator's profiler, against
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count what the practical and demo kernels issue (bytes, FLOPs, collectives, threadgroup memory) "
         "on the emulator against FlashAttention-2 lower bounds, instead of timing (minutes on a CPU)",
+    )
+    preset.add_argument(
+        "--step",
+        action="store_true",
+        help="one LoRA training step at real model shapes, stock mlx-lm against each mlx-flash option "
+        "(its own flags: python -m mlx_flash.bench --step --help; mlx_flash.bench.step)",
     )
     preset.add_argument(
         "--memory",
@@ -523,6 +530,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..blas import reexec_with_fast_blas
 
         reexec_with_fast_blas()
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--step" in given:
+        from . import step
+
+        return step.main([a for a in given if a != "--step"])
     args = build_parser().parse_args(argv)
     if args.blas:
         from .blas import compare

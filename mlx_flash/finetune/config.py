@@ -117,6 +117,8 @@ SCHEMA = {
     "hf_dataset": ((dict, list, type(None)), None),
     # Not an mlx-lm key: lay examples end to end in max_seq_length rows (packing.py).
     "pack_sequences": (bool, False),
+    # Not an mlx-lm key: tokens per MLP chunk, recomputed in the backward (mlx_flash.step).
+    "chunk_tokens": ((int, str), "auto"),
     # Not an mlx-lm key: ranks per row, each holding a slice of it (mlx_flash.context).
     "context_parallel": (int, 1),
     # Not an mlx-lm key: full logits, the chunked loss, or chosen by size (loss_choice.py).
@@ -446,6 +448,9 @@ def _validate(values: dict) -> None:
         raise RecipeError(f"learning_rate: must be above 0, got {values['learning_rate']}")
     values["clear_cache_threshold"] = parse_size(values["clear_cache_threshold"], "clear_cache_threshold")
     _check_hf_dataset(values["hf_dataset"])
+    chunk = values["chunk_tokens"]
+    if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+        raise RecipeError(f"chunk_tokens: must be auto, 0 (no chunking) or a token count, got {chunk!r}")
     if values["fine_tune_type"] not in FINE_TUNE_TYPES:
         raise RecipeError(
             f"fine_tune_type: unknown value '{values['fine_tune_type']}' (choose from {', '.join(FINE_TUNE_TYPES)})"

@@ -16,13 +16,14 @@ weights and optimizer states are resident too, and are left out of it.
 import math
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from mlx.utils import tree_flatten
 
 from ..patch import patched
+from ..step import bounded
 from . import interrupts, resume, train
 
 #: Turns per variant over a whole run (a window is ``iters / WINDOWS`` iterations).
@@ -95,7 +96,9 @@ def compare(recipe, runs: List[Tuple[str, Path]]) -> List[dict]:
         )
     loads: List[Optional[float]] = []
     summaries = []
-    with train.grad_checkpointing(jobs[0].model.layers[0], recipe.grad_checkpoint):
+    with ExitStack() as bounds:
+        for job in jobs:
+            bounds.enter_context(bounded(job.model, checkpoint=recipe.grad_checkpoint, chunk_tokens=recipe.chunk_tokens))
         try:
             notice, at_once = train.stop_notices(jobs)
             with interrupts.deferred(notice if writer else None, at_once) as request:

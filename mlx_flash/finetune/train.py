@@ -48,7 +48,9 @@ from .. import context
 from ..explain import explain
 from ..machine import describe
 from ..patch import patched
+from ..plan.recipe import before_loading
 from ..stats import percentile
+from ..step import bounded
 from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
@@ -411,6 +413,7 @@ class Run:
     eval_loss: Callable  # the loss validation reports
     loss_name: str  # what the recipe's loss key chose (loss_choice), and why
     loss_reason: str
+    planned_peak_bytes: Any  # the memory plan's prediction (mlx_flash.plan)
     evaluation: Callable  # the iterate_batches validation uses
     resumed: Optional[resume.Resume]
     started: float
@@ -519,6 +522,8 @@ def set_up(recipe, entry: str, run_dir: Path) -> Run:
     packed = recipe.pack_sequences and not padded
     resumed = resume.find(recipe, entry, run_dir, run_dir / METRICS_FILE) if recipe.resume and rank == 0 else None
 
+    # The predicted peak, printed (and a run that would not fit refused) before any weight loads.
+    planned = before_loading(recipe, entry, rank == 0)
     mx.random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     label = entry if rank == 0 else None
@@ -558,7 +563,7 @@ def set_up(recipe, entry: str, run_dir: Path) -> Run:
         adapters=adapter_dir(recipe, run_dir), rank=rank, world_size=world_size, grid=grid, model=model,
         model_path=model_path, optimizer=optimizer, train_set=train_set, valid_set=valid_set,
         test_set=test_set, batches=batches, plan=plan, loss_fn=loss_fn, eval_loss=eval_loss,
-        loss_name=loss_name, loss_reason=loss_reason,
+        loss_name=loss_name, loss_reason=loss_reason, planned_peak_bytes=planned,
         evaluation=evaluation, resumed=resumed, started=started,
     )  # fmt: skip
 
@@ -609,6 +614,7 @@ def resume_from(run: Run) -> None:
         "attention_plan": run.plan.summary,
         "attention_variant": run.variant,
         "packed": run.packed,
+        "planned_peak_bytes": run.planned_peak_bytes,
         "loss": run.loss_name,
         "loss_reason": run.loss_reason,
         **environment(),
@@ -834,7 +840,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     job = set_up(recipe, variant, run_dir)
     resume_from(job)
     summary = {}
-    with patched(job.variant), grad_checkpointing(job.model.layers[0], recipe.grad_checkpoint):
+    with patched(job.variant), bounded(job.model, checkpoint=recipe.grad_checkpoint, chunk_tokens=recipe.chunk_tokens):
         try:
             train(job)
             if job.stopped is None:

@@ -1,0 +1,1 @@
+"""Model configs (Hugging Face ``config.json`` form) the planner and the step benchmark build from."""
