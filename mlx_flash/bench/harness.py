@@ -13,7 +13,11 @@ configuration. For each configuration the harness:
    gradients of q, k and v) with the oracle; a cell outside the tolerance of
    its dtype is ``FAILED`` and gets no time at all;
 3. runs the remaining warm-ups (the checked run counts as the first), then
-   the timed runs, each with its own ``mx.get_peak_memory`` window.
+   the timed runs, each with its own ``mx.get_peak_memory`` window, in
+   rounds: one run of every variant per round (A B C A B C ...), so that a
+   change in the machine's load falls on every variant alike; a speedup is
+   the ratio of the medians, given with the range of the round-by-round
+   ratios.
 
 Cells whose estimated memory exceeds the limit are ``skipped`` with the reason.
 Variants are looked up in ``VARIANTS``; ``register_variant`` adds one (the
@@ -157,6 +161,9 @@ class Cell:
     estimated_bytes: Optional[int] = None
     speedup_vs_manual: Optional[float] = None
     speedup_vs_mlx: Optional[float] = None
+    #: [min, max] of the round-by-round ratios (variants are timed in rounds).
+    speedup_vs_manual_range: Optional[List[float]] = None
+    speedup_vs_mlx_range: Optional[List[float]] = None
     shared_with: Optional[str] = None
     checked_slices: Optional[List[int]] = None  # [checked, of all (batch, KV head) slices]
 
@@ -363,10 +370,9 @@ def _step(variant: Variant, config: Config, q, k, v, d_out, args: dict) -> Calla
     return step
 
 
-def measure(
-    cell: Cell, variant: Variant, q, k, v, d_out, truth: Truth, warmup: int, repeats: int, args: Optional[dict] = None
-) -> Cell:
-    """Check ``cell`` against ``truth``, then time it (see module doc)."""
+def check(cell: Cell, variant: Variant, q, k, v, d_out, truth: Truth, args: Optional[dict] = None) -> Optional[Callable]:
+    """Run ``cell`` once and compare it with ``truth``; returns the step to time,
+    or None when the cell is ``FAILED`` or raised (``error``)."""
     config = cell.config
     step = _step(variant, config, q, k, v, d_out, structure(config) if args is None else args)
     try:
@@ -375,36 +381,59 @@ def measure(
         cell.errors = compare(outputs, truth, config.heads // config.kv_heads)
         cell.checked_slices = [len(truth.slices), truth.total]
         del outputs
-        worst = max(cell.errors.values())
-        if not worst <= cell.tolerance:
-            cell.status = "FAILED"
-            bad = ", ".join(f"{n} {e:.2e}" for n, e in cell.errors.items() if not e <= cell.tolerance)
-            cell.detail = f"wrong result: relative error {bad} > tolerance {cell.tolerance:.0e}"
-            return cell
-        for _ in range(max(warmup - 1, 0)):
-            step()
-        peaks = []
-        for _ in range(repeats):
-            resident = mx.get_active_memory()
-            mx.reset_peak_memory()
-            start = time.perf_counter()
-            step()
-            cell.times_s.append(time.perf_counter() - start)
-            peaks.append(max(mx.get_peak_memory(), resident))
-            cell.resident_bytes = resident
     except Exception as e:  # a crash is a result too: report it, keep going
-        cell.status = "error"
-        cell.detail = f"{type(e).__name__}: {e}"
-        cell.times_s = []
-        return cell
-    cell.status = "ok"
-    cell.median_s = percentile(cell.times_s, 50)
-    cell.p95_s = percentile(cell.times_s, 95)
-    cell.min_s = min(cell.times_s)
-    cell.tokens_per_s = config.tokens / cell.median_s
-    cell.peak_memory_bytes = max(peaks)
-    cell.floor_bytes = floor_bytes(config)
-    cell.peak_over_floor = cell.peak_memory_bytes / cell.floor_bytes
+        cell.status, cell.detail = "error", f"{type(e).__name__}: {e}"
+        return None
+    worst = max(cell.errors.values())
+    if not worst <= cell.tolerance:
+        cell.status = "FAILED"
+        bad = ", ".join(f"{n} {e:.2e}" for n, e in cell.errors.items() if not e <= cell.tolerance)
+        cell.detail = f"wrong result: relative error {bad} > tolerance {cell.tolerance:.0e}"
+        return None
+    return step
+
+
+def time_interleaved(steps: List[tuple], warmup: int, repeats: int) -> None:
+    """Warm up, then time the checked ``(cell, step)`` pairs in rounds: one
+    run of each per round (A B C A B C ...), so that a change in the machine's
+    load falls on every variant alike; round ``r`` of each cell is
+    ``times_s[r]``, and ratios are taken round by round (``speedups``)."""
+    peaks = {id(cell): [] for cell, _ in steps}
+    live = list(steps)
+    for round_ in range(max(warmup - 1, 0) + repeats):
+        for cell, step in list(live):
+            try:
+                resident = mx.get_active_memory()
+                mx.reset_peak_memory()
+                start = time.perf_counter()
+                step()
+                took = time.perf_counter() - start
+            except Exception as e:  # a crash is a result too: report it, keep going
+                cell.status, cell.detail, cell.times_s = "error", f"{type(e).__name__}: {e}", []
+                live.remove((cell, step))
+                continue
+            if round_ >= warmup - 1:
+                cell.times_s.append(took)
+                peaks[id(cell)].append(max(mx.get_peak_memory(), resident))
+                cell.resident_bytes = resident
+    for cell, _ in live:
+        cell.status = "ok"
+        cell.median_s = percentile(cell.times_s, 50)
+        cell.p95_s = percentile(cell.times_s, 95)
+        cell.min_s = min(cell.times_s)
+        cell.tokens_per_s = cell.config.tokens / cell.median_s
+        cell.peak_memory_bytes = max(peaks[id(cell)])
+        cell.floor_bytes = floor_bytes(cell.config)
+        cell.peak_over_floor = cell.peak_memory_bytes / cell.floor_bytes
+
+
+def measure(
+    cell: Cell, variant: Variant, q, k, v, d_out, truth: Truth, warmup: int, repeats: int, args: Optional[dict] = None
+) -> Cell:
+    """Check ``cell`` against ``truth``, then time it on its own (see module doc)."""
+    step = check(cell, variant, q, k, v, d_out, truth, args)
+    if step is not None:
+        time_interleaved([(cell, step)], warmup, repeats)
     return cell
 
 
@@ -421,6 +450,9 @@ def speedups(cells: List[Cell]) -> None:
                 other = group.get(base)
                 if other is not None and other.status == "ok":
                     setattr(cell, f"speedup_vs_{base}", other.median_s / cell.median_s)
+                    # The rounds were timed side by side: their ratios show the spread.
+                    rounds = [b / a for a, b in zip(cell.times_s, other.times_s)] or [other.median_s / cell.median_s]
+                    setattr(cell, f"speedup_vs_{base}_range", [min(rounds), max(rounds)])
 
 
 class Progress:
@@ -504,6 +536,7 @@ def run(
         )
         truth = None
         measured: Dict[tuple, Cell] = {}
+        steps, shared = [], []
         for cell in planned:
             if progress and progress.tty:
                 progress.update(f"{config.label()} {cell.variant}")
@@ -518,24 +551,29 @@ def run(
                 cell.status = "skipped"
                 cell.detail = f"the float32 oracle needs about {oracle_bytes / 2**30:.1f} GiB"
             elif share and key in measured and cell.variant not in BASELINES:
-                source = measured[key]
-                for name in (
-                    "status", "detail", "errors", "tolerance", "times_s", "median_s", "p95_s",
-                    "min_s", "tokens_per_s", "peak_memory_bytes", "floor_bytes", "peak_over_floor",
-                    "resident_bytes", "checked_slices",
-                ):
-                    setattr(cell, name, getattr(source, name))
-                cell.shared_with = source.variant
+                shared.append((cell, measured[key]))
             else:
                 if truth is None:
                     truth = oracle(config, q, k, v, d_out, args=args)
-                measure(cell, VARIANTS[cell.variant], q, k, v, d_out, truth, warmup, repeats, args)
-                if cell.status in ("ok", "FAILED"):
+                step = check(cell, VARIANTS[cell.variant], q, k, v, d_out, truth, args)
+                if step is not None:
+                    steps.append((cell, step))
+                if cell.status != "error":
                     measured.setdefault(key, cell)
             cells.append(cell)
-            if progress:
+        time_interleaved(steps, warmup, repeats)
+        for cell, source in shared:
+            for name in (
+                "status", "detail", "errors", "tolerance", "times_s", "median_s", "p95_s",
+                "min_s", "tokens_per_s", "peak_memory_bytes", "floor_bytes", "peak_over_floor",
+                "resident_bytes", "checked_slices",
+            ):
+                setattr(cell, name, getattr(source, name))
+            cell.shared_with = source.variant
+        if progress:
+            for cell in planned:
                 progress.advance(f"{config.label()} {cell.variant}: {cell.status}")
-        del q, k, v, d_out, truth, args
+        del q, k, v, d_out, truth, args, steps
         mx.clear_cache()
     speedups(cells)
     return cells

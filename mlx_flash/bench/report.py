@@ -20,7 +20,7 @@ CSV_FIELDS = (
     "variant", "implementation", "backend", "shared_with", "status", "detail",
     "max_error", "tolerance", "median_s", "p95_s", "min_s", "tokens_per_s",
     "peak_memory_bytes", "floor_bytes", "peak_over_floor", "resident_bytes", "estimated_bytes",
-    "speedup_vs_manual", "speedup_vs_mlx", "times_s",
+    "speedup_vs_manual", "speedup_vs_mlx", "speedup_vs_manual_range", "speedup_vs_mlx_range", "times_s",
 )
 
 
@@ -61,6 +61,20 @@ def _rate(value: Optional[float]) -> str:
 
 def _x(ratio: Optional[float]) -> str:
     return "" if ratio is None else f"{ratio:.2f}x"
+
+
+def _speedup(cell: dict, base: str) -> str:
+    """The speedup over ``base`` (ratio of medians) with the range of the
+    round-by-round ratios; "no measurable difference" when that range takes in 1.0."""
+    ratio, span = cell.get(f"speedup_vs_{base}"), cell.get(f"speedup_vs_{base}_range")
+    if ratio is None or cell["variant"] == base:
+        return _x(ratio)
+    if not span:
+        return _x(ratio)
+    low, high = span
+    if low <= 1.0 <= high:
+        return f"no measurable difference ({low:.2f}-{high:.2f}x)"
+    return f"{ratio:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def ran_as(cell: dict) -> str:
@@ -134,7 +148,7 @@ def _config_table(cells: List[dict]) -> List[str]:
                 lines.append(
                     f"| {seq} | {name} | {_ms(cell['median_s'])} | {_ms(cell['p95_s'])} | {_ms(cell['min_s'])} "
                     f"| {_rate(cell['tokens_per_s'])} | {_mib(cell['peak_memory_bytes'])} "
-                    f"| {_x(cell['speedup_vs_manual'])} | {_x(cell['speedup_vs_mlx'])} | {memory_ratio} "
+                    f"| {_speedup(cell, 'manual')} | {_speedup(cell, 'mlx')} | {memory_ratio} "
                     f"| ok ({errors:.1e}{scope}) |"
                 )
             else:

@@ -12,21 +12,25 @@ Modules, one idea each:
 - ``generations``: greedy answers to held-out prompts before and after
   training (``output.generations``).
 - ``train``: one run with one attention variant on mlx-lm's LoRA pieces,
-  timed per iteration.
+  timed per iteration, as named steps over one ``Run``.
+- ``interleave``: the variants of a comparison trained in turns, so load on
+  the machine falls on each alike.
 - ``data``: the data files, read and checked line by line.
 - ``batches``: mlx-lm's batching, in a seeded order a resumed run continues.
 - ``checkpoint``: crash-safe checkpoints (written whole or not at all).
 - ``resume``: whether a checkpoint may continue under a recipe; restoring it.
 - ``interrupts``: Ctrl-C and SIGTERM, deferred to the end of an iteration.
 - ``hub``: models from the Hugging Face hub, with timeouts and the cache.
-- ``report``: the comparison of variants (Markdown, JSON, PNG).
+- ``report``: the comparison of variants (Markdown, JSON, PNG), each ratio
+  the median and range over windows.
 - ``packing``: ``pack_sequences``, examples packed into full-length rows.
 - ``progress``: the stderr progress bar.
 - ``files``: atomic writes and the flushed metrics stream.
 
 What a run writes, under ``output.dir`` (or ``--out``), per variant::
 
-    <variant>/adapters/adapters.safetensors   mlx-lm adapter format
+    <variant>/adapters/adapters.safetensors   mlx-lm adapter format (or under
+                                              adapter_path, when a recipe sets it)
     <variant>/adapters/adapter_config.json
     <variant>/checkpoints/                    the latest checkpoint (checkpoint.py)
     <variant>/metrics.jsonl                   one record per iteration: iteration,

@@ -150,6 +150,31 @@ def _preflight(recipe, runs, args) -> list:
     return [tuple(plan) for plan in plans]
 
 
+def outcome(summary: dict) -> str:
+    """One line on a finished run: what ran, its timing and losses, where its adapters are."""
+    text = f"ran {summary['attention_plan']}"
+    if summary["median_iteration_s"] is not None:
+        last = min(10, summary["iterations"])
+        text += (
+            f"; median iteration {summary['median_iteration_s'] * 1e3:.1f} ms, "
+            f"train loss {summary['final_train_loss']:.3f} at the last iteration, "
+            f"{summary['train_loss_last10']:.3f} mean of the last {last}"
+        )
+    if summary["validation"] != "ran":
+        text += f"; validation {summary['validation']}"
+    return text + f"; adapters in {summary['adapter_path']}"
+
+
+def model_availability(model: str):
+    """For ``--check``: one line on where a hub model comes from (None for a
+    local or built-in model); ``RecipeError`` when the run could not get it."""
+    from . import builtin, gguf, hub
+
+    if builtin.is_builtin(model) or gguf.is_gguf(model) or Path(model).is_dir():
+        return None
+    return hub.availability(model)
+
+
 def main(argv=None) -> int:
     from . import interrupts
 
@@ -158,7 +183,7 @@ def main(argv=None) -> int:
 
         reexec_with_fast_blas()
     args = build_parser().parse_args(argv)
-    state = {"variant": None, "finished": 0, "out_dir": None}
+    state = {"phase": None, "finished": 0, "out_dir": None}
     with interrupts.raising():
         try:
             return _main(args, state)
@@ -166,7 +191,7 @@ def main(argv=None) -> int:
             # Ctrl-C or SIGTERM outside a training loop (which saves and
             # reports itself): while importing, loading, or writing the report.
             signum = interrupts.signal_of(e)
-            where = f" during the {state['variant']} run" if state["variant"] else ""
+            where = f" during the {state['phase']}" if state["phase"] else ""
             done = f"; {state['finished']} finished run(s) are under {state['out_dir']}" if state["finished"] else ""
             print(f"mlx_flash.finetune: {interrupts.NAMES[signum]}: stopped{where}{done}", file=sys.stderr)
             return interrupts.EXIT_STATUS[signum]
@@ -176,7 +201,7 @@ def _main(args, state: dict) -> int:
     """The command; ``state`` says how far it got, for the Ctrl-C message."""
     import mlx.core as mx
 
-    from . import files, generations, report, train
+    from . import files, generations, interleave, report, train
     from .config import RecipeError, load_recipe, run_name
 
     try:
@@ -206,8 +231,14 @@ def _main(args, state: dict) -> int:
 
         from .config import recipe_dict
 
+        try:
+            where = model_availability(recipe.model)
+        except RecipeError as e:
+            return _fail(str(e))
         print(yaml.safe_dump(recipe_dict(recipe), sort_keys=False).rstrip())
         print(f"# recipe {recipe.recipe}: valid; runs {', '.join(recipe.variants)} into {out_dir}")
+        if where:
+            print(f"# {where}")
         for variant, run_dir, adapters, point in plans:
             resumes = f"; resumes from iteration {point.iteration} ({point.checkpoint.path})" if point else ""
             print(f"# {variant}: metrics in {run_dir}, adapters in {adapters}{resumes}")
@@ -227,6 +258,11 @@ def _main(args, state: dict) -> int:
                 _clear(run_dir, adapters)
             if point:
                 print(f"[{variant}] resuming from iteration {point.iteration} ({point.checkpoint.path})", file=sys.stderr)
+            elif recipe.resume:
+                # As a rerun of a recipe that always says resume: true expects.
+                print(f"[{variant}] resume: true, but {run_dir} holds no checkpoint yet: starting at iteration 1", file=sys.stderr)
+            if Path(recipe.adapter_path).is_absolute():
+                print(f"[{variant}] adapters go to {adapters} (adapter_path, read as mlx_lm.lora reads it)", file=sys.stderr)
         print(
             f"recipe {recipe.recipe}: model {recipe.model}, data {recipe.data or 'hf_dataset'}, "
             f"{recipe.iters} iterations x {len(runs)} variant(s) ({', '.join(recipe.variants)}) -> {out_dir}",
@@ -235,30 +271,22 @@ def _main(args, state: dict) -> int:
 
     summaries, metrics, answers = [], {}, {}
     try:
-        for variant, run_dir in runs:
-            state["variant"] = variant
-            summary = train.run(recipe, variant, run_dir)
-            state["finished"] += 1
-            if rank == 0 and prompts:
+        if len(runs) > 1:
+            state["phase"] = "comparison"
+            finished = interleave.compare(recipe, runs)
+        else:
+            state["phase"] = f"{runs[0][0]} run"
+            finished = [train.run(recipe, *runs[0])]
+        state["finished"] += len(runs)
+        for (variant, run_dir), summary in zip(runs, finished if rank == 0 else []):
+            if prompts:
+                state["phase"] = f"{variant} generations"
                 adapters = train.adapter_dir(recipe, run_dir)
                 answers[variant] = generations.run(recipe, variant, run_dir, adapters, prompts)
-            if rank == 0:
-                timing = ""
-                if summary["median_iteration_s"] is not None:
-                    timing = (
-                        f"; median iteration {summary['median_iteration_s'] * 1e3:.1f} ms, "
-                        f"train loss {summary['final_train_loss']:.3f} at the last iteration, "
-                        f"{summary['train_loss_last10']:.3f} mean of the last 10"
-                    )
-                if summary["validation"] != "ran":
-                    timing += f"; validation {summary['validation']}"
-                print(
-                    f"[{variant}] ran {summary['attention_plan']}{timing}; adapters in {summary['adapter_path']}",
-                    file=sys.stderr,
-                )
-                summaries.append(summary)
-                metrics[variant] = files.read_jsonl(run_dir / train.METRICS_FILE)
-        state["variant"] = None
+            print(f"[{variant}] {outcome(summary)}", file=sys.stderr)
+            summaries.append(summary)
+            metrics[variant] = files.read_jsonl(run_dir / train.METRICS_FILE)
+        state["phase"] = None
     except RecipeError as e:
         return _fail(str(e))
     except train.Interrupted as e:

@@ -87,6 +87,25 @@ def byte_tokenizer():
     )
 
 
+def model_classes(config: dict):
+    """The mlx-lm ``Model`` and ``ModelArgs`` classes of a ``config.json`` dictionary.
+
+    An architecture is the module ``mlx_lm.models.<model_type>``, which
+    defines both; ``MODEL_REMAPPING`` names the module of a type that shares
+    another's (mistral is llama). mlx-lm's own lookup is private.
+    """
+    import importlib
+
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    model_type = MODEL_REMAPPING.get(config["model_type"], config["model_type"])
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
+        raise ValueError(f"model type {config['model_type']!r} is not an mlx-lm architecture") from None
+    return module.Model, module.ModelArgs
+
+
 def write_model(path: Path, config: dict, seed: int = SEED) -> Path:
     """Write a randomly initialised mlx-lm model and the byte tokenizer to ``path``.
 
@@ -94,13 +113,11 @@ def write_model(path: Path, config: dict, seed: int = SEED) -> Path:
     mlx-lm architecture); its ``vocab_size`` must be at least
     ``BYTE_VOCAB_SIZE``. The weights depend only on ``config`` and ``seed``.
     """
-    from mlx_lm.utils import _get_classes
-
     if config["vocab_size"] < BYTE_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least {BYTE_VOCAB_SIZE} for the byte tokenizer")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))

@@ -28,7 +28,10 @@ Paths read from the YAML (``model``, ``data``) resolve against the recipe's
 folder, so a recipe and its data travel together; paths given with ``--set``
 or ``--out`` resolve against the working directory, like any command-line
 path. ``output.dir`` names where results go and so resolves against the
-working directory too.
+working directory too. ``adapter_path``, when a recipe sets it, means what
+it means to ``mlx_lm.lora``: a folder relative to the working directory (one
+subfolder per variant when several run); left out, each variant's adapters
+go to ``adapters/`` inside its run folder.
 """
 
 import copy
@@ -593,6 +596,7 @@ def load_recipe(
         key, value = parse_override(text)
         _apply_override(values, key, value)
         from_cli.add(key)
+    adapter_path_given = "adapter_path" in values
     values = _check(values, SCHEMA)
     _validate(values)
 
@@ -607,6 +611,9 @@ def load_recipe(
             values["resume_adapter_file"], base["resume_adapter_file"], "resume_adapter_file"
         )
     _check_num_layers(values["model"], values["num_layers"])
+    if adapter_path_given:
+        # mlx-lm's meaning: a folder relative to the working directory.
+        values["adapter_path"] = str((here / Path(values["adapter_path"]).expanduser()).resolve())
     out_dir = out or values["output"]["dir"] or str(Path("runs") / path.stem)
     values["output"]["dir"] = str((here / Path(out_dir).expanduser()).resolve())
 

@@ -25,6 +25,7 @@ from mlx_lm.tuner.utils import load_adapters
 from ..patch import patched
 from . import files
 from .config import RecipeError, run_entry
+from .progress import note
 from .train import load_base
 
 GENERATIONS_JSON = "generations.json"
@@ -93,12 +94,21 @@ def run(recipe, variant: str, run_dir: Path, adapters: Path, examples: List[dict
     """
     started = time.perf_counter()
     max_tokens = recipe.output["generation_tokens"]
+    note(variant, f"generations: loading model {recipe.model}")
     model, tokenizer, _, _ = load_base(recipe)
+
+    def answers(when: str) -> List[str]:
+        out = []
+        for i, e in enumerate(examples):
+            note(variant, f"generating {i + 1}/{len(examples)} {when} training (at most {max_tokens} tokens)")
+            out.append(answer(model, tokenizer, e["messages"], max_tokens))
+        return out
+
     with patched(run_entry(variant)[0]):
-        before = [answer(model, tokenizer, e["messages"], max_tokens) for e in examples]
+        before = answers("before")
         model = load_adapters(model, str(adapters))
         model.eval()
-        after = [answer(model, tokenizer, e["messages"], max_tokens) for e in examples]
+        after = answers("after")
     records = [
         {"question": e["question"], "expected": e["expected"], "before": b, "after": a}
         for e, b, a in zip(examples, before, after)

@@ -263,9 +263,9 @@ def mlx_weights(arrays: Dict[str, mx.array], config: dict, permuted_qk: bool, dt
 
 def build_model(config: dict, weights: Dict[str, mx.array]) -> nn.Module:
     """The mlx-lm model of ``config`` holding ``weights``, quantized where they are."""
-    from mlx_lm.utils import _get_classes
+    from .builtin import model_classes
 
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
 
     def quantized_like_file(path: str, module: nn.Module):

@@ -67,6 +67,7 @@ class PackedDataset:
         self._rows = [self._row([examples[i] for i in members], mask_prompt) for members in rows]
         self.tokens = sum(len(tokens) for tokens, _ in examples)
         self.fill_ratio = self.tokens / (len(self._rows) * length)
+        self.unique_rows = len(self._rows)
         while len(self._rows) < min_rows:
             self._rows += self._rows[: min_rows - len(self._rows)]
 

@@ -21,15 +21,23 @@ A checkpoint is written every ``save_every`` iterations, after the last one,
 and when Ctrl-C or SIGTERM stops the run (after the iteration in progress);
 ``resume: true`` continues from it (resume.py) along the same loss
 trajectory as a run that never stopped.
+
+``run`` reads top to bottom as its steps, each a function of one ``Run``
+(what was set up, and how far the run got)::
+
+    set_up -> resume_from -> begin -> one_iteration ... -> stop or finish -> write_summary
+
+``interleave.compare`` drives the same steps for several variants in turns.
 """
 
 import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,7 +58,7 @@ from .config import build_optimizer as _build_optimizer
 from . import loss_choice, packing
 from .config import run_entry
 from .packing import PackedDataset
-from .progress import Progress
+from .progress import Every, Progress, note
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -130,17 +138,19 @@ def attach_adapters(model: nn.Module, recipe) -> None:
         )
 
 
-def load_data(recipe, tokenizer, packed: bool = False):
+def load_data(recipe, tokenizer, packed: bool = False, label: Optional[str] = None):
     """``(train, valid, test)`` as mlx-lm ``CacheDataset`` objects, or, when
     ``packed``, whole examples packed into ``max_seq_length`` rows with
     document ids (``PackedDataset``); a missing optional split is an empty
-    list."""
+    list. With ``label``, progress lines say what is being done."""
     from mlx_lm.tuner.datasets import CacheDataset
 
     sets = [CacheDataset(s) if len(s) else s for s in data.load(recipe, tokenizer)]
     for name, dataset in zip(("train", "valid", "test"), sets):
-        _tokenize(name, dataset)
+        _tokenize(name, dataset, label)
     if packed:
+        if label:
+            note(label, f"packing {len(sets[0])} training examples into rows of {recipe.max_seq_length} tokens")
         sets = [
             PackedDataset(s, recipe.max_seq_length, recipe.batch_size, mask_prompt=recipe.mask_prompt) if len(s) else s
             for s in sets
@@ -148,16 +158,21 @@ def load_data(recipe, tokenizer, packed: bool = False):
     return tuple(sets)
 
 
-def _tokenize(name: str, dataset) -> None:
+def _tokenize(name: str, dataset, label: Optional[str] = None) -> None:
     """Tokenize every example now (mlx-lm does it lazily, at the first batch),
     so that a tokenizer problem is one line naming the split, not a
     traceback mid-run: chat and completions data need a chat template."""
+    if label and len(dataset):
+        note(label, f"tokenizing {len(dataset)} {name} examples")
+    every = Every()
     for i in range(len(dataset)):
         try:
             dataset[i]
         except Exception as e:  # noqa: BLE001 - the tokenizer's own error, whatever its type
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RecipeError(f"data: cannot tokenize example {i + 1} of {name}.jsonl: {first}") from None
+        if label and every.due():
+            note(label, f"tokenized {i + 1} of {len(dataset)} {name} examples")
 
 
 def build_optimizer(recipe):
@@ -317,12 +332,47 @@ def validation_skipped(recipe, valid_set) -> Optional[str]:
     return None
 
 
-def _stop_notice(signum: int) -> None:
-    interrupts.announce(
-        signum,
-        f"stopping after the iteration in progress, to save a checkpoint ({interrupts.NAMES[signum]} again "
-        "stops at once, keeping only the last checkpoint)",
-    )
+def in_progress(runs: List["Run"]) -> "Run":
+    """The run whose phase started last: the one the process is in."""
+    return max(runs, key=lambda r: r.phase_since)
+
+
+def stop_notices(runs: List["Run"]):
+    """``(notice, at_once)`` for ``interrupts.deferred``: what the first signal
+    does now, truthfully timed, and the line for a second one that ends the
+    process in the middle of a step."""
+
+    def notice(signum: int) -> None:
+        run = in_progress(runs)
+        name = interrupts.NAMES[signum]
+        running = time.perf_counter() - run.phase_since
+        steady = [r["wall_s"] for r in run.records if not r.get("warmup")]
+        if not run.phase.startswith("iteration"):
+            expect = ""
+        elif steady:
+            typical = percentile(steady, 50)
+            left = f"about {typical - running:.0f} s more" if typical > running else "it should end soon"
+            expect = f"; its iterations take about {typical:.1f} s, so {left}"
+        else:
+            expect = "; it is the first of this session (warm-up included), with no earlier one to time it by"
+        kept = f"iteration {run.saved_iteration}" if run.saved_iteration else "none yet"
+        interrupts.announce(
+            signum,
+            f"stopping after the {run.phase} of {run.entry} (running {running:.0f} s{expect}), then saving a "
+            f"checkpoint; {name} again stops at once, keeping the last checkpoint ({kept})",
+        )
+
+    def at_once(signum: int) -> str:
+        run = in_progress(runs)
+        kept = ", ".join(
+            f"{r.entry} iteration {r.saved_iteration}" if r.saved_iteration else f"{r.entry} none" for r in runs
+        )
+        return (
+            f"{interrupts.NAMES[signum]}: stopped at once during the {run.phase} of {run.entry}; last checkpoints: "
+            f"{kept}; metrics.jsonl may list iterations after them, which --set resume=true trains again"
+        )
+
+    return notice, at_once
 
 
 def _any_rank_stopping(signum: Optional[int]) -> Optional[int]:
@@ -333,105 +383,103 @@ def _any_rank_stopping(signum: Optional[int]) -> Optional[int]:
     return signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
 
 
-def run(recipe, variant: str, run_dir: Path) -> dict:
-    """Fine-tune with attention ``variant``, writing into ``run_dir``.
+@dataclass
+class Run:
+    """One run between its steps: what ``set_up`` made, and how far it got.
 
-    ``variant`` is an ``attention.compare`` entry: a variant name, or
-    ``<name>:padded`` for that variant on mlx-lm's padded batches even when
-    the recipe packs (the baseline a packed run is compared with).
-
-    Every variant of a comparison starts from the same base weights, the same
-    adapter initialisation (``mx.random.seed(recipe.seed)``) and the same
-    batch order, so their losses differ only by the attention's arithmetic.
-    With ``recipe.resume`` the run continues from its latest checkpoint.
-
-    Returns the summary dictionary (also written to ``summary.json``).
-    Raises ``Interrupted`` if Ctrl-C or SIGTERM stops training, after saving.
+    The fields above the line do not change once the run is set up; those
+    below it are where the run stands, changed by ``one_iteration``,
+    ``save`` and ``stop`` (and put in place by ``resume_from``).
     """
-    from mlx_lm.tuner.trainer import default_loss, evaluate
 
-    started = time.perf_counter()
-    world = mx.distributed.init()
-    rank, world_size = world.rank(), world.size()
-    writer = rank == 0
+    recipe: Any
+    entry: str  # the attention.compare entry: "mlx:padded"
+    variant: str  # the attention variant it runs: "mlx"
+    packed: bool
+    run_dir: Path
+    adapters: Path
+    rank: int
+    world_size: int
+    grid: Any  # data-parallel shards x context-parallel ranks (mlx_flash.context)
+    model: nn.Module
+    model_path: str
+    optimizer: Any
+    train_set: Any
+    valid_set: Any
+    test_set: Any
+    batches: Batches
+    plan: Any  # the attention plan of a training batch (explain)
+    loss_fn: Callable
+    eval_loss: Callable  # the loss validation reports
+    loss_name: str  # what the recipe's loss key chose (loss_choice), and why
+    loss_reason: str
+    planned_peak_bytes: Any  # the memory plan's prediction (mlx_flash.plan)
+    evaluation: Callable  # the iterate_batches validation uses
+    resumed: Optional[resume.Resume]
+    started: float
+    # Made by resume_from, after the state is in place: a compiled step holds
+    # on to the optimizer's state dictionary, which restoring replaces.
+    step: Optional[Callable] = None  # (batch, gradients so far, update?) -> (loss, tokens, gradients)
+    compiled: bool = False
+    state: list = field(default_factory=list)  # what the step reads and writes
+    # ---- where the run stands
+    start: int = 1  # the first iteration this session trains
+    grad: Any = None  # gradients summed toward the next update (accumulation)
+    records: List[dict] = field(default_factory=list)
+    initial_val_loss: Optional[float] = None
+    saved_iteration: int = 0  # of the latest checkpoint (0: none)
+    saved_path: Optional[Path] = None
+    done: int = 0  # the last iteration completed
+    stopped: Optional[int] = None  # the signal that stopped the run
+    at_once: bool = False  # stopped mid-iteration: only the last checkpoint is kept
+    metrics: Optional[files.JsonlWriter] = None  # rank 0 only
+    progress: Optional[Progress] = None
+    # Bytes of other runs' arrays held in this process (a comparison trains
+    # its variants side by side), left out of this run's peak memory.
+    others_bytes: int = 0
+    # What the run is doing ("iteration 7") and since when (perf_counter), for
+    # the line a stop request prints.
+    phase: str = "set-up"
+    phase_since: float = 0.0
+
+    def enter(self, phase: str) -> None:
+        self.phase, self.phase_since = phase, time.perf_counter()
+    extra: dict = field(default_factory=dict)  # summary entries of this run
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes the run's files (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+
+def loss_function(recipe, model: nn.Module, rows: int, length: int, packed: bool, grid):
+    """``(name, loss, why)``: the training loss the recipe's ``loss`` key picks
+    (loss_choice) for ``rows`` rows of ``length`` tokens, around mlx-lm's
+    ``default_loss`` or, on packed rows, one that keeps targets inside each
+    example; with context parallelism, the full logits of each rank's slice
+    (``loss`` None: ``set_up`` takes the context-parallel loss)."""
+    from mlx_lm.tuner.trainer import default_loss
+
+    if grid.cp > 1:
+        return "full", None, "context_parallel: full logits of each rank's slice"
     try:
-        grid = context.grid(recipe.context_parallel, world)
+        return loss_choice.choose(recipe.loss, model, rows, length, packed, default_loss, packing.packed_loss)
     except ValueError as e:
         raise RecipeError(str(e)) from None
-    if recipe.batch_size % grid.dp != 0:
-        raise RecipeError(f"batch_size: {recipe.batch_size} is not divisible by the {grid.dp} data-parallel ranks")
 
-    entry = variant
-    variant, padded = run_entry(entry)
-    packed = recipe.pack_sequences and not padded
-    adapters = adapter_dir(recipe, run_dir)
-    metrics_path = run_dir / METRICS_FILE
-    checkpoints = run_dir / resume.CHECKPOINTS
-    resumed = resume.find(recipe, entry, run_dir, metrics_path) if recipe.resume and writer else None
 
-    # The predicted peak, printed (and a run that would not fit refused) before any weight loads.
-    planned = before_loading(recipe, entry, writer)
-    mx.random.seed(recipe.seed)
-    np.random.seed(recipe.seed)
-    model, tokenizer, config, model_path = load_base(recipe)
-    if packed:
-        try:
-            packing.check_model(model, config.get("model_type", type(model).__module__))
-        except ValueError as e:
-            raise RecipeError(str(e)) from None
-    train_set, valid_set, test_set = load_data(recipe, tokenizer, packed)
-    if len(train_set) < recipe.batch_size:
-        raise RecipeError(f"batch_size: {recipe.batch_size} is more than the {len(train_set)} training examples")
-    mx.random.seed(recipe.seed)
-    attach_adapters(model, recipe)
-    if recipe.resume_adapter_file:
-        model.load_weights(recipe.resume_adapter_file, strict=False)
-    optimizer = build_optimizer(recipe)
-    # Initialised now, not at the first update, so that a checkpoint's state
-    # can be put in place (and shared across ranks) before training.
-    optimizer.init(model.trainable_parameters())
-    grad = resume.restore(resumed.checkpoint, model, optimizer) if resumed else None
-    start = resumed.iteration + 1 if resumed else 1
-    if world_size > 1:
-        start, grad = _share_start(model, optimizer, grad, start, rank)
+def make_step(model: nn.Module, optimizer, loss_fn: Callable, accumulate: int, state: list):
+    """The training step and whether it is compiled.
 
-    batches = Batches(train_set, recipe.batch_size, recipe.max_seq_length, recipe.seed, grid.dp_index, grid.dp)
-    if writer and batches.truncated() and start == 1:
-        print(
-            f"mlx_flash.finetune: warning: {batches.truncated()} of {len(train_set)} training examples are longer "
-            f"than max_seq_length ({recipe.max_seq_length} tokens) and are truncated",
-            file=sys.stderr,
-        )
-    # Batches are padded to one more than a multiple of 32; inputs drop one.
-    length = min(recipe.max_seq_length, 1 + 32 * ((max(batches.lengths) + 31) // 32)) - 1
-    plan = attention_plan(geometry(model, config), recipe.batch_size // grid.dp, length, variant, packed)
-
-    if writer:
-        adapter_config = recipe_dict(recipe)
-        adapter_config.update(model=model_path, adapter_path=str(adapters))
-        adapter_config["attention"] = {"variant": variant, "implementation": plan.implementation}
-        adapter_config["pack_sequences"] = packed
-        files.write_json(adapters / ADAPTER_CONFIG, adapter_config)
-        metrics = files.JsonlWriter(metrics_path, resumed.records if resumed else ())
-
-    # Packed rows keep attention and targets inside each example.
-    try:
-        loss_name, loss_fn, loss_reason = (
-            ("full", None, "context_parallel: full logits of each rank's slice")
-            if grid.cp > 1
-            else loss_choice.choose(
-                recipe.loss, model, recipe.batch_size // grid.dp, length, packed, default_loss, packing.packed_loss
-            )
-        )
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
-    eval_loss, validation_batches = loss_fn, evaluation_batches(recipe.seed)
-    if grid.cp > 1:  # every rank of a row holds a slice of it
-        loss_fn, eval_loss = context.training_loss(grid), context.evaluation_loss(grid)
-        validation_batches = context.evaluation_batches(validation_batches, grid)
+    ``step(batch, previous, update)`` adds the batch's gradients to
+    ``previous`` and, when ``update``, averages them across ranks and updates
+    the model; it returns ``(loss, tokens, gradients still to apply)``.
+    """
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    accumulate = recipe.grad_accumulation_steps
-    state = [model.state, optimizer.state, mx.random.state]
 
     def step(batch, previous, update):
         (loss, tokens), grad = loss_and_grad(model, *batch)
@@ -452,170 +500,361 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     compiled = compile_step()
     if compiled:
         step = partial(mx.compile, inputs=state, outputs=state)(step)
+    return step, compiled
 
-    skipped = validation_skipped(recipe, valid_set)
 
-    def validate(dataset, batches_to_run) -> Optional[float]:
-        if len(dataset) < recipe.batch_size or batches_to_run == 0:
-            return None
-        loss = evaluate(
-            model=model,
-            dataset=dataset,
-            batch_size=recipe.batch_size,
-            num_batches=batches_to_run,
-            max_seq_length=recipe.max_seq_length,
-            loss=eval_loss,
-            iterate_batches=validation_batches,
+def set_up(recipe, entry: str, run_dir: Path) -> Run:
+    """Load the model and data, add the adapters, build the optimizer and step.
+
+    Seeds ``mx.random`` and NumPy with ``recipe.seed`` first, and again before
+    the adapters are made, so every variant starts from the same weights.
+    """
+    started = time.perf_counter()
+    world = mx.distributed.init()
+    rank, world_size = world.rank(), world.size()
+    try:
+        grid = context.grid(recipe.context_parallel, world)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    if recipe.batch_size % grid.dp != 0:
+        raise RecipeError(f"batch_size: {recipe.batch_size} is not divisible by the {grid.dp} data-parallel ranks")
+    variant, padded = run_entry(entry)
+    packed = recipe.pack_sequences and not padded
+    resumed = resume.find(recipe, entry, run_dir, run_dir / METRICS_FILE) if recipe.resume and rank == 0 else None
+
+    # The predicted peak, printed (and a run that would not fit refused) before any weight loads.
+    planned = before_loading(recipe, entry, rank == 0)
+    mx.random.seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    label = entry if rank == 0 else None
+    tic = time.perf_counter()
+    note(entry, f"loading model {recipe.model}", enabled=rank == 0)
+    model, tokenizer, config, model_path = load_base(recipe)
+    note(entry, f"model loaded in {time.perf_counter() - tic:.1f} s", enabled=rank == 0)
+    if packed:
+        try:
+            packing.check_model(model, config.get("model_type", type(model).__module__))
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+    train_set, valid_set, test_set = load_data(recipe, tokenizer, packed, label)
+    if len(train_set) < recipe.batch_size:
+        raise RecipeError(f"batch_size: {recipe.batch_size} is more than the {len(train_set)} training examples")
+    mx.random.seed(recipe.seed)
+    attach_adapters(model, recipe)
+    if recipe.resume_adapter_file:
+        model.load_weights(recipe.resume_adapter_file, strict=False)
+    optimizer = build_optimizer(recipe)
+    # Initialised now, not at the first update, so that a checkpoint's state
+    # can be put in place (and shared across ranks) before training.
+    optimizer.init(model.trainable_parameters())
+
+    batches = Batches(train_set, recipe.batch_size, recipe.max_seq_length, recipe.seed, grid.dp_index, grid.dp)
+    # Batches are padded to one more than a multiple of 32; inputs drop one.
+    length = min(recipe.max_seq_length, 1 + 32 * ((max(batches.lengths) + 31) // 32)) - 1
+    plan = attention_plan(geometry(model, config), recipe.batch_size // grid.dp, length, variant, packed)
+    loss_name, loss_fn, loss_reason = loss_function(recipe, model, recipe.batch_size // grid.dp, length, packed, grid)
+    eval_loss = loss_fn
+    evaluation = evaluation_batches(recipe.seed)
+    if grid.cp > 1:  # every rank of a row holds a slice of it
+        loss_fn, eval_loss = context.training_loss(grid), context.evaluation_loss(grid)
+        evaluation = context.evaluation_batches(evaluation, grid)
+    return Run(
+        recipe=recipe, entry=entry, variant=variant, packed=packed, run_dir=run_dir,
+        adapters=adapter_dir(recipe, run_dir), rank=rank, world_size=world_size, grid=grid, model=model,
+        model_path=model_path, optimizer=optimizer, train_set=train_set, valid_set=valid_set,
+        test_set=test_set, batches=batches, plan=plan, loss_fn=loss_fn, eval_loss=eval_loss,
+        loss_name=loss_name, loss_reason=loss_reason, planned_peak_bytes=planned,
+        evaluation=evaluation, resumed=resumed, started=started,
+    )  # fmt: skip
+
+
+def resume_from(run: Run) -> None:
+    """Put the run where it starts: its checkpoint's weights, optimizer state,
+    gradients, random key and records (``recipe.resume``), the same on every
+    rank; make the step; write the adapter config and open the metrics."""
+    resumed, recipe = run.resumed, run.recipe
+    if resumed:
+        run.grad = resume.restore(resumed.checkpoint, run.model, run.optimizer)
+        run.start = resumed.iteration + 1
+        run.records = list(resumed.records)
+        run.initial_val_loss = resumed.checkpoint.state.get("initial_val_loss")
+        run.saved_iteration, run.saved_path = resumed.iteration, resumed.checkpoint.path
+    if run.world_size > 1:
+        run.start, run.grad = _share_start(run.model, run.optimizer, run.grad, run.start, run.rank)
+    run.done = run.start - 1
+    run.state = [run.model.state, run.optimizer.state, mx.random.state]
+    run.step, run.compiled = make_step(run.model, run.optimizer, run.loss_fn, recipe.grad_accumulation_steps, run.state)
+    if not run.writer:
+        return
+    if run.batches.truncated() and run.start == 1:
+        print(
+            f"mlx_flash.finetune: warning: {run.batches.truncated()} of {len(run.train_set)} training examples are "
+            f"longer than max_seq_length ({recipe.max_seq_length} tokens) and are truncated",
+            file=sys.stderr,
         )
-        model.train()
-        return loss
-
-    info = {
-        "trajectory": resume.trajectory(recipe, entry),
-        "initial_val_loss": resumed.checkpoint.state.get("initial_val_loss") if resumed else None,
-        "batches_per_epoch": len(batches),
-    }
-    saved = {"iteration": resumed.iteration if resumed else 0, "path": resumed.checkpoint.path if resumed else None}
-
-    def save(iteration: int) -> None:
-        if not writer or saved["iteration"] == iteration:
-            return
-        metrics.sync()  # the checkpoint never runs ahead of the metrics on disk
-        arrays = resume.capture(model, optimizer, grad)
-        saved["path"] = checkpoint.save(
-            checkpoints, iteration, arrays, {**info, "random_key": resume.random_key()}
+    repeated = getattr(run.train_set, "unique_rows", len(run.train_set)) < len(run.train_set)
+    if repeated and run.start == 1:
+        print(
+            f"[{run.entry}] the {run.train_set.examples} training examples pack into {run.train_set.unique_rows} "
+            f"row(s) of {recipe.max_seq_length} tokens, fewer than batch_size {recipe.batch_size}: rows are repeated "
+            f"to fill each step, so an epoch is {len(run.batches)} step(s) over the same "
+            f"{run.train_set.unique_rows} unique row(s)",
+            file=sys.stderr,
         )
-        saved["iteration"] = iteration
-        files.write_safetensors(adapters / ADAPTER_FILE, arrays["adapters"])
-        if iteration % recipe.save_every == 0:
-            files.write_safetensors(adapters / f"{iteration:07d}_{ADAPTER_FILE}", arrays["adapters"])
-
-    progress = None
-    records = list(resumed.records) if resumed else []
-    extra = {
-        "rank_count": world_size,
-        "context_parallel": grid.cp,
-        "compiled_step": compiled,
-        "attention_plan": plan.summary,
-        "attention_variant": variant,
-        "packed": packed,
-        "planned_peak_bytes": planned,
-        "loss": loss_name,
-        "loss_reason": loss_reason,
+    adapter_config = recipe_dict(recipe)
+    adapter_config.update(model=run.model_path, adapter_path=str(run.adapters))
+    adapter_config["attention"] = {"variant": run.variant, "implementation": run.plan.implementation}
+    adapter_config["pack_sequences"] = run.packed
+    files.write_json(run.adapters / ADAPTER_CONFIG, adapter_config)
+    run.metrics = files.JsonlWriter(run.metrics_path, run.records)
+    run.extra = {
+        "rank_count": run.world_size,
+        "context_parallel": run.grid.cp,
+        "compiled_step": run.compiled,
+        "attention_plan": run.plan.summary,
+        "attention_variant": run.variant,
+        "packed": run.packed,
+        "planned_peak_bytes": run.planned_peak_bytes,
+        "loss": run.loss_name,
+        "loss_reason": run.loss_reason,
         **environment(),
     }
-    stopped = None  # the signal that stopped the run
-    at_once = False  # stopped mid-iteration: only the last checkpoint is kept
-    done = start - 1  # the last iteration completed
-    with patched(variant), bounded(model, checkpoint=recipe.grad_checkpoint, chunk_tokens=recipe.chunk_tokens):
-        try:
-            if start == 1:
-                info["initial_val_loss"] = validate(valid_set, recipe.val_batches)
-            model.train()
-            # Made here so that its clock (it/s) leaves out the initial validation.
-            progress = Progress(recipe.iters, entry, every=recipe.steps_per_report, enabled=writer, first=start)
-            with interrupts.deferred(_stop_notice if writer else None) as stop:
-                for iteration in range(start, recipe.iters + 1):
-                    batch = batches.batch(iteration - 1)
-                    mx.reset_peak_memory()
-                    tic = time.perf_counter()
-                    loss, tokens, grad = step(batch, grad, iteration % accumulate == 0)
-                    mx.eval(state, loss, tokens, grad)
-                    wall = time.perf_counter() - tic
-                    peak = mx.get_peak_memory()
-                    if recipe.clear_cache_threshold and mx.get_cache_memory() > recipe.clear_cache_threshold:
-                        mx.clear_cache()
-                    if world_size > 1:
-                        loss = mx.distributed.all_sum(loss, stream=mx.cpu) / world_size
-                        tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
-                    record = {
-                        "iteration": iteration,
-                        "loss": loss.item(),
-                        "tokens": int(tokens.item()),
-                        "wall_s": wall,
-                        "tokens_per_s": tokens.item() / wall,
-                        "peak_memory_bytes": int(peak),
-                        "learning_rate": float(optimizer.learning_rate.item()),
-                        "fill": fill_of(batch),
-                        "variant": entry,
-                    }
-                    if iteration == start:
-                        record["warmup"] = True
-                    if iteration % recipe.steps_per_eval == 0 or iteration == recipe.iters:
-                        record["val_loss"] = validate(valid_set, recipe.val_batches)
-                    records.append(record)
-                    if writer:
-                        metrics.write(record)
-                    if iteration % recipe.save_every == 0 or iteration == recipe.iters:
-                        save(iteration)
-                    progress.update(iteration, record["loss"], record.get("val_loss"))
-                    done = iteration
-                    if world_size > 1:
-                        stop.signal = _any_rank_stopping(stop.signal)
-                    if stop:
-                        save(iteration)
-                        stopped = stop.signal
-                        break
-            if stopped is None and recipe.test:
-                extra["test_loss"] = validate(test_set, recipe.test_batches)
-            if stopped is None and packed and writer:
-                # A whole row on one rank is what context parallelism avoids.
-                check = packing_check(model, valid_set) if grid.cp == 1 else None
-                extra["packing"] = packing_summary(train_set, check)
-        except KeyboardInterrupt as e:
-            stopped, at_once = interrupts.signal_of(e), True
-        finally:
-            if progress is not None:
-                progress.close()
-            if writer:
-                if at_once:
-                    # What the last checkpoint holds, and nothing newer: the
-                    # iteration in progress was cut off.
-                    records = [r for r in records if r["iteration"] <= saved["iteration"]]
-                    metrics.close()
-                    metrics = files.JsonlWriter(metrics_path, records)
-                metrics.close()
-                summary = summarize(
-                    records,
-                    variant=entry,
-                    plan=plan,
-                    iters=recipe.iters,
-                    interrupted=stopped is not None,
-                    elapsed=time.perf_counter() - started,
-                    extra={
-                        "adapter_path": str(adapters),
-                        "metrics": str(metrics_path),
-                        "model": model_path,
-                        "initial_val_loss": info["initial_val_loss"],
-                        "validation": f"skipped: {skipped}" if skipped else "ran",
-                        "resumed": resumed is not None,
-                        "resumed_from_iteration": resumed.iteration if resumed else None,
-                        "checkpoint": str(saved["path"]) if saved["path"] else None,
-                        "checkpoint_iteration": saved["iteration"] or None,
-                        "stopped_by": interrupts.NAMES[stopped] if stopped else None,
-                        **extra,
-                    },
-                )
-                files.write_json(run_dir / SUMMARY_FILE, summary)
-    if stopped is not None:
-        raise Interrupted(_stopped_message(stopped, at_once, done, recipe.iters, saved, adapters, metrics_path, run_dir), stopped)
-    return summary if writer else {}
 
 
-def _stopped_message(signum, at_once, done, iters, saved, adapters, metrics_path, run_dir) -> str:
-    name = interrupts.NAMES[signum]
-    if at_once:
+def validate(run: Run, dataset, batches_to_run: int) -> Optional[float]:
+    """mlx-lm's ``evaluate`` of the model on ``dataset`` (None when there is
+    not a batch of it, or no batch to run)."""
+    from mlx_lm.tuner.trainer import evaluate
+
+    recipe = run.recipe
+    if len(dataset) < recipe.batch_size or batches_to_run == 0:
+        return None
+    loss = evaluate(
+        model=run.model,
+        dataset=dataset,
+        batch_size=recipe.batch_size,
+        num_batches=batches_to_run,
+        max_seq_length=recipe.max_seq_length,
+        loss=run.eval_loss,
+        iterate_batches=run.evaluation,
+    )
+    run.model.train()
+    return loss
+
+
+def one_iteration(run: Run, iteration: int) -> dict:
+    """Train ``iteration`` (1-based): step, time, validate when due, record,
+    save when due. Returns its metrics record."""
+    recipe = run.recipe
+    run.enter(f"iteration {iteration}")
+    batch = run.batches.batch(iteration - 1)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    loss, tokens, run.grad = run.step(batch, run.grad, iteration % recipe.grad_accumulation_steps == 0)
+    mx.eval(run.state, loss, tokens, run.grad)
+    wall = time.perf_counter() - tic
+    peak = mx.get_peak_memory() - run.others_bytes
+    if recipe.clear_cache_threshold and mx.get_cache_memory() > recipe.clear_cache_threshold:
+        mx.clear_cache()
+    if run.world_size > 1:
+        loss = mx.distributed.all_sum(loss, stream=mx.cpu) / run.world_size
+        tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
+    record = {
+        "iteration": iteration,
+        "loss": loss.item(),
+        "tokens": int(tokens.item()),
+        "wall_s": wall,
+        "tokens_per_s": tokens.item() / wall,
+        "peak_memory_bytes": int(peak),
+        "learning_rate": float(run.optimizer.learning_rate.item()),
+        "fill": fill_of(batch),
+        "variant": run.entry,
+    }
+    if iteration == run.start:
+        record["warmup"] = True
+    if iteration % recipe.steps_per_eval == 0 or iteration == recipe.iters:
+        run.enter(f"validation after iteration {iteration}")
+        record["val_loss"] = validate(run, run.valid_set, recipe.val_batches)
+    run.records.append(record)
+    if run.writer:
+        run.metrics.write(record)
+    if iteration % recipe.save_every == 0 or iteration == recipe.iters:
+        save(run, iteration)
+    run.progress.update(iteration, record["loss"], record.get("val_loss"))
+    run.done = iteration
+    return record
+
+
+def save(run: Run, iteration: int) -> None:
+    """Write checkpoint ``iteration`` and the adapters (rank 0; once per iteration)."""
+    if not run.writer or run.saved_iteration == iteration:
+        return
+    run.metrics.sync()  # the checkpoint never runs ahead of the metrics on disk
+    arrays = resume.capture(run.model, run.optimizer, run.grad)
+    state = {
+        "trajectory": resume.trajectory(run.recipe, run.entry),
+        "initial_val_loss": run.initial_val_loss,
+        "batches_per_epoch": len(run.batches),
+        "random_key": resume.random_key(),
+    }
+    run.saved_path = checkpoint.save(run.run_dir / resume.CHECKPOINTS, iteration, arrays, state)
+    run.saved_iteration = iteration
+    files.write_safetensors(run.adapters / ADAPTER_FILE, arrays["adapters"])
+    if iteration % run.recipe.save_every == 0:
+        files.write_safetensors(run.adapters / f"{iteration:07d}_{ADAPTER_FILE}", arrays["adapters"])
+
+
+def _batch_count(batches: int) -> str:
+    return "every batch" if batches == -1 else f"{batches} batch(es)"
+
+
+def begin(run: Run) -> None:
+    """Validate before training (a fresh run) and start the progress bar."""
+    recipe = run.recipe
+    if run.start == 1:
+        run.enter("validation before training")
+        if not validation_skipped(recipe, run.valid_set):
+            note(run.entry, f"validating before training ({_batch_count(recipe.val_batches)})", enabled=run.writer)
+        run.initial_val_loss = validate(run, run.valid_set, recipe.val_batches)
+    run.model.train()
+    # Made here so that its clock (it/s) leaves out the initial validation.
+    run.progress = Progress(recipe.iters, run.entry, every=recipe.steps_per_report, enabled=run.writer, first=run.start)
+
+
+def train(run: Run) -> None:
+    """``begin``, then train to ``recipe.iters``; the first Ctrl-C or SIGTERM
+    stops after the iteration in progress, with a checkpoint (``stop``)."""
+    notice, at_once = stop_notices([run])
+    with interrupts.deferred(notice if run.writer else None, at_once) as request:
+        begin(run)
+        if stop_requested(run, request):
+            stop(run, request.signal)
+            return
+        for iteration in range(run.start, run.recipe.iters + 1):
+            one_iteration(run, iteration)
+            if stop_requested(run, request):
+                stop(run, request.signal)
+                return
+
+
+def stop_requested(run: Run, request) -> bool:
+    """Whether a stop was asked for, on any rank (all ranks stop together)."""
+    if run.world_size > 1:
+        request.signal = _any_rank_stopping(request.signal)
+    return bool(request)
+
+
+def stop(run: Run, signum: int) -> None:
+    """Stop after the iteration just done, saving a checkpoint of it."""
+    save(run, run.done)
+    run.stopped = signum
+
+
+def finish(run: Run) -> None:
+    """After the last iteration: the test loss and the packing check, when asked for."""
+    if run.progress is not None:
+        run.progress.close()  # lines below start on a line of their own
+    if run.recipe.test:
+        note(run.entry, f"testing ({_batch_count(run.recipe.test_batches)})", enabled=run.writer)
+        run.extra["test_loss"] = validate(run, run.test_set, run.recipe.test_batches)
+    if run.packed and run.writer:
+        # A whole row on one rank is what context parallelism avoids.
+        check = None
+        if run.grid.cp == 1 and len(run.valid_set):
+            note(run.entry, "checking that packing changed no validation document's loss")
+            check = packing_check(run.model, run.valid_set)
+        run.extra["packing"] = packing_summary(run.train_set, check)
+
+
+def write_summary(run: Run) -> dict:
+    """Close the metrics (cut back to the last checkpoint after a stop at once)
+    and write ``summary.json``; returns the summary."""
+    if run.at_once:
+        # What the last checkpoint holds, and nothing newer: the iteration in
+        # progress was cut off.
+        run.records = [r for r in run.records if r["iteration"] <= run.saved_iteration]
+        run.metrics.close()
+        run.metrics = files.JsonlWriter(run.metrics_path, run.records)
+    run.metrics.close()
+    recipe, resumed = run.recipe, run.resumed
+    summary = summarize(
+        run.records,
+        variant=run.entry,
+        plan=run.plan,
+        iters=recipe.iters,
+        interrupted=run.stopped is not None,
+        elapsed=time.perf_counter() - run.started,
+        extra={
+            "adapter_path": str(run.adapters),
+            "metrics": str(run.metrics_path),
+            "model": run.model_path,
+            "initial_val_loss": run.initial_val_loss,
+            "validation": (f"skipped: {skipped}" if (skipped := validation_skipped(recipe, run.valid_set)) else "ran"),
+            "resumed": resumed is not None,
+            "resumed_from_iteration": resumed.iteration if resumed else None,
+            "checkpoint": str(run.saved_path) if run.saved_path else None,
+            "checkpoint_iteration": run.saved_iteration or None,
+            "stopped_by": interrupts.NAMES[run.stopped] if run.stopped else None,
+            **run.extra,
+        },
+    )
+    files.write_json(run.run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def stopped_message(run: Run) -> str:
+    """What a stopped run kept, and how to continue it: one line."""
+    name = interrupts.NAMES[run.stopped]
+    summary = run.run_dir / SUMMARY_FILE
+    if run.at_once:
         kept = (
-            f"the last checkpoint is iteration {saved['iteration']} ({saved['path']}) and metrics were cut back to it"
-            if saved["iteration"]
+            f"the last checkpoint is iteration {run.saved_iteration} ({run.saved_path}) and metrics were cut back to it"
+            if run.saved_iteration
             else "no checkpoint was written yet"
         )
-        during = f"during iteration {done + 1}" if done < iters else "after the last iteration"
-        return f"{name}: stopped at once {during}; {kept}; summary in {run_dir / SUMMARY_FILE}"
+        during = f"during iteration {run.done + 1}" if run.done < run.recipe.iters else "after the last iteration"
+        return f"{name}: stopped at once {during}; {kept}; summary in {summary}"
+    if run.done == 0:
+        return f"{name}: stopped before iteration 1, during the {run.phase}: nothing was trained or saved"
     return (
-        f"{name}: stopped after iteration {done}: checkpoint {saved['path']}, adapters in {adapters}, "
-        f"metrics in {metrics_path}, summary in {run_dir / SUMMARY_FILE}; --set resume=true continues"
+        f"{name}: stopped after iteration {run.done}: checkpoint {run.saved_path}, adapters in {run.adapters}, "
+        f"metrics in {run.metrics_path}, summary in {summary}; --set resume=true continues"
     )
+
+
+def run(recipe, variant: str, run_dir: Path) -> dict:
+    """Fine-tune with attention ``variant``, writing into ``run_dir``.
+
+    ``variant`` is an ``attention.compare`` entry: a variant name, or
+    ``<name>:padded`` for that variant on mlx-lm's padded batches even when
+    the recipe packs (the baseline a packed run is compared with).
+
+    Every variant of a comparison starts from the same base weights, the same
+    adapter initialisation (``mx.random.seed(recipe.seed)``) and the same
+    batch order, so their losses differ only by the attention's arithmetic.
+    With ``recipe.resume`` the run continues from its latest checkpoint.
+
+    Returns the summary dictionary (also written to ``summary.json``).
+    Raises ``Interrupted`` if Ctrl-C or SIGTERM stops training, after saving.
+    """
+    job = set_up(recipe, variant, run_dir)
+    resume_from(job)
+    summary = {}
+    with patched(job.variant), bounded(job.model, checkpoint=recipe.grad_checkpoint, chunk_tokens=recipe.chunk_tokens):
+        try:
+            train(job)
+            if job.stopped is None:
+                finish(job)
+        except KeyboardInterrupt as e:
+            job.stopped, job.at_once = interrupts.signal_of(e), True
+        finally:
+            if job.progress is not None:
+                job.progress.close()
+            if job.writer:
+                summary = write_summary(job)
+    if job.stopped is not None:
+        raise Interrupted(stopped_message(job), job.stopped)
+    return summary
 
 
 def _share_start(model, optimizer, grad, start: int, rank: int):
