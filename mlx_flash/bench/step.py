@@ -187,6 +187,34 @@ def run_cell(name: str, layers: int, seq: int, mode: str, batch: int = 1, docume
     }
 
 
+def reference_loss(name: str, layers: int, seq: int, batch: int = 1, documents: int = 8, rank: int = 8,
+                   seed: int = 0, vocab: Optional[int] = None, attention: str = "mlx") -> float:
+    """The loss of a cell's step from a forward pass alone, for lengths where
+    no stock step fits: the same weights, LoRA and row, MLX's attention with
+    the dense document mask (stock's), and the logit-free loss (exact against
+    full logits, and ``O(L)``). Nothing is differentiated, so nothing is kept
+    between layers. ``attention="auto"``: mlx-flash's fused attention
+    instead, where the dense mask's ``L x L`` scores would not fit."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from ..documents import segments
+    from ..losses import chunked_loss
+    from ..patch import patched
+
+    model, _ = build(name, layers, seed, vocab)
+    model.freeze()
+    linear_to_lora_layers(model, layers, {"rank": rank, "scale": 20.0, "dropout": 0.0})
+    mx.random.seed(seed + 1)
+    tokens = mx.random.randint(0, model.args.vocab_size, (batch, seq + 1))
+    per_doc = -(-seq // documents)
+    ids = mx.broadcast_to(mx.repeat(mx.arange(documents), per_doc)[None, :seq], (batch, seq))
+    lengths = mx.array([[1, seq]] * batch)
+    with patched(attention), segments(ids):
+        value, _ = chunked_loss(model, tokens, lengths)
+        return value.item()
+
+
 def _limit(budget_bytes: int):
     def apply():
         limit = budget_bytes + _SLACK_BYTES
@@ -237,8 +265,12 @@ def check_losses(cells: List[dict]) -> None:
             if ref is not None:
                 break
         if ref is None or ref is c and c["mode"] != "stock":
-            c["checked_against"] = None
+            forward = c.get("reference_forward_loss")
+            how = "dense document mask" if c.get("reference_forward_attention", "mlx") == "mlx" else "fused attention"
+            c["checked_against"] = f"forward only ({how}, logit-free loss)" if forward is not None else None
             c["loss_matches_stock"] = None
+            if forward is not None:
+                c["loss_matches_reference"] = bool(abs(c["loss"] - forward) <= LOSS_RTOL * abs(forward))
             continue
         c["checked_against"] = ref["mode"]
         ok = abs(c["loss"] - ref["loss"]) <= LOSS_RTOL * abs(ref["loss"])
