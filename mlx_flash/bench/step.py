@@ -392,7 +392,7 @@ def evaluate_targets(cells: List[dict], extrapolations: List[dict]) -> List[dict
         name = f"{TARGET_MODEL} stock at L={seq} needs >= {STOCK_FACTOR}x `all` (full depth)"
         a, s = ext.get((seq, "all")), ext.get((seq, "stock"))
         if a is None:
-            results.append({"name": name, "status": "NOT MEASURED", "detail": "`all` not extrapolated"})
+            results.append({"name": name, "status": "NOT MEASURED", "detail": "`all` not measured at this length"})
             continue
         if s is not None:
             # stock keeps every layer's activations: its slope is what a
@@ -415,7 +415,21 @@ def evaluate_targets(cells: List[dict], extrapolations: List[dict]) -> List[dict
                             f"layers; all at full depth {a['full_depth_peak_bytes_upper'] / gib:.2f} GiB "
                             f"(extrapolated): at least {ratio:.1f}x"})
         else:
-            results.append({"name": name, "status": "NOT MEASURED", "detail": "stock not run at this length"})
+            # A stock step holds more at a longer row (its logits, scores and
+            # activations all grow with L), so stock measured at a shorter
+            # row is a lower bound of stock at this one.
+            shorter = [c for c in cells if c["model"] == TARGET_MODEL and c["mode"] == "stock"
+                       and c.get("status") == "ok" and c["seq_len"] < seq and c["batch"] == 1]
+            if shorter:
+                best = max(shorter, key=lambda c: c["peak_above_weights_bytes"])
+                ratio = best["peak_above_weights_bytes"] / a["full_depth_peak_bytes_upper"]
+                results.append({"name": name, "status": "PASS" if ratio >= STOCK_FACTOR else "NOT MEASURED",
+                                "detail": f"stock not run at L={seq}; at L={best['seq_len']} with {best['layers']} "
+                                f"layers it already holds {best['peak_above_weights_bytes'] / gib:.2f} GiB, against "
+                                f"all at L={seq} and full depth {a['full_depth_peak_bytes_upper'] / gib:.2f} GiB "
+                                f"(extrapolated): at least {ratio:.1f}x"})
+            else:
+                results.append({"name": name, "status": "NOT MEASURED", "detail": "stock not run at this length"})
     pairs = {}
     for c in cells:
         if c.get("status") == "ok" and c["model"] == TARGET_MODEL and c["mode"] in ("stock", "all"):
@@ -458,7 +472,7 @@ def render_markdown(results: dict) -> str:
         "",
         "Random weights from `mlx_flash/configs/<model>.json`, float32 activations, LoRA rank 8 on every linear "
         "layer, one packed row of equal documents, one step (forward, backward, Adam update). Peak is "
-        "`mx.get_peak_memory()` over the step minus the frozen weights. Each cell ran alone in its own process.",
+        "`mx.get_peak_memory()` over the step minus the frozen weights. Each cell ran in its own process.",
     ]
     if s.get("note"):
         lines += ["", s["note"]]
