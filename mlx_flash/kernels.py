@@ -16,6 +16,7 @@ than relying on MLX's default.
 
 import functools
 from importlib import resources
+from pathlib import Path
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -32,10 +33,21 @@ def backend() -> Optional[str]:
     return None
 
 
+def source_folder():
+    """The folder of the kernel sources: ``mlx_flash.metal`` where the
+    package is installed, the repository's ``metal/`` in a bare source tree
+    (``PYTHONPATH=.`` or an unpacked sdist, where only the install maps
+    ``metal/`` into the package)."""
+    try:
+        return resources.files("mlx_flash.metal")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "metal"
+
+
 @functools.lru_cache(maxsize=None)
 def source(filename: str) -> str:
     """Text of ``metal/<filename>``."""
-    return resources.files("mlx_flash.metal").joinpath(filename).read_text()
+    return source_folder().joinpath(filename).read_text()
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,8 +4,10 @@
 loss ``logsumexp(h W^T) - (h W^T)[target]`` of a language model's output
 head without building the logits: it streams over token chunks (``T``
 rows of ``hidden``) and vocabulary chunks (``C`` rows of the head's weight)
-inside an ``mx.custom_function`` whose backward recomputes each chunk's
-logits.
+inside an ``mx.custom_function`` with its own backward, so that no more than
+a few ``T x C`` chunks of logits exist at any time. ``head_of(model)`` and
+``final_hidden(model, inputs)`` split an mlx-lm causal LM into the two
+inputs, and ``chunked_loss`` is a drop-in for mlx-lm's ``default_loss``.
 
 Memory. With ``N = B * L`` tokens, ``D`` the hidden size and ``V`` the
 vocabulary, the function keeps alive between its forward and backward:
@@ -20,22 +22,30 @@ vocabulary, the function keeps alive between its forward and backward:
   scaling per token and the logits are computed once, as in the full path.
   A trainable head (dense fine-tune, LoRA or a bias on the head) instead
   recomputes each chunk's logits in the backward, because its gradient sums
-  over tokens with the incoming per-token weights;
+  over tokens with the incoming per-token weights; ``recompute=True`` takes
+  that path for a frozen head too and holds only the log-sum-exp, for one
+  more matrix product;
 
 and while it runs, one chunk of logits and the few same-shape temporaries
 that follow it (``T x C`` float32 each), plus the weight-sized gradient of a
-trainable head. The chunks are chained with ``mx.depends`` so MLX's lazy
-evaluation walks them one after the other instead of holding many at once;
-nothing calls ``mx.eval``, so the function works under ``mx.compile`` and
+trainable head. Each chunk waits (``mx.depends``) for the previous chunk's
+result, because MLX builds its evaluation order level by level from the
+outputs and would otherwise compute a chunk's logits, a few operations below
+the running result, several chunks early and hold them. What remains is
+MLX's own lookahead: the host allocates an operation's output when it
+dispatches it and lets about ten operations run ahead of the stream, so
+about five chunks (80 MiB at the default sizes; counted, not estimated) are
+allocated at the peak, whatever ``N`` and ``V`` are. Nothing calls
+``mx.eval``, so the function works under ``mx.compile`` and
 ``nn.value_and_grad``.
 
 Chunk sizes. ``C = 8192`` vocabulary rows (a Qwen2.5 vocabulary of 151,936
 is 19 chunks) and ``T = 2**22 // C = 512`` tokens make one chunk of logits
 ``T * C`` float32 = 16 MiB; the matrix products are then ``512 x 8192 x D``,
 large enough for BLAS and Metal to run at full speed, while the working set
-(about four such chunks) stays near 64 MiB whatever ``L`` and ``V`` are.
-Both are arguments (``token_chunk``, ``vocab_chunk``); small vocabularies
-use one chunk.
+stays near 100 MiB whatever ``L`` and ``V`` are (at ``L = 8192`` and Qwen2.5's
+vocabulary the full logits are 4.6 GiB a copy). Both are arguments
+(``token_chunk``, ``vocab_chunk``); small vocabularies use one chunk.
 
 Exactness: each chunk's logits are computed as the head computes them (the
 head's dtype, bias and LoRA term included), then raised to float32; the
@@ -72,8 +82,10 @@ class LinearHead:
     ``(V,)``. A LoRA term on the head is ``lora_scale * (lora_in(x) @
     lora_out)`` with ``lora_in: (D, r)`` applied to ``lora_dropout(x)`` and
     ``lora_out: (r, V)``. ``trainable`` names the arrays whose gradient is
-    wanted (``weight``, ``bias``, ``lora_in``, ``lora_out``); a frozen head
-    gets the cheaper one-pass backward.
+    wanted (``weight``, ``bias``, ``lora_in``, ``lora_out``; all by default,
+    and ``head_of`` sets it from the module's frozen state): the others get
+    a zero gradient, never computed, and a head with none of them gets the
+    one-pass backward. A quantized weight never gets a gradient.
     """
 
     weight: mx.array
@@ -145,7 +157,7 @@ class _Tiles:
 
     def logits(self, xt, ut, v0, v1):
         """Float32 logits ``(T, C)`` of tokens ``xt`` for vocabulary rows
-        ``v0:v1``, before the multiplier and soft-cap: ``z``; and after: ``y``."""
+        ``v0:v1``, the multiplier and soft-cap applied."""
         h = self.head
         if h.quantized:
             z = mx.quantized_matmul(
@@ -159,7 +171,7 @@ class _Tiles:
             z = z + self.b[v0:v1]
         if self.q is not None:
             z = z + (h.lora_scale * (ut @ self.q[:, v0:v1])).astype(z.dtype)
-        y = z.astype(mx.float32)
+        y = z if z.dtype == mx.float32 else z.astype(mx.float32)
         if h.multiplier != 1.0:
             y = y * h.multiplier
         if h.softcap is not None:
@@ -202,10 +214,29 @@ def _pick(y, local, width):
     """``y[i, local[i]]`` where ``0 <= local[i] < width``, else 0."""
     inside = (local >= 0) & (local < width)
     got = mx.take_along_axis(y, mx.clip(local, 0, width - 1)[:, None], axis=1)[:, 0]
-    return inside, mx.where(inside, got, 0.0)
+    return mx.where(inside, got, 0.0)
 
 
-def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, has_u: bool):
+def _after(xt, ut, state):
+    """``xt`` and ``ut`` made to wait for ``state``, the previous chunk's result.
+
+    MLX evaluates a graph level by level from its outputs, so a chunk's
+    logits, a few operations below the running result, would otherwise be
+    computed several chunks early and held until their turn; depending on the
+    previous chunk's result makes the chunks strictly one after the other.
+    """
+    if state is None:
+        return xt, ut
+    if ut is None:
+        return mx.depends(xt, state), None
+    return tuple(mx.depends([xt, ut], state))
+
+
+def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, recompute: bool):
+    """The custom function ``(x, u, targets, w, scales, qbiases, b, q) ->
+    (ce, lse[, direction])`` for one head and chunking: ``x: (N, D)``,
+    ``targets: (N,)``, per-token ``ce`` and float32 ``lse: (N,)``, and for a
+    frozen head the float32 gradient direction ``(N, D)``."""
     V = head.vocab_size
     tchunks = _chunks(n_tokens, token_chunk)
     vchunks = _chunks(V, vocab_chunk)
@@ -220,7 +251,7 @@ def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, h
         wants.discard("bias")
     if not lora:
         wants -= {"lora_in", "lora_out"}
-    one_pass = not wants and not lora
+    one_pass = not wants and not lora and not recompute
 
     def unpack(args):
         x, u, targets, w, scales, qbiases, b, q = args
@@ -239,10 +270,13 @@ def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, h
             tt = targets[t0:t1]
             m = s = tgt = acc = None
             for v0, v1 in vchunks:
-                y = tiles.logits(xt, ut, v0, v1)
-                _, picked = _pick(y, tt - v0, v1 - v0)
+                y = tiles.logits(*_after(xt, ut, s), v0, v1)
+                picked = _pick(y, tt - v0, v1 - v0)
                 tgt = picked if tgt is None else tgt + picked
                 m_new = y.max(axis=1) if m is None else mx.maximum(m, y.max(axis=1))
+                # The target's logit is read before the exponentials, so
+                # that the logits can be freed (or reused) by them.
+                m_new = mx.depends(m_new, tgt)
                 e = mx.exp(y - m_new[:, None])
                 if m is None:
                     s = e.sum(axis=1)
@@ -305,7 +339,7 @@ def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, h
             lt = lse[t0:t1][:, None]
             dxt = dut = None
             for k, (v0, v1) in enumerate(vchunks):
-                y = tiles.logits(xt, ut, v0, v1)
+                y = tiles.logits(*_after(xt, ut, dxt), v0, v1)
                 p = mx.exp(y - lt)
                 hit = (tt - v0)[:, None] == mx.arange(v1 - v0)[None, :]
                 dy = gt * (p - hit.astype(mx.float32))
@@ -355,6 +389,7 @@ def linear_cross_entropy(
     *,
     token_chunk: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
+    recompute: bool = False,
 ) -> mx.array:
     """Per-token cross-entropy of ``head(hidden)`` against ``targets``.
 
@@ -364,6 +399,9 @@ def linear_cross_entropy(
         targets: ``(B, L)`` integer token ids; ids outside ``[0, V)`` are ignored.
         mask: ``(B, L)`` boolean or float weights (None: all ones).
         token_chunk, vocab_chunk: chunk sizes (None: see the module docstring).
+        recompute: save only the log-sum-exp even for a frozen head, and
+            recompute the logits in the backward: ``4 N D`` bytes less
+            between forward and backward for one more matrix product.
 
     Returns:
         ``(B, L)`` float32 losses, zero where the mask is zero, equal to
@@ -393,7 +431,7 @@ def linear_cross_entropy(
     if head.lora_out is not None:
         xd = head.lora_dropout(x) if head.lora_dropout is not None else x
         u = xd @ head.lora_in
-    fn = _make(head, N, token_chunk, vocab_chunk, u is not None)
+    fn = _make(head, N, token_chunk, vocab_chunk, recompute)
     out = fn(x, u, targets.reshape(N), head.weight, head.scales, head.biases, head.bias, head.lora_out)
     ce = out[0].reshape(B, L)
     if mask is not None:
@@ -429,10 +467,22 @@ class _Logits:
 class _Split:
     lm: nn.Module
     backbone: str
+    keyword: Optional[str]
     logits: _Logits
 
 
 _HIDDEN = "hidden"
+
+
+def _refusal(model, why: str) -> ValueError:
+    """The one-line refusal, naming the model type (``model`` or its name)."""
+    name = model if isinstance(model, str) else _model_type(model)
+    return ValueError(f"chunked loss: model type '{name}' {why}; use loss: full")
+
+
+def _bare(lg) -> bool:
+    """Logits with no soft-cap yet, so one may follow."""
+    return isinstance(lg, _Logits) and lg.softcap is None and lg.tanh_of is None
 
 
 def _model_type(model) -> str:
@@ -478,6 +528,7 @@ class _Follow:
         self.inputs = args[1] if len(args) > 1 else None
         self.env = {}
         self.backbone = None
+        self.keyword = None  # the backbone takes the token ids by this keyword (None: first positional)
         self.delegate = None
 
     def fail(self, node):
@@ -517,7 +568,9 @@ class _Follow:
             a, b = self.const(node.left), self.const(node.right)
             if not all(isinstance(v, (int, float)) for v in (a, b)):
                 self.fail(node)
-            return {ast.Mult: a * b, ast.Add: a + b, ast.Sub: a - b}.get(type(node.op), None) if not isinstance(node.op, ast.Div) else a / b
+            if isinstance(node.op, ast.Div):
+                return a / b
+            return {ast.Mult: a * b, ast.Add: a + b, ast.Sub: a - b}[type(node.op)]
         if isinstance(node, ast.Compare) and len(node.ops) == 1:
             op, right = node.ops[0], node.comparators[0]
             if isinstance(op, (ast.Is, ast.IsNot)) and isinstance(right, ast.Constant) and right.value is None:
@@ -539,10 +592,14 @@ class _Follow:
             if fp is not None and fp and fp[-1] == "language_model" and len(fp) == 1:
                 self.delegate = "language_model"
                 return "delegate"
-            if fp is not None and len(fp) == 1 and args and isinstance(args[0], ast.Name) and args[0].id == self.inputs:
+            given = [k.arg for k in node.keywords if isinstance(k.value, ast.Name) and k.value.id == self.inputs]
+            if args and isinstance(args[0], ast.Name) and args[0].id == self.inputs:
+                given = [None]
+            if fp is not None and len(fp) == 1 and given:
                 if self.backbone is not None:
                     self.fail(node)
                 self.backbone = fp[0]
+                self.keyword = given[0]
                 return _HIDDEN
             if fp is not None and args and len(args) == 1 and not node.keywords:
                 arg = self.value(args[0])
@@ -558,12 +615,12 @@ class _Follow:
                     if isinstance(inner, ast.BinOp) and isinstance(inner.op, ast.Div):
                         lg = self.value(inner.left)
                         c = self.const(inner.right)
-                        if isinstance(lg, _Logits) and lg.softcap is None and lg.tanh_of is None and isinstance(c, (int, float)):
+                        if _bare(lg) and isinstance(c, (int, float)):
                             return replace(lg, tanh_of=float(c))
             if isinstance(node.func, ast.Name) and node.func.id == "logit_softcap" and len(args) == 2:
                 c = self.const(args[0])
                 lg = self.value(args[1])
-                if isinstance(lg, _Logits) and lg.softcap is None and lg.tanh_of is None and isinstance(c, (int, float)):
+                if _bare(lg) and isinstance(c, (int, float)):
                     return replace(lg, softcap=float(c))
             self.fail(node)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
@@ -623,18 +680,14 @@ def _split(model: nn.Module) -> _Split:
             follow = _Follow(lm, _call_ast(type(lm)))
             out = follow.run(follow.fn.body)
         except _Refuse as e:
-            raise ValueError(
-                f"chunked loss: cannot split model type '{_model_type(model)}' into hidden states and a linear head ({e}); use loss: full"
-            ) from None
+            raise _refusal(model, f"cannot be split into hidden states and a linear head ({e})") from None
         if out == "delegate":
             lm = lm.language_model
             continue
         if not isinstance(out, _Logits) or out.tanh_of is not None or follow.backbone is None:
-            raise ValueError(
-                f"chunked loss: cannot split model type '{_model_type(model)}' into hidden states and a linear head; use loss: full"
-            )
-        return _Split(lm, follow.backbone, out)
-    raise ValueError(f"chunked loss: cannot split model type '{_model_type(model)}': wrappers nest too deep; use loss: full")
+            raise _refusal(model, "cannot be split into hidden states and a linear head")
+        return _Split(lm, follow.backbone, follow.keyword, out)
+    raise _refusal(model, "cannot be split: its wrappers nest too deep")
 
 
 def _trainable(module: nn.Module):
@@ -643,7 +696,18 @@ def _trainable(module: nn.Module):
     return {k for k, _ in tree_flatten(module.trainable_parameters())}
 
 
+def _plain(module: nn.Module, bases) -> bool:
+    # A subclass that changes what the head computes is not this head.
+    for base in bases:
+        if isinstance(module, base):
+            method = "as_linear" if issubclass(base, (nn.Embedding, nn.QuantizedEmbedding)) else "__call__"
+            return getattr(type(module), method) is getattr(base, method)
+    return False
+
+
 def _base_head(module: nn.Module, model_type: str, tr, prefix: str) -> dict:
+    if not _plain(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.Linear, nn.Embedding)):
+        raise _refusal(model_type, f"has an output head of type {type(module).__name__}, which it does not support")
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return dict(
             weight=module["weight"], scales=module["scales"], biases=module.get("biases"),
@@ -654,18 +718,19 @@ def _base_head(module: nn.Module, model_type: str, tr, prefix: str) -> dict:
     if isinstance(module, (nn.Linear, nn.Embedding)):
         bias = module.get("bias") if isinstance(module, nn.Linear) else None
         return dict(weight=module["weight"], bias=bias, trainable={n for n in ("weight", "bias") if prefix + n in tr})
-    raise ValueError(
-        f"chunked loss: model type '{model_type}' has an output head of type {type(module).__name__}, "
-        "which the chunked loss does not support; use loss: full"
-    )
+    raise _refusal(model_type, f"has an output head of type {type(module).__name__}, which it does not support")
 
 
-def _head_from_module(module: nn.Module, model_type: str) -> LinearHead:
+def head_from_module(module: nn.Module, model_type: str = "unknown") -> LinearHead:
+    """The ``LinearHead`` of one head module: ``nn.Linear``, ``nn.Embedding``
+    (its ``as_linear``), their quantized forms, or mlx-lm's ``LoRALinear`` /
+    ``LoRAEmbedding`` around one of them. ``trainable`` follows the module's
+    frozen state. Raises ``ValueError`` (one line) for anything else."""
     tr = _trainable(module)
     name = type(module).__name__
     if name.startswith("DoRA"):
-        raise ValueError(f"chunked loss: DoRA on the output head of model type '{model_type}' is not supported; use loss: full")
-    if "lora_a" in module and "lora_b" in module:
+        raise _refusal(model_type, "has DoRA on its output head, which the chunked loss does not support")
+    if "lora_a" in module and "lora_b" in module and name in ("LoRALinear", "LoRAEmbedding"):
         if "linear" in module:
             kw = _base_head(module["linear"], model_type, tr, "linear.")
             lora_in, lora_out = module["lora_a"], module["lora_b"]
@@ -673,7 +738,7 @@ def _head_from_module(module: nn.Module, model_type: str) -> LinearHead:
             kw = _base_head(module["embedding"], model_type, tr, "embedding.")
             lora_in, lora_out = module["lora_b"].T, module["lora_a"].T
         else:
-            raise ValueError(f"chunked loss: model type '{model_type}' has an output head of type {name}, which the chunked loss does not support; use loss: full")
+            raise _refusal(model_type, f"has an output head of type {name}, which it does not support")
         dropout = getattr(module, "dropout", None)
         kw.update(
             lora_in=lora_in, lora_out=lora_out, lora_scale=float(module.scale),
@@ -695,11 +760,16 @@ def head_of(model: nn.Module) -> LinearHead:
     """
     split = _split(model)
     module = split.lm
-    for p in split.logits.head:
-        module = module[p] if isinstance(module, nn.Module) and p in module else getattr(module, p)
-    head = _head_from_module(module, _model_type(model))
+    try:
+        for p in split.logits.head:
+            module = module[p] if isinstance(module, dict) and p in module else getattr(module, p)
+    except AttributeError:
+        raise _refusal(model, f"has no '{'.'.join(split.logits.head)}' head") from None
+    if not isinstance(module, nn.Module):
+        raise _refusal(model, "has a head that is not a module")
+    head = head_from_module(module, _model_type(model))
     if split.logits.as_linear != (isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) or "embedding" in module):
-        raise ValueError(f"chunked loss: cannot split model type '{_model_type(model)}': its head is not a linear map; use loss: full")
+        raise _refusal(model, "has a head that is not a linear map")
     return replace(head, multiplier=split.logits.multiplier, softcap=split.logits.softcap)
 
 
@@ -707,7 +777,8 @@ def final_hidden(model: nn.Module, inputs: mx.array) -> mx.array:
     """The final normed hidden states ``(B, L, D)`` the head reads, from
     ``inputs`` ``(B, L)`` token ids."""
     split = _split(model)
-    return getattr(split.lm, split.backbone)(inputs)
+    backbone = getattr(split.lm, split.backbone)
+    return backbone(inputs) if split.keyword is None else backbone(**{split.keyword: inputs})
 
 
 def chunked_loss(model: nn.Module, batch: mx.array, lengths: mx.array):

@@ -43,6 +43,8 @@ Sliding windows and documents reach the op as structure, never as an
 * Inside ``with mlx_flash.segments(ids):`` self-attention calls get
   ``segment_ids=ids`` (``mlx_flash.documents``).
 * Sinks (gpt-oss) are passed to the op, which fuses them with their gradient.
+* A ``mlx_flash.context.SliceCache`` (one rank's slice of context-parallel
+  rows) sends the call to ``mlx_flash.context.attention``.
 
 With a KV cache (generation) mlx-lm's own masks and caches are kept, so
 generation is unchanged. Quantized KV caches (``cache.bits``) go to mlx-lm's
@@ -59,7 +61,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import documents
+from . import context, documents
 from .attention import MLX_ATTENTION, check_variant
 from .attention import scaled_dot_product_attention as flash_attention
 
@@ -174,6 +176,8 @@ def scaled_dot_product_attention(
     original = _state.original
     if not _state.active or hasattr(cache, "bits"):
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    if isinstance(cache, context.SliceCache):
+        return context.attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks, variant=_state.variant)
     structure = {}
     window = _window_masks.find(mask) if isinstance(mask, mx.array) else None
     if window is not None and window[0] == queries.shape[2] == keys.shape[2]:

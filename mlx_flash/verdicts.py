@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from . import machine
+from . import kernels, machine
 from .folders import cache_root
 from .text import first_line
 
@@ -129,7 +129,7 @@ def validation_enabled(backend: str) -> bool:
 def kernel_source_hash(backend: str) -> str:
     """sha256 of the kernel sources (and the emulator's header on the emulator)."""
     digest = hashlib.sha256()
-    metal = resources.files("mlx_flash.metal")
+    metal = kernels.source_folder()
     names = sorted(p.name for p in metal.iterdir() if p.name.endswith((".metal", ".h")))
     files = [(name, metal.joinpath(name)) for name in names]
     if backend == "emulator":

@@ -575,7 +575,11 @@ def test_packed_and_padded_runs_side_by_side(tmp_path):
     # Padded rows carry padding; packed rows are nearly full.
     assert padded["fill_ratio"] < 0.9 < packed["fill_ratio"] <= 1.0
     assert packed["packing"]["examples"] == 320 and packed["packing"]["truncated_examples"] == 0
-    assert packed["packing"]["max_document_loss_difference"] < 1e-3
+    # Summed losses of documents up to 256 tokens (hundreds of nats): float32
+    # rounding reaches a few 1e-6 of that, and where within it depends on the
+    # BLAS's blocking (1.3e-3 seen with single-threaded OpenBLAS); test_packing
+    # holds the packed loss to 1e-4 on a small model.
+    assert packed["packing"]["max_document_loss_difference"] < 5e-3
     assert "segments" in packed["attention_plan"] and "no Lq x Lk mask" in packed["attention_plan"]
     for record in read_records(out / "blockwise" / "metrics.jsonl"):
         assert 0 < record["tokens"] < 4 * 256 and record["fill"] > 0.9

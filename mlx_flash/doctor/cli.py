@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--out", metavar="FILE", help="also write the report to FILE (Markdown)")
     parser.add_argument(
+        "--plan", action="store_true",
+        help="print only the memory plan: the longest trainable row for --recipe (or --model; default the "
+        "quickstart recipe) on this machine, stock mlx-lm beside mlx-flash (python -m mlx_flash.plan); "
+        "validates and times nothing",
+    )  # fmt: skip
+    parser.add_argument(
         "--blas", action="store_true",
         help="only name the BLAS MLX's CPU matrix products run on, with its measured float32 GFLOP/s, and "
         "what to install if it is the slow reference BLAS (Linux)",
@@ -121,6 +127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         reexec_with_fast_blas()
     args = build_parser().parse_args(argv)
+    if args.plan:
+        from ..finetune.config import find_recipe
+        from ..plan.cli import main as plan_main
+
+        return plan_main([args.recipe or args.model or str(find_recipe("quickstart"))])
     if args.blas:
         print("\n".join(blas_lines()))
         return 0

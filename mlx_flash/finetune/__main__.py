@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Replace the adapters, checkpoints and metrics of an earlier run in the same folder.",
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Run even when the memory plan (printed before the model loads) predicts the run will not fit.",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help=(
@@ -176,6 +181,7 @@ def _main(args, state: dict) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.out)
+        recipe.force = args.force
         prompts = generations.held_out(recipe)
     except RecipeError as e:
         return _fail(str(e))

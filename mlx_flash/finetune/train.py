@@ -36,16 +36,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from .. import context
 from ..explain import explain
 from ..machine import describe
 from ..patch import patched
+from ..plan.recipe import before_loading
 from ..stats import percentile
 from ..step import bounded
 from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
 from .batches import Batches, evaluation_batches
 from .config import RecipeError, recipe_dict
 from .config import build_optimizer as _build_optimizer
-from . import packing
+from . import loss_choice, packing
 from .config import run_entry
 from .packing import PackedDataset
 from .progress import Progress
@@ -352,8 +354,12 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
     writer = rank == 0
-    if recipe.batch_size % world_size != 0:
-        raise RecipeError(f"batch_size: {recipe.batch_size} is not divisible by the {world_size} ranks")
+    try:
+        grid = context.grid(recipe.context_parallel, world)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    if recipe.batch_size % grid.dp != 0:
+        raise RecipeError(f"batch_size: {recipe.batch_size} is not divisible by the {grid.dp} data-parallel ranks")
 
     entry = variant
     variant, padded = run_entry(entry)
@@ -363,6 +369,8 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     checkpoints = run_dir / resume.CHECKPOINTS
     resumed = resume.find(recipe, entry, run_dir, metrics_path) if recipe.resume and writer else None
 
+    # The predicted peak, printed (and a run that would not fit refused) before any weight loads.
+    planned = before_loading(recipe, entry, writer)
     mx.random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     model, tokenizer, config, model_path = load_base(recipe)
@@ -387,7 +395,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     if world_size > 1:
         start, grad = _share_start(model, optimizer, grad, start, rank)
 
-    batches = Batches(train_set, recipe.batch_size, recipe.max_seq_length, recipe.seed, rank, world_size)
+    batches = Batches(train_set, recipe.batch_size, recipe.max_seq_length, recipe.seed, grid.dp_index, grid.dp)
     if writer and batches.truncated() and start == 1:
         print(
             f"mlx_flash.finetune: warning: {batches.truncated()} of {len(train_set)} training examples are longer "
@@ -396,7 +404,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         )
     # Batches are padded to one more than a multiple of 32; inputs drop one.
     length = min(recipe.max_seq_length, 1 + 32 * ((max(batches.lengths) + 31) // 32)) - 1
-    plan = attention_plan(geometry(model, config), recipe.batch_size // world_size, length, variant, packed)
+    plan = attention_plan(geometry(model, config), recipe.batch_size // grid.dp, length, variant, packed)
 
     if writer:
         adapter_config = recipe_dict(recipe)
@@ -407,7 +415,20 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         metrics = files.JsonlWriter(metrics_path, resumed.records if resumed else ())
 
     # Packed rows keep attention and targets inside each example.
-    loss_fn = packing.packed_loss if packed else default_loss
+    try:
+        loss_name, loss_fn, loss_reason = (
+            ("full", None, "context_parallel: full logits of each rank's slice")
+            if grid.cp > 1
+            else loss_choice.choose(
+                recipe.loss, model, recipe.batch_size // grid.dp, length, packed, default_loss, packing.packed_loss
+            )
+        )
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    eval_loss, validation_batches = loss_fn, evaluation_batches(recipe.seed)
+    if grid.cp > 1:  # every rank of a row holds a slice of it
+        loss_fn, eval_loss = context.training_loss(grid), context.evaluation_loss(grid)
+        validation_batches = context.evaluation_batches(validation_batches, grid)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     accumulate = recipe.grad_accumulation_steps
     state = [model.state, optimizer.state, mx.random.state]
@@ -433,7 +454,6 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
         step = partial(mx.compile, inputs=state, outputs=state)(step)
 
     skipped = validation_skipped(recipe, valid_set)
-    validation_batches = evaluation_batches(recipe.seed)
 
     def validate(dataset, batches_to_run) -> Optional[float]:
         if len(dataset) < recipe.batch_size or batches_to_run == 0:
@@ -444,7 +464,7 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
             batch_size=recipe.batch_size,
             num_batches=batches_to_run,
             max_seq_length=recipe.max_seq_length,
-            loss=loss_fn,
+            loss=eval_loss,
             iterate_batches=validation_batches,
         )
         model.train()
@@ -474,10 +494,14 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
     records = list(resumed.records) if resumed else []
     extra = {
         "rank_count": world_size,
+        "context_parallel": grid.cp,
         "compiled_step": compiled,
         "attention_plan": plan.summary,
         "attention_variant": variant,
         "packed": packed,
+        "planned_peak_bytes": planned,
+        "loss": loss_name,
+        "loss_reason": loss_reason,
         **environment(),
     }
     stopped = None  # the signal that stopped the run
@@ -535,7 +559,9 @@ def run(recipe, variant: str, run_dir: Path) -> dict:
             if stopped is None and recipe.test:
                 extra["test_loss"] = validate(test_set, recipe.test_batches)
             if stopped is None and packed and writer:
-                extra["packing"] = packing_summary(train_set, packing_check(model, valid_set))
+                # A whole row on one rank is what context parallelism avoids.
+                check = packing_check(model, valid_set) if grid.cp == 1 else None
+                extra["packing"] = packing_summary(train_set, check)
         except KeyboardInterrupt as e:
             stopped, at_once = interrupts.signal_of(e), True
         finally:
