@@ -493,7 +493,8 @@ def render_markdown(results: dict) -> str:
                   "peak(n1) + (N - n1) x slope; upper, peak(n1) + (N - n1) x max(slope, what a layer keeps: its "
                   "saved input, LoRA parameters and their gradient). A bounded step's peak can fall where the upper "
                   "layers' inputs are already freed, so its slope can be below what a layer keeps; the upper "
-                  "figure is the one the targets use.", "",
+                  "figure is the one the targets use. Stock keeps every layer's activations, far more than that, so "
+                  "its figure from one layer count is a lower bound.", "",
                   "| model | L | mode | layers | slope per layer | kept per layer | full depth | linear | upper |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for e in results["extrapolations"]:
