@@ -286,3 +286,25 @@ def test_bench_step_cell_with_4bit_weights(tmp_path):
     bounded = bench_step.run_cell(str(path), 2, 128, "all", chunk_tokens=32)
     assert stock["quantized_bits"] == 4 and bounded["quantized_bits"] == 4
     assert abs(bounded["loss"] - stock["loss"]) <= 1e-4 * stock["loss"]
+
+
+def test_bench_step_targets_from_synthetic_cells():
+    from mlx_flash.bench import step as bench_step
+
+    gib = 2**30
+
+    def cell(layers, seq, mode, peak, seconds=10.0):
+        return {"model": "qwen2.5-1.5b", "layers": layers, "seq_len": seq, "batch": 1, "seed": 0, "mode": mode,
+                "status": "ok", "peak_above_weights_bytes": peak, "loss": 2.0, "hidden_size": 1536,
+                "intermediate_size": 8960, "seconds": seconds, "lora_rank": 8}
+
+    cells = [cell(2, 4096, "stock", 13 * gib, 100.0), cell(2, 4096, "all", gib // 2, 150.0),
+             cell(2, 8192, "all", gib)]
+    found = {t["name"]: t for t in bench_step.evaluate_targets(cells, bench_step.extrapolate(cells))}
+    # at 8192 stock is bounded below by stock at 4096 (13 GiB); all at full depth is
+    # 1 GiB + 26 x (8192 x 1536 x 4 B + LoRA state), about 2.3 GiB: 5.6x
+    stock_8192 = [t for n, t in found.items() if "stock at L=8192" in n][0]
+    assert stock_8192["status"] == "PASS" and "at L=4096" in stock_8192["detail"]
+    assert [t for n, t in found.items() if "stock at L=16384" in n][0]["status"] == "NOT MEASURED"
+    # 150 s against 100 s is 1.5x: above the 1.4x target
+    assert [t for n, t in found.items() if "step time" in n][0]["status"] == "FAIL"
