@@ -281,3 +281,15 @@ def test_bench_row_and_verdicts():
     assert "FAIL memory: 0.7 (target at most 0.6)" in text and "PASS loss" in text
     with pytest.raises(SystemExit):
         bench.parse(["--ranks", "1"])
+
+
+def test_bench_step_with_context_parallel_runs_the_context_bench(monkeypatch):
+    from mlx_flash.bench import cli
+    from mlx_flash.bench import context as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["--step", "--context-parallel", "2", "--seq", "4096", "--layers=3"]) == 0
+    assert seen == [["--ranks", "2", "--length", "4096", "--layers=3"]]
+    assert cli.main(["--step", "--context-parallel=3", "--seq=1024"]) == 0
+    assert seen[-1] == ["--ranks=3", "--length=1024"]

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--step",
         action="store_true",
         help="one LoRA training step at real model shapes, stock mlx-lm against each mlx-flash option "
-        "(its own flags: python -m mlx_flash.bench --step --help; mlx_flash.bench.step)",
+        "(its own flags: python -m mlx_flash.bench --step --help; mlx_flash.bench.step); with "
+        "--context-parallel N, the step split over N ranks against one process (mlx_flash.bench.context)",
     )
     preset.add_argument(
         "--memory",
@@ -525,12 +526,28 @@ def run_cost(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     return 1 if targets.any_failed(results["targets"]) else 0
 
 
+def _context_parallel_step(given: List[str]) -> int:
+    """``--step --context-parallel N``: the step split over N ranks against one
+    process (``mlx_flash.bench.context``, whose flags follow; ``--seq`` is its
+    ``--length``)."""
+    from . import context
+
+    renamed = {"--context-parallel": "--ranks", "--seq": "--length"}
+    translated = []
+    for arg in given:
+        name, sep, value = arg.partition("=")
+        translated.append(renamed.get(name, name) + sep + value)
+    return context.main(translated)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is None:
         from ..blas import reexec_with_fast_blas
 
         reexec_with_fast_blas()
     given = list(sys.argv[1:] if argv is None else argv)
+    if "--step" in given and any(a.startswith("--context-parallel") for a in given):
+        return _context_parallel_step([a for a in given if a != "--step"])
     if "--step" in given:
         from . import step
 
