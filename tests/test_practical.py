@@ -482,7 +482,7 @@ def test_flash_exp_keeps_exps_special_values(backend):
 
 
 _BOUNDS_PROBE = """
-const FlashMask mask = flash_read_mask(params);
+const FlashMask mask = flash_read_mask(params, thread_index_in_simdgroup);
 const int i = thread_position_in_grid.x;
 if (i < mask.q_len) {
   bounds[4 * i + 0] = flash_key_begin(mask, i);
@@ -512,7 +512,7 @@ def test_flash_common_bounds_match_masks(backend):
     layouts = [(9, 9, False, None), (9, 9, True, None), (7, 12, True, None), (9, 9, True, 1), (7, 12, True, 4)]
     for q_len, k_len, causal, window in layouts:
         mask = masks.StructuredMask(q_len, k_len, causal, window)
-        params = mx.array([q_len, k_len, 1, 1, 0, int(causal), window or 0, 0, 0], mx.int32)
+        params = mx.array([q_len, k_len, 1, 1, 0, int(causal), window or 0, 0, 0, 0], mx.int32)
         size = max(q_len, k_len)
         with on_backend(backend):
             bounds, keeps = kernels.launch(
