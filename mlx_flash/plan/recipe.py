@@ -30,14 +30,24 @@ from .models import PlanError, resolve
 from .report import Plan, make_plan, summary_line
 
 
-def options_of(recipe, variant: str) -> Options:
-    name = variant.partition(":")[0]
+def _logit_free(recipe, vocab: Optional[int]) -> bool:
+    """Whether the fine-tune will run the logit-free loss: ``chunked``, or
+    ``auto`` above the fine-tune's own threshold of float32 logits."""
+    from ..finetune.loss_choice import AUTO_THRESHOLD_BYTES, logits_bytes
+
     loss = getattr(recipe, "loss", "full")
+    if loss != "auto" or vocab is None:
+        return loss in ("chunked", "auto")
+    return logits_bytes(recipe.batch_size, recipe.max_seq_length, vocab) > AUTO_THRESHOLD_BYTES
+
+
+def options_of(recipe, variant: str, vocab: Optional[int] = None) -> Options:
+    name = variant.partition(":")[0]
     checkpoint = bool(recipe.grad_checkpoint)
     return Options(
         fused=name not in ("mlx", "manual"),
         checkpoint=checkpoint,
-        logit_free=loss in ("chunked", "auto"),
+        logit_free=_logit_free(recipe, vocab),
         # The fine-tune checkpoints through mlx_flash.step where it has it (ordered, chunked MLP).
         bounded=checkpoint and hasattr(recipe, "chunk_tokens"),
         chunk_tokens=getattr(recipe, "chunk_tokens", "auto"),
@@ -61,7 +71,7 @@ def plan_recipe(recipe, variant: str, budget: Optional[int] = None) -> Plan:
         budget, source = budgets.this_machine()
     else:
         source = "given"
-    options = options_of(recipe, variant)
+    options = options_of(recipe, variant, g.vocab)
     plan = make_plan(g, setup_of(recipe), budget, source, {"run": options})
     plan.chosen = "run"
     return plan
