@@ -56,6 +56,14 @@ import mlx.nn as nn
 from .attention import scaled_dot_product_attention
 
 
+def mlx_lm_patched() -> bool:
+    """Whether mlx-lm's attention comes through mlx-flash (and so to
+    ``attention`` here for a ``SliceCache``). ``mlx_flash.patch``, which
+    imports this module, replaces this with its own answer on import, so
+    this module needs no import of it; without it nothing is patched."""
+    return False
+
+
 @dataclass(frozen=True, eq=False)
 class Grid:
     """This rank's place in a ``dp x cp`` grid of ranks.
@@ -185,9 +193,7 @@ class SliceCache:
         self.ids = ids
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        from .patch import is_patched
-
-        if not is_patched():
+        if not mlx_lm_patched():
             raise ValueError("[mlx_flash.context] context parallelism needs mlx-lm patched: call mlx_flash.patch()")
         if keys.shape[2] != self.length:
             raise ValueError(

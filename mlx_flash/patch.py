@@ -350,6 +350,9 @@ def is_patched() -> bool:
     return _state.active
 
 
+context.mlx_lm_patched = is_patched
+
+
 def patch_state() -> PatchState:
     """The patch's variant and which loaded mlx-lm modules it covers."""
     with _lock:
