@@ -16,7 +16,7 @@ from typing import List
 
 from .. import blas
 
-#: The issue's yardstick: a ``(2048, 2048) @ (2048, 2048)`` float32 product.
+#: The yardstick: a ``(2048, 2048) @ (2048, 2048)`` float32 product.
 SIZE = 2048
 TARGET_RATIO = 20.0
 
