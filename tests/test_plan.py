@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_flash.plan import fit, memory
 from mlx_flash.plan.budget import parse_size
@@ -178,7 +179,14 @@ def test_gguf_file_reads_the_header_only(tmp_path, capsys):
     types = {name: T.Q4_0 for name in tensors if name.endswith("weight") and "norm" not in name}
     path = gguf_files.write(tmp_path / "tiny.gguf", "llama", config, tensors, types)
     out = plan_json(capsys, path, "--memory", "1GB", "--seq", "256")
-    assert out["model"]["hidden"] == config["hidden_size"] and out["model"]["bits"] == 4
+    assert out["model"]["hidden"] == config["hidden_size"]
+    # As gguf.load holds the model here: dequantized to float32 without a GPU.
+    from mlx_flash.finetune import gguf
+
+    loaded, _, _ = gguf.load(f"gguf:{path}")
+    stored = sum(v.nbytes for _, v in tree_flatten(loaded.parameters()))
+    assert out["model"]["bits"] == (None if gguf.dequantizes_by_default() else 4)
+    assert abs(out["model"]["weights_bytes"] - stored) <= 0.02 * stored
     assert plan_json(capsys, f"gguf:{path}", "--memory", "1GB")["model"]["layers"] == config["num_hidden_layers"]
 
 

@@ -307,6 +307,11 @@ def _has_gpu() -> bool:
     return mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
 
 
+def dequantizes_by_default() -> bool:
+    """Whether ``load`` dequantizes quantized matrices here (no GPU)."""
+    return not _has_gpu()
+
+
 def default_dtype():
     """float16 on a GPU; float32 on the CPU backend, where float16 math is slow."""
     return mx.float16 if _has_gpu() else mx.float32
@@ -344,7 +349,7 @@ def load(
         config = model_config(header)
         permuted = ARCHITECTURES[header.metadata["general.architecture"]].permuted_qk
         weights = mlx_weights(arrays, config, permuted, dtype or default_dtype())
-        if not _has_gpu() if dequantize is None else dequantize:
+        if dequantizes_by_default() if dequantize is None else dequantize:
             weights = dequantized(weights)
             config.pop("quantization", None)
         del arrays

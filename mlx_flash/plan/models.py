@@ -233,15 +233,22 @@ def _gguf(path: Path, source: str, dtype, bits, group_size) -> Geometry:
         config = gguf.model_config(header)
     except (GGUFError, KeyError) as e:
         raise PlanError(f"{source}: {e}") from None
-    dtype = dtype or "float16"
-    # As mx.load gives them: Q4_0, Q4_1, Q8_0 stay quantized (group 32, a
-    # scale and a bias each); other quantized types come back as float16.
+    # As gguf.load holds them on this machine: float32 activations and
+    # dequantized matrices, all float32, without a GPU; on a GPU float16, with Q4_0, Q4_1,
+    # Q8_0 quantized (group 32, a scale and a bias each) and other quantized
+    # types as float16, as mx.load gives them.
+    dequantized = gguf.dequantizes_by_default()
+    dtype = dtype or ("float32" if dequantized else "float16")
+    if dequantized:
+        config.pop("quantization", None)
     total = 0
     for t in header.tensors.values():
         count = 1
         for d in t.shape:
             count *= d
-        if t.type in _GGML_BITS:
+        if dequantized:  # every floating tensor is cast to the activation dtype
+            total += count * DTYPE_BYTES[dtype]
+        elif t.type in _GGML_BITS:
             total += count * _GGML_BITS[t.type] // 8 + count // gguf.GROUP_SIZE * 2 * 2
         else:
             total += count * _GGML_BYTES.get(t.type, 2)
