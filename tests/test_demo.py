@@ -595,7 +595,12 @@ def test_tiles_stay_within_their_budgets():
 _PROBE = "\nthreadgroup uchar demo_probe[32768];\n"
 
 
-def test_threadgroup_bytes_match_what_the_kernels_declare(monkeypatch):
+@pytest.mark.parametrize(
+    "dtype, tiles, size, dims",
+    [(mx.float16, demo.TILES, 2, demo.HEAD_DIMS), (mx.float32, demo.FLOAT32_TILES, 4, (64, 128))],
+    ids=["half", "float32"],
+)
+def test_threadgroup_bytes_match_what_the_kernels_declare(monkeypatch, dtype, tiles, size, dims):
     # The emulator allocates every threadgroup array of a kernel as Metal
     # does (16-byte aligned) and refuses more than 32 KB in all. A 32 KB
     # array declared after the kernel's own is refused, and the message
@@ -611,8 +616,8 @@ def test_threadgroup_bytes_match_what_the_kernels_declare(monkeypatch):
         )
 
     monkeypatch.setattr(demo, "_kernel", probe_kernel)
-    for dim in demo.HEAD_DIMS:
-        q, k, v, dout = _inputs(1, 1, 1, 8, 8, dim, mx.float16, seed=0)
+    for dim in dims:
+        q, k, v, dout = _inputs(1, 1, 1, 8, 8, dim, dtype, seed=0)
         lse = delta = mx.zeros((1, 1, 8))
         mask = structured(8, 8)
         launches = {
@@ -620,7 +625,7 @@ def test_threadgroup_bytes_match_what_the_kernels_declare(monkeypatch):
             "dq": lambda: demo.dq(AttentionCall(q, k, v, 0.1, mask, None, dout, lse, delta)),
             "dkdv": lambda: demo.dkdv(AttentionCall(q, k, v, 0.1, mask, None, dout, lse, delta)),
         }
-        expected = demo.TILES[dim].threadgroup_bytes(dim)
+        expected = tiles[dim].threadgroup_bytes(dim, size)
         for name, launch in launches.items():
             with pytest.raises(emulator.EmulatorError, match="demo_probe") as error:
                 with on_backend("emulator", schedule="forward"):

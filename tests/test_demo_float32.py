@@ -7,16 +7,13 @@ every checked schedule with race detection and the strict compile pass
 (``kernel_checks.on_backend``).
 """
 
-import re
-
 import mlx.core as mx
 import pytest
 
 import mlx_flash
-from kernel_checks import BACKENDS, check_kernels_match_reference, on_backend, random_inputs, segment_layout, structured
-from mlx_flash import demo, emulator, families, kernels, oracle
+from kernel_checks import BACKENDS, check_kernels_match_reference, random_inputs, segment_layout, structured
+from mlx_flash import demo, emulator, families, oracle
 from mlx_flash.bench import cost
-from mlx_flash.call import AttentionCall
 
 TOLERANCES = oracle.TOLERANCES["demo"]
 
@@ -72,41 +69,6 @@ def test_float32_tiles_stay_within_their_budgets():
     assert demo.FLOAT32_TILES[128].registers(128, 4) == {"forward": 72, "dq": 102, "dkdv": 104}
     # The half formulas are the size-2 case.
     assert demo.TILES[128].registers(128, 2) == {"forward": 54, "dq": 74, "dkdv": 86}
-
-
-_PROBE = "\nthreadgroup uchar demo_probe[32768];\n"
-
-
-def test_float32_threadgroup_bytes_match_what_the_kernels_declare(monkeypatch):
-    # A 32 KB array declared after the kernel's own is refused by the
-    # emulator, whose message names the total: the kernel's bytes + 32768.
-    def probe_kernel(name, inputs, outputs):
-        return mx.fast.metal_kernel(
-            name=name + "_probe",
-            input_names=list(inputs),
-            output_names=list(outputs),
-            source=kernels.source(f"{name}.metal") + _PROBE,
-            header="\n".join(kernels.source(f) for f in demo._HEADERS),
-            ensure_row_contiguous=False,
-        )
-
-    monkeypatch.setattr(demo, "_kernel", probe_kernel)
-    for dim in (64, 128):
-        q, k, v, dout = random_inputs(1, 1, 1, 8, 8, dim, dim, mx.float32, seed=0)
-        lse = delta = mx.zeros((1, 1, 8))
-        mask = structured(8, 8)
-        launches = {
-            "forward": lambda: demo.forward(AttentionCall(q, k, v, 0.1, mask)),
-            "dq": lambda: demo.dq(AttentionCall(q, k, v, 0.1, mask, None, dout, lse, delta)),
-            "dkdv": lambda: demo.dkdv(AttentionCall(q, k, v, 0.1, mask, None, dout, lse, delta)),
-        }
-        expected = demo.FLOAT32_TILES[dim].threadgroup_bytes(dim, 4)
-        for name, launch in launches.items():
-            with pytest.raises(emulator.EmulatorError, match="demo_probe") as error:
-                with on_backend("emulator", schedule="forward"):
-                    launch()
-            total = int(re.search(r"threadgroup memory of (\d+) bytes", str(error.value)).group(1))
-            assert total - 32768 == expected[name], (dim, name)
 
 
 def test_auto_and_demo_take_float32():
