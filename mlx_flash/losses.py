@@ -232,6 +232,14 @@ def _after(xt, ut, state):
     return tuple(mx.depends([xt, ut], state))
 
 
+def _token_chunk(x, u, targets, t0: int, t1: int, prev):
+    """Rows ``t0:t1`` of ``x``, ``u`` (or None) and ``targets``, with ``x``'s
+    made to wait for ``prev``, the previous token chunk's result, so token
+    chunks run one after the other, not interleaved."""
+    xt = x[t0:t1] if prev is None else mx.depends(x[t0:t1], prev)
+    return xt, None if u is None else u[t0:t1], targets[t0:t1]
+
+
 def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, recompute: bool):
     """The custom function ``(x, u, targets, w, scales, qbiases, b, q) ->
     (ce, lse[, direction])`` for one head and chunking: ``x: (N, D)``,
@@ -262,12 +270,7 @@ def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, r
         lses, picks, grads = [], [], []
         prev = None
         for t0, t1 in tchunks:
-            xt = x[t0:t1]
-            if prev is not None:
-                # One token chunk after the other, not interleaved.
-                xt = mx.depends(xt, prev)
-            ut = None if u is None else u[t0:t1]
-            tt = targets[t0:t1]
+            xt, ut, tt = _token_chunk(x, u, targets, t0, t1, prev)
             m = s = tgt = acc = None
             for v0, v1 in vchunks:
                 y = tiles.logits(*_after(xt, ut, s), v0, v1)
@@ -330,11 +333,7 @@ def _make(head: LinearHead, n_tokens: int, token_chunk: int, vocab_chunk: int, r
         dxs, dus = [], []
         prev = None
         for t0, t1 in tchunks:
-            xt = x[t0:t1]
-            if prev is not None:
-                xt = mx.depends(xt, prev)
-            ut = None if u is None else u[t0:t1]
-            tt = targets[t0:t1]
+            xt, ut, tt = _token_chunk(x, u, targets, t0, t1, prev)
             gt = g_all[t0:t1][:, None]
             lt = lse[t0:t1][:, None]
             dxt = dut = None
