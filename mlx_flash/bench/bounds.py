@@ -212,11 +212,17 @@ TENSORS = {
 }
 
 
+def minimum_bytes(kernel: str, problem: Problem) -> int:
+    """Device bytes of every tensor ``kernel`` reads or writes, once each."""
+    sizes = _tensor_bytes(problem)
+    return sum(sizes[t] for t in TENSORS[kernel][0])
+
+
 def bound_bytes(kernel: str, problem: Problem, mask: StructuredMask, tiling: Tiling) -> Dict[str, int]:
     """``{"minimum": ..., "tiling": ...}`` device bytes of ``kernel`` (see
     the module docstring for both definitions)."""
     sizes = _tensor_bytes(problem)
-    everything, own = TENSORS[kernel]
+    own = TENSORS[kernel][1]
     p = problem
     batches = concrete(mask.q_segments).shape[0] if mask.has_segments else 1
     seen = sum(int(seen_per_tile(mask, tiling, b).sum()) for b in range(batches))
@@ -230,6 +236,6 @@ def bound_bytes(kernel: str, problem: Problem, mask: StructuredMask, tiling: Til
     else:
         inner = seen * p.q_heads * ((p.head_dim + p.value_dim) * p.size + 2 * _STAT_BYTES)
     return {
-        "minimum": sum(sizes[t] for t in everything),
+        "minimum": minimum_bytes(kernel, problem),
         "tiling": sum(sizes[t] for t in own) + inner,
     }

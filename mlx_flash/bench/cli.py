@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --cost: counts of an earlier commit's kernels to set beside these "
         "(written by bench/emulator-cost/before.py)",
     )
+    parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="with --cost: do not count mlx-train-perf's kernels beside ours (counted when it is importable)",
+    )
     parser.add_argument("--title", help="title of the Markdown report")
     parser.add_argument("--note", help="conditions of the run, printed in the report")
     parser.add_argument("--seed", type=int, default=0)
@@ -398,7 +403,7 @@ def render(args: argparse.Namespace) -> int:
         return _fail(problem)
     if counted:
         # Its own targets, evaluated again on its cells.
-        results["targets"] = cost_report.evaluate(results["cells"])
+        results["targets"] = cost_report.evaluate(results["cells"], results.get("peer"))
         _print_cost_outcome(results, cost_report.write_all(results, out))
         return 1 if targets.any_failed(results["targets"]) else 0
     return _finish(results, report.write_all(results, out))
@@ -466,7 +471,7 @@ def cost_cases(args: argparse.Namespace) -> List:
 
 def run_cost(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     """``--cost``: count every case, write the report; status 1 if a target FAILs."""
-    from . import cost, cost_report
+    from . import cost, cost_report, peer
 
     out = args.out or DEFAULT_COST_OUT
     try:
@@ -487,13 +492,24 @@ def run_cost(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     if problem:
         return _fail(problem)
     about = machine.describe()
+    theirs = None if args.no_peer else peer.version()
+    problems = peer.problems(cases) if theirs else []
     start = time.perf_counter()
-    cells, interrupted = [], False
+    cells, peer_cells, peer_failed, interrupted = [], [], [], False
     try:
         for i, case in enumerate(cases):
-            print(f"[{i + 1}/{len(cases)}] {case.label()} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
-                  flush=True)
+            print(f"[{i + 1}/{len(cases) + len(problems)}] {case.label()} ({time.perf_counter() - start:.0f} s)",
+                  file=sys.stderr, flush=True)
             cells += cost.count(case, seed=args.seed)
+        for i, problem in enumerate(problems):
+            print(f"[{len(cases) + i + 1}/{len(cases) + len(problems)}] {problem.label()} "
+                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+            try:
+                peer_cells += peer.count(problem, seed=args.seed)
+            except AssertionError as e:
+                # Counts of wrong results are not kept; the report says which.
+                print(f"mlx_flash.bench: not counted: {e}", file=sys.stderr)
+                peer_failed.append(str(e))
     except KeyboardInterrupt:
         interrupted = True
     omitted = None
@@ -517,8 +533,9 @@ def run_cost(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
         },
         "cells": cells,
         "before": before,
-        "targets": cost_report.evaluate(cells),
+        "peer": {"version": theirs, "cells": peer_cells, "failed": peer_failed} if theirs else None,
     }
+    results["targets"] = cost_report.evaluate(cells, results["peer"])
     _print_cost_outcome(results, cost_report.write_all(results, out))
     if interrupted:
         print(f"mlx_flash.bench: interrupted: the report holds the {len(cells) // 3} cases counted", file=sys.stderr)

@@ -49,7 +49,7 @@ from . import masks as mask_names
 FAMILIES = {family.name: family.cost_dtype for family in families.REGISTRY.values()}
 KERNELS = ("forward", "dkdv", "dq")
 MASKS = ("causal", "causal+docs512")
-DTYPES = {"float32": mx.float32, "float16": mx.float16}
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 #: The default grid: fine-tuning shapes, B = 1, 8 query heads.
 SEQS = (1024, 4096)
@@ -86,16 +86,19 @@ def default_cases(mask_list: Sequence[str] = MASKS) -> List[Case]:
     GQA 8 at L = 4096, whose grid column is a whole KV group (eight heads of
     dK/dV work, and of practical's forward and dQ, whose query tiles hold
     all eight heads side by side): about half an hour more here. GQA 8 is
-    counted at L = 1024; ``--seq 4096 --kv-heads 1`` counts it at 4096."""
-    return [c for c in grid(SEQS, HEAD_DIMS, KV_HEADS, mask_list=mask_list)
-            if not (c.seq == 4096 and c.kv_heads != c.q_heads)]
+    counted at L = 1024; ``--seq 4096 --kv-heads 1`` counts it at 4096.
+    Besides: head dim 256, which only practical runs, at L = 1024."""
+    cases = [c for c in grid(SEQS, HEAD_DIMS, KV_HEADS, mask_list=mask_list)
+             if not (c.seq == 4096 and c.kv_heads != c.q_heads)]
+    return cases + grid((1024,), (256,), (QUERY_HEADS,), families=("practical",), mask_list=mask_list)
 
 
 def grid(seqs: Sequence[int], head_dims: Sequence[int], kv_heads: Sequence[int],
          families: Sequence[str] = tuple(FAMILIES), mask_list: Sequence[str] = MASKS,
          q_heads: int = QUERY_HEADS) -> List[Case]:
-    """Every combination, families outermost."""
-    return [
+    """Every combination, families outermost, demo in float16 and then
+    float32."""
+    cases = [
         Case(family, seq, dim, mask, q_heads, kv)
         for family in families
         for seq in seqs
@@ -103,6 +106,8 @@ def grid(seqs: Sequence[int], head_dims: Sequence[int], kv_heads: Sequence[int],
         for mask in mask_list
         for kv in kv_heads
     ]
+    return cases + [Case(c.family, c.seq, c.head_dim, c.mask, c.q_heads, c.kv_heads, precision="float32")
+                    for c in cases if c.family == "demo"]
 
 
 # ------------------------------------------------------------------ tiling --

@@ -44,12 +44,23 @@ TARGETS = (
         "at_most": 0.25,
     },
     {
-        "name": "every counted demo configuration at most 16 KB of threadgroup memory per threadgroup",
-        "where": {"family": "demo"},
+        "name": "every counted half-precision demo configuration at most 16 KB of threadgroup memory per threadgroup",
+        "where": {"family": "demo", "dtype": ("float16", "bfloat16")},
         "metric": "threadgroup_peak_bytes",
-        "at_most": 16 * 1024,
+        "at_most": demo.THREADGROUP_BYTES_BUDGET,
+    },
+    {
+        "name": "every counted float32 demo configuration at most 28 KB of threadgroup memory per threadgroup",
+        "where": {"family": "demo", "dtype": "float32"},
+        "metric": "threadgroup_peak_bytes",
+        "at_most": demo.FLOAT32_THREADGROUP_BYTES_BUDGET,
     },
 )
+
+#: Against mlx-train-perf (``mlx_flash.bench.peer``): float32 demo's tensor
+#: bytes at most its full-slab variant's, kernel by kernel, on every problem
+#: both counted.
+PEER_TARGET = "float32 demo at D=64 and 128, causal and packed: tensor bytes at most mlx-train-perf's full-slab variant's"
 
 
 def metric(cell: dict, name: str) -> float:
@@ -73,9 +84,10 @@ def _selected(cell: dict, where: dict) -> bool:
     return all(cell[k] in (v if isinstance(v, tuple) else (v,)) for k, v in where.items())
 
 
-def evaluate(cells: List[dict]) -> List[dict]:
+def evaluate(cells: List[dict], peer: Optional[dict] = None) -> List[dict]:
     """PASS when every selected cell meets the bound, FAIL otherwise, NOT
-    MEASURED when no cell is selected."""
+    MEASURED when no cell is selected; last, ``PEER_TARGET`` on ``peer``
+    (``results["peer"]``: mlx-train-perf's cells, or None)."""
     results = []
     for target in TARGETS:
         chosen = [c for c in cells if _selected(c, target["where"])]
@@ -90,7 +102,41 @@ def evaluate(cells: List[dict]) -> List[dict]:
         if failed:
             detail += "; over: " + "; ".join(f"{_label(c)} {_number(v)}" for v, c in failed)
         results.append({"name": target["name"], "status": "FAIL" if failed else "PASS", "detail": detail})
+    results.append(evaluate_peer(cells, peer))
     return results
+
+
+def _problem_key(c: dict, kernel: Optional[str] = None) -> tuple:
+    """A cell's problem and kernel, with its element size ("half" for
+    float16 and bfloat16, which run the same source)."""
+    size = "float32" if c["dtype"] == "float32" else "half"
+    return (c["seq"], c["head_dim"], c["mask"], c["q_heads"], c["kv_heads"], size, kernel or c["kernel"])
+
+
+def _peer_cell(peer_cells: List[dict], key: tuple, full_slab: bool) -> Optional[dict]:
+    for p in peer_cells:
+        if _problem_key(p) == key and (p["full_slab"] if full_slab else p["variant"] == "default"):
+            return p
+    return None
+
+
+def evaluate_peer(cells: List[dict], peer: Optional[dict]) -> dict:
+    """``PEER_TARGET``: NOT MEASURED without mlx-train-perf's cells."""
+    chosen = [c for c in cells if c["family"] == "demo" and c["dtype"] == "float32" and c["head_dim"] in (64, 128)]
+    pairs = []
+    for c in chosen:
+        theirs = _peer_cell(peer["cells"], _problem_key(c), full_slab=True) if peer else None
+        if theirs is not None:
+            pairs.append((c["bytes"]["tensor"] / theirs["bytes"]["tensor"], c))
+    if not pairs:
+        why = "mlx-train-perf not counted" if not peer else "no problem counted by both"
+        return {"name": PEER_TARGET, "status": "NOT MEASURED", "detail": why}
+    values = [v for v, _ in pairs]
+    failed = [(v, c) for v, c in pairs if v > 1.0]
+    detail = f"{len(values)} kernels, demo ÷ theirs {_number(min(values))}..{_number(max(values))} (at most 1)"
+    if failed:
+        detail += "; over: " + "; ".join(f"{_label(c)} {_number(v)}" for v, c in failed)
+    return {"name": PEER_TARGET, "status": "FAIL" if failed else "PASS", "detail": detail}
 
 
 def _number(value) -> str:
@@ -101,7 +147,8 @@ def _number(value) -> str:
 
 
 def _label(c: dict) -> str:
-    return f"{c['family']} {c['kernel']} D={c['head_dim']} L={c['seq']} {c['mask']} H={c['q_heads']}/{c['kv_heads']}"
+    return (f"{c['family']} {c['kernel']} D={c['head_dim']} L={c['seq']} {c['mask']} H={c['q_heads']}/{c['kv_heads']} "
+            f"{c['dtype']}")
 
 
 def _x(value: Optional[float]) -> str:
@@ -123,18 +170,18 @@ def _flops_ratio(c: dict) -> float:
 
 def _cost_table(cells: List[dict]) -> List[str]:
     lines = [
-        "| family | kernel | D | L | mask | Hq/Hkv | tiles | tg peak B | registers (est.) | tensor MB "
+        "| family | dtype | kernel | D | L | mask | Hq/Hkv | tiles | tg peak B | registers (est.) | tensor MB "
         "| ÷ tiling | ÷ minimum | mask MB | metadata MB | (mask + metadata) ÷ tensor | FLOPs ÷ bound "
         "| evaluated ÷ kept pairs "
         "| exp / pair | lane-collectives / pair | barriers | threadgroups counted |",
-        "|" + "---|" * 21,
+        "|" + "---|" * 22,
     ]
     for c in cells:
         b = c["bytes"]
         counted = c["threadgroups"]
         lines.append(
-            f"| {c['family']} | {c['kernel']} | {c['head_dim']} | {c['seq']} | {c['mask']} | {c['q_heads']}/{c['kv_heads']} "
-            f"| {c['tiles']} | {c['threadgroup_peak_bytes']:,} | {c['registers_estimate'] or 'n/a'} "
+            f"| {c['family']} | {c['dtype']} | {c['kernel']} | {c['head_dim']} | {c['seq']} | {c['mask']} "
+            f"| {c['q_heads']}/{c['kv_heads']} | {c['tiles']} | {c['threadgroup_peak_bytes']:,} | {c['registers_estimate'] or 'n/a'} "
             f"| {_mb(b['tensor'])} | {_x(b['tensor'] / b['tiling'])} | {_x(b['tensor'] / b['minimum'])} "
             f"| {_mb(b['mask'])} | {_mb(b['metadata'])} | {mask_metadata_ratio(c):.3f} | {_x(_flops_ratio(c))}"
             f"{'' if c['flops']['counted'] is not None else ' (from visits)'} "
@@ -166,15 +213,15 @@ def _alu_table(cells: List[dict]) -> List[str]:
 
 
 def _key(c: dict) -> tuple:
-    return (c["family"], c["kernel"], c["head_dim"], c["seq"], c["mask"], c["q_heads"], c["kv_heads"])
+    return (c["family"], c["kernel"], c["head_dim"], c["seq"], c["mask"], c["q_heads"], c["kv_heads"], c["dtype"])
 
 
 def _before_after(before: List[dict], after: List[dict], commit: str, now: str) -> List[str]:
     now_by = {_key(c): c for c in after}
     lines = [
         f"| family | kernel | D | L | Hq/Hkv | tiles {commit} → {now} | tg peak B | tensor bytes ÷ tiling "
-        "| tensor MB | FLOPs ÷ bound | exp / pair | lane-collectives / pair | barriers |",
-        "|" + "---|" * 13,
+        "| tensor MB | (mask + metadata) ÷ tensor | FLOPs ÷ bound | exp / pair | lane-collectives / pair | barriers |",
+        "|" + "---|" * 14,
     ]
     for b in before:
         a = now_by.get(_key(b))
@@ -190,12 +237,67 @@ def _before_after(before: List[dict], after: List[dict], commit: str, now: str) 
             f"| {pair(lambda c: format(c['threadgroup_peak_bytes'], ','))} "
             f"| {pair(lambda c: _x(c['bytes']['tensor'] / c['bytes']['tiling']))} "
             f"| {pair(lambda c: _mb(c['bytes']['tensor']))} "
+            f"| {pair(lambda c: format(mask_metadata_ratio(c), '.3f'))} "
             f"| {pair(lambda c: _x(_flops_ratio(c)))} "
             f"| {pair(lambda c: _per_pair(c, {k: v for k, v in c['math'].items() if k.startswith('exp')}))} "
             f"| {pair(lambda c: _per_pair(c, c['collectives'], 32))} "
             f"| {pair(lambda c: format(sum(c['barriers'].values()), ','))} |"
         )
     return lines
+
+
+def _peer_table(cells: List[dict], peer_cells: List[dict]) -> List[str]:
+    """Ours beside theirs, problem by problem and kernel by kernel."""
+    lines = [
+        "| D | L | mask | Hq/Hkv | kernel | ours | tensor MB: ours | theirs (default) | theirs (full slab) "
+        "| ours ÷ theirs (default / full slab) | FLOPs counted: ours | theirs (default) "
+        "| exp: ours ÷ theirs (default) | (mask + metadata) ÷ tensor: ours | theirs (default) |",
+        "|" + "---|" * 15,
+    ]
+    for c in cells:
+        key = _problem_key(c)
+        default, full = _peer_cell(peer_cells, key, False), _peer_cell(peer_cells, key, True)
+        if default is None:
+            continue
+        ours_exp = sum(v for k, v in c["math"].items() if k.startswith("exp"))
+        ours_flops = c["flops"]["counted"]
+        lines.append(
+            f"| {c['head_dim']} | {c['seq']} | {c['mask']} | {c['q_heads']}/{c['kv_heads']} | {c['kernel']} "
+            f"| {c['family']} {c['dtype']} | {_mb(c['bytes']['tensor'])} "
+            f"| {_mb(default['bytes']['tensor'])} ({default['body']}, {default['dtype']}) "
+            f"| {_mb(full['bytes']['tensor']) if full else 'n/a'} "
+            f"| {_x(c['bytes']['tensor'] / default['bytes']['tensor'])} / "
+            f"{_x(c['bytes']['tensor'] / full['bytes']['tensor']) if full else 'n/a'} "
+            f"| {'scalar FMAs' if ours_flops is None else _mb(ours_flops) + ' M'} | {_mb(default['flops']['counted'])} M "
+            f"| {_x(ours_exp / default['exp']) if default['exp'] else 'n/a'} "
+            f"| {mask_metadata_ratio(c):.3f} | {mask_metadata_ratio(default):.3f} |"
+        )
+    for p in peer_cells:
+        if p["kernel"] == "delta":
+            lines.append(
+                f"| {p['head_dim']} | {p['seq']} | {p['mask']} | {p['q_heads']}/{p['kv_heads']} | delta "
+                f"| an MLX reduction | | {_mb(p['bytes']['tensor'])} ({p['variant']}, {p['dtype']}) | | | | | "
+                f"| | {mask_metadata_ratio(p):.3f} |"
+            )
+    return lines
+
+
+PEER_DEFINITION = """\
+mlx-train-perf's own launchers and kernel sources (`mlx_flash.bench.peer`:
+nothing of it is in this package), run on the same seeded problems
+through the same emulator and profiler, one grid column scaled to the
+launch. *Default* is the tile its dispatch tables pick for the shape (its
+API's kernel path), *full slab* its MMA body with a D-slab as wide as the
+head dim (the same as the default at D = 128). Each of its kernels is one
+dispatch here; its API cuts the same kernels into query-row ranges by a
+rate it times on the GPU, which adds launches. Its kernels run float32 and
+bfloat16, set beside ours in float32 and float16 (the same element size as
+bfloat16, and the same demo source). Before a count is kept, the counted
+column's outputs (query head 0; KV head 0 for dK/dV; delta's first row) are
+checked against the float32 reference with demo's tolerances. Its backward
+has a fourth kernel, delta = rowsum(dO · O); ours computes delta with an
+MLX reduction outside the kernels. FLOPs: `simdgroup_multiply_accumulate`
+operations × 1024 on both sides; practical's products are scalar FMAs."""
 
 
 def _declared_demo_tiles() -> List[str]:
@@ -289,7 +391,7 @@ def markdown(results: dict) -> str:
     lines += report.machine_lines(m)
     lines += [
         f"- **Run:** {m['started']}, {s['seconds']:.0f} s on the emulator · practical in float32, demo in float16 "
-        "(bfloat16 runs the same source at the same element size)",
+        "(bfloat16 runs the same source at the same element size) and float32",
         f"- **Command:** `{s['command']}`",
     ]
     if s.get("note"):
@@ -304,6 +406,12 @@ def markdown(results: dict) -> str:
     for t in results["targets"]:
         lines.append(f"| {t['name']} | **{t['status']}** | {t['detail']} |")
     lines += ["", "## Every kernel configuration", ""] + _cost_table(cells)
+    peer = results.get("peer")
+    if peer:
+        lines += ["", f"## Against mlx-train-perf {peer['version']}", "", PEER_DEFINITION, ""]
+        lines += _peer_table(cells, peer["cells"])
+        for failure in peer.get("failed") or []:
+            lines += ["", f"**Not counted, wrong against the reference:** {failure}"]
     if any(c["family"] == "practical" for c in cells):
         lines += ["", "## Practical: non-MMA ALU work per evaluated pair", "", ALU_DEFINITION, ""]
         lines += _alu_table(cells)
