@@ -62,6 +62,7 @@ says how many pieces each launch takes and which rule separates them.
 This module reads no array values, so planning never forces an evaluation.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -95,8 +96,27 @@ _FIRST_TILE = 9
 _STAGES = ("forward", "dq", "dkdv")
 
 
+#: Set inside ``whole_launches()``: no launch is split.
+_whole = False
+
+
+@contextlib.contextmanager
+def whole_launches():
+    """Inside the block every launch runs as one dispatch, whatever the
+    budget: ``bench --cost`` counts what a whole launch issues."""
+    global _whole
+    before, _whole = _whole, True
+    try:
+        yield
+    finally:
+        _whole = before
+
+
 def budget_ms() -> float:
-    """The budget per piece: ``MLX_FLASH_MAX_DISPATCH_MS`` or the default."""
+    """The budget per piece: ``MLX_FLASH_MAX_DISPATCH_MS`` or the default
+    (infinite inside ``whole_launches()``)."""
+    if _whole:
+        return math.inf
     text = os.environ.get(BUDGET_ENV, "").strip()
     if not text:
         return DEFAULT_BUDGET_MS

@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .. import blockwise, emulator, families, masks
+from .. import blockwise, dispatch, emulator, families, masks
 from ..call import AttentionCall
 from . import bounds
 from . import masks as mask_names
@@ -235,8 +235,11 @@ def backward_inputs(call: AttentionCall, dout):
 
 def profile_launches(run: Callable[[], None]) -> List[emulator.Profile]:
     """The profiles of the first grid column of every launch ``run`` makes
-    through ``mlx_flash.kernels.launch``, on the emulator, one schedule."""
-    with emulator.metal(schedule="forward", profile=True, threadgroups=first_column) as session:
+    through ``mlx_flash.kernels.launch``, on the emulator, one schedule;
+    each launch whole, not cut into watchdog-safe pieces
+    (``mlx_flash.dispatch``): the pieces only divide the same work."""
+    with dispatch.whole_launches(), emulator.metal(schedule="forward", profile=True,
+                                                   threadgroups=first_column) as session:
         run()
     return session.profiles
 
