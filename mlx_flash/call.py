@@ -46,3 +46,29 @@ class AttentionCall:
     def backward(self, dout: mx.array, lse: mx.array, delta: mx.array) -> "AttentionCall":
         """The same call with the backward's inputs."""
         return replace(self, dout=dout, lse=lse, delta=delta)
+
+    def kv_heads(self, start: int, stop: int) -> "AttentionCall":
+        """The same call restricted to KV heads ``[start, stop)`` and their
+        query heads (``group`` per KV head): an attention problem of its own,
+        since no head reads another's rows. A mask array with a head axis
+        and the sinks keep those query heads' entries."""
+        g = self.group
+        rows = slice(start * g, stop * g)
+
+        def heads(x):
+            return None if x is None else x[:, rows]
+
+        mask = self.mask
+        if mask.array is not None and mask.array.ndim == 4 and mask.array.shape[1] > 1:
+            mask = mask.with_array(mask.array[:, rows])
+        return replace(
+            self,
+            q=self.q[:, rows],
+            k=self.k[:, start:stop],
+            v=self.v[:, start:stop],
+            mask=mask,
+            sinks=None if self.sinks is None else self.sinks[rows],
+            dout=heads(self.dout),
+            lse=heads(self.lse),
+            delta=heads(self.delta),
+        )

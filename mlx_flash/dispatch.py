@@ -67,7 +67,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -232,16 +232,67 @@ def pieces_of(costs: Sequence[float], budget: float) -> Tuple[Tuple[int, int], .
     return tuple(runs)
 
 
-def split(stage: str, family: str, q, k, v, mask, rows: int, inner: int) -> Split:
-    """The pieces of ``stage``'s launch for tiles of ``rows`` positions
-    (against ``inner``-position inner tiles) under this budget and rate."""
+def _tile_seconds(stage: str, family: str, q, k, v, mask, rows: int, inner: int) -> List[float]:
+    """Predicted seconds of each tile of a launch over all of ``q``'s heads
+    and batch rows."""
     B, n_q_heads, q_len, head_dim = q.shape
     pairs = tile_pairs(stage, rows, inner, q_len, k.shape[2], bool(mask.causal), int(mask.window or 0))
     flops, _ = rate(family, q.dtype)
     per_pair = flops_per_pair(stage, head_dim, v.shape[-1]) * B * n_q_heads / flops
-    seconds = [p * per_pair for p in pairs]
+    return [p * per_pair for p in pairs]
+
+
+def split(stage: str, family: str, q, k, v, mask, rows: int, inner: int) -> Split:
+    """The pieces of ``stage``'s launch for tiles of ``rows`` positions
+    (against ``inner``-position inner tiles) under this budget and rate."""
+    seconds = _tile_seconds(stage, family, q, k, v, mask, rows, inner)
     pieces = pieces_of(seconds, budget_ms() / 1e3)
-    return Split(stage, pieces, tuple(sum(seconds[a:b]) for a, b in pieces), len(pairs), rows)
+    return Split(stage, pieces, tuple(sum(seconds[a:b]) for a, b in pieces), len(seconds), rows)
+
+
+def head_pieces(stage: str, family: str, q, k, v, mask, rows: int, inner: int) -> Tuple[Tuple[int, int], ...]:
+    """KV-head ranges ``(start, stop)`` to launch one after the other so
+    that one tile of a range's heads stays within the budget.
+
+    A launch cuts no finer than one tile across all its heads: at 64k
+    tokens one tile column of 32 heads is predicted well past the budget.
+    Heads do not read each other's rows, so a launch over fewer heads (whole
+    GQA groups: a KV head and its query heads) is a problem of its own,
+    cut again by tiles. One range when one tile of all heads fits."""
+    n_kv_heads = k.shape[1]
+    worst = max(_tile_seconds(stage, family, q, k, v, mask, rows, inner), default=0.0)
+    per_head = worst / n_kv_heads
+    budget = budget_ms() / 1e3
+    if worst <= budget:
+        return ((0, n_kv_heads),)
+    width = max(1, int(budget // per_head)) if per_head > 0 else n_kv_heads
+    return tuple((h, min(h + width, n_kv_heads)) for h in range(0, n_kv_heads, width))
+
+
+def by_heads(stage: str, family: str, launcher: Callable, tiles: Callable) -> Callable:
+    """``launcher`` (an ``AttentionCall`` to its outputs, axis 1 the heads)
+    run over the ranges ``head_pieces`` plans, outputs joined along the
+    heads; ``tiles(stage, q, k, v)`` gives the launch's ``(rows, inner)``.
+    Each range ends its command buffer where MLX allows it."""
+
+    @functools.wraps(launcher)
+    def run(call):
+        q, k, v, mask = call.q, call.k, call.v, call.mask
+        ranges = head_pieces(stage, family, q, k, v, mask, *tiles(stage, q, k, v))
+        if len(ranges) == 1:
+            return launcher(call)
+        commit = kernels.backend() == "metal"
+        results = []
+        for start, stop in ranges:
+            outputs = launcher(call.kv_heads(start, stop))
+            if commit:
+                commit = _end_command_buffer(outputs)
+            results.append(outputs)
+        if isinstance(results[0], mx.array):
+            return mx.concatenate(results, axis=1)
+        return tuple(mx.concatenate(parts, axis=1) for parts in zip(*results))
+
+    return run
 
 
 def _with_first_tile(params: mx.array, first: int) -> mx.array:
@@ -298,18 +349,28 @@ def describe(family: str, tiles, q, k, v, mask) -> str:
     """How many pieces each launch of ``family`` takes for these inputs,
     the budget and rate, and what separates the pieces' command buffers.
     ``tiles(stage)`` gives a stage's ``(rows, inner)``."""
-    splits = [split(stage, family, q, k, v, mask, *tiles(stage)) for stage in _STAGES]
     names = {"forward": "forward", "dq": "dQ", "dkdv": "dK/dV"}
-    counts = ", ".join(
-        f"{names[s.stage]} {len(s.pieces)} piece{'s' if len(s.pieces) > 1 else ''} of {s.tiles} tiles"
-        for s in splits
-    )
+    group = q.shape[1] // k.shape[1]
+    counts, longest, pieces = [], 0.0, 0
+    for stage in _STAGES:
+        ranges = head_pieces(stage, family, q, k, v, mask, *tiles(stage))
+        # The widest range: the others are as wide, or the narrower last.
+        a, b = ranges[0]
+        s = split(stage, family, q[:, a * group:b * group], k[:, a:b], v[:, a:b], mask, *tiles(stage))
+        total = sum(len(split(stage, family, q[:, x * group:y * group], k[:, x:y], v[:, x:y], mask,
+                              *tiles(stage)).pieces) for x, y in ranges)
+        text = f"{names[stage]} {total} piece{'s' if total > 1 else ''}"
+        if len(ranges) > 1:
+            text += f" ({len(ranges)} ranges of up to {b - a} KV heads, each in pieces of its {s.tiles} tiles)"
+        else:
+            text += f" of {s.tiles} tiles"
+        counts.append(text)
+        longest, pieces = max(longest, max(s.seconds)), max(pieces, total)
     flops, source = rate(family, q.dtype)
-    text = f"launches: {counts} (budget {budget_ms():g} ms at {flops:.3g} FLOP/s, {source})"
-    longest = max(max(s.seconds) for s in splits)
+    text = f"launches: {', '.join(counts)} (budget {budget_ms():g} ms at {flops:.3g} FLOP/s, {source})"
     if longest * 1e3 > budget_ms():
-        text += f"; one tile is predicted at {longest * 1e3:.3g} ms, over the budget"
-    if any(len(s.pieces) > 1 for s in splits):
+        text += f"; one tile of one KV head is predicted at {longest * 1e3:.3g} ms, over the budget"
+    if pieces > 1:
         inputs = _input_mib([q, k, v])
         limit = os.environ.get("MLX_MAX_MB_PER_BUFFER")
         ops = os.environ.get("MLX_MAX_OPS_PER_BUFFER")

@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from . import demo, fused, masks, practical, verdicts
+from . import demo, dispatch, fused, masks, practical, verdicts
 from .call import AttentionCall
 
 #: ``(atol, rtol)`` per input dtype.
@@ -78,8 +78,9 @@ class Family:
     ``tolerances`` the ``(atol, rtol)`` per dtype of its output and every
     gradient against the float32 oracle; ``unsupported(q, k, v, mask)`` why
     it cannot run normalised inputs (or None); ``forward``, ``dkdv`` and
-    ``dq`` its launchers, each taking an ``AttentionCall``; ``fallback`` the
-    family that runs what it does not (None: ``blockwise``);
+    ``dq`` its launchers, each taking an ``AttentionCall`` (through
+    ``dispatch.by_heads``, which runs a long launch over ranges of heads);
+    ``fallback`` the family that runs what it does not (None: ``blockwise``);
     ``cost_dtype`` the dtype ``bench --cost`` counts it in (the one it runs
     for training); ``matrix_products`` whether its products are
     ``simdgroup_matrix`` operations (which the emulator's profiler counts);
@@ -166,9 +167,9 @@ PRACTICAL = Family(
         (mx.bfloat16, (1e-2, 3e-2)),
     ),
     unsupported=practical.unsupported_reason,
-    forward=practical.forward,
-    dkdv=practical.dkdv,
-    dq=practical.dq,
+    forward=dispatch.by_heads("forward", "practical", practical.forward, practical.dispatch_tiles),
+    dkdv=dispatch.by_heads("dkdv", "practical", practical.dkdv, practical.dispatch_tiles),
+    dq=dispatch.by_heads("dq", "practical", practical.dq, practical.dispatch_tiles),
     tiling=_practical_tiling,
     cost_dtype="float32",
     dispatch_tiles=practical.dispatch_tiles,
@@ -188,9 +189,9 @@ DEMO = Family(
         (mx.float32, (2e-5, 2e-4)),
     ),
     unsupported=demo.unsupported_reason,
-    forward=demo.forward,
-    dkdv=demo.dkdv,
-    dq=demo.dq,
+    forward=dispatch.by_heads("forward", "demo", demo.forward, demo.dispatch_tiles),
+    dkdv=dispatch.by_heads("dkdv", "demo", demo.dkdv, demo.dispatch_tiles),
+    dq=dispatch.by_heads("dq", "demo", demo.dq, demo.dispatch_tiles),
     tiling=_demo_tiling,
     cost_dtype="float16",
     fallback="practical",

@@ -124,8 +124,32 @@ def test_explain_reports_the_pieces(monkeypatch):
     monkeypatch.setenv(dispatch.BUDGET_ENV, "1e-9")
     with emulator.metal(schedule="forward"):
         plan = mlx_flash.explain(q, q, q, mask="causal", variant="demo")
-    assert "forward 8 pieces of 8 tiles" in str(plan), str(plan)
-    assert "dK/dV 8 pieces of 8 tiles" in str(plan), str(plan)
+    # One KV head per range (4 ranges), each cut at every one of its 8 tiles.
+    assert "forward 32 pieces (4 ranges of up to 1 KV heads, each in pieces of its 8 tiles)" in str(plan), str(plan)
+    assert "dK/dV 32 pieces (4 ranges" in str(plan), str(plan)
+
+
+def test_a_64k_row_is_cut_by_heads_until_every_tile_fits(monkeypatch):
+    # 32 query heads over 8 KV heads, D = 128, float16, at the default budget
+    # and rate: one tile across all heads is over the budget, one KV group's
+    # is not, so the launches run over ranges of KV heads, each cut by tiles.
+    monkeypatch.delenv(dispatch.BUDGET_ENV, raising=False)
+    L = 65536
+    q = mx.zeros((1, 32, L, 128), mx.float16)
+    k = mx.zeros((1, 8, L, 128), mx.float16)
+    mask = masks.build(L, L, "causal")
+    budget = dispatch.budget_ms() / 1e3
+    for stage in ("forward", "dq", "dkdv"):
+        tiles = demo.dispatch_tiles(stage, q, k, k)
+        assert max(dispatch.split(stage, "demo", q, k, k, mask, *tiles).seconds) > budget
+        ranges = dispatch.head_pieces(stage, "demo", q, k, k, mask, *tiles)
+        assert 1 < len(ranges) <= 8 and ranges[0][0] == 0 and ranges[-1][1] == 8
+        assert all(a == b for (_, a), (b, _) in zip(ranges, ranges[1:]))  # contiguous, no gap
+        for a, b in ranges:
+            piece = dispatch.split(stage, "demo", q[:, 4 * a:4 * b], k[:, a:b], k[:, a:b], mask, *tiles)
+            assert max(piece.seconds) <= budget, (stage, a, b)
+    text = dispatch.describe("demo", lambda s: demo.dispatch_tiles(s, q, k, k), q, k, k, mask)
+    assert "ranges of up to" in text and "over the budget" not in text
 
 
 def test_rate_comes_from_the_doctors_slowest_timing(monkeypatch):
