@@ -10,7 +10,11 @@ GPU. So every forward, dK/dV and dQ launch of the fused kernels goes through
 ``launch`` here, which cuts its grid along the tile axis (query tiles for
 the forward and dQ, key tiles for dK/dV; every batch and head of a tile
 stays in its piece) into contiguous pieces whose predicted time stays under
-``budget_ms()``, each piece its own dispatch:
+``budget_ms()``, each piece its own dispatch. Where one tile across all
+heads is already over the budget (a 64k-token row of 32 heads),
+``by_heads`` first runs the launch over ranges of KV heads (each with its
+query heads: a problem of its own, since no head reads another's rows),
+each range cut by tiles again:
 
 * the kernels read the first tile of their launch from ``params[9]`` and
   write only that piece's rows, into outputs whose sequence axis holds just
