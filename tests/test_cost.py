@@ -247,7 +247,8 @@ def test_cost_report_is_written(tmp_path, capsys):
     assert [(c["dtype"], c["kernel"], c["mask"]) for c in results["cells"]] == [
         (d, k, m) for d in ("float16", "float32") for m in cost.MASKS for k in cost.KERNELS]
     statuses = [t["status"] for t in results["targets"]]
-    assert statuses == ["NOT MEASURED", "NOT MEASURED", "PASS", "NOT MEASURED", "PASS", "PASS", "NOT MEASURED"]
+    assert statuses == ["NOT MEASURED", "NOT MEASURED", "PASS", "PASS", "NOT MEASURED", "PASS", "PASS",
+                        "NOT MEASURED"]
     text = (out / "report.md").read_text()
     assert "Counted by the CPU emulator: exact counts of what the kernels issue, not Metal timings." in text
     assert "| demo | float16 | forward | 64 | 32 | causal | 2/1 |" in text
@@ -268,13 +269,14 @@ def test_cost_report_is_written(tmp_path, capsys):
 def test_cost_targets_fail_above_their_bound():
     cell = {"family": "demo", "kernel": "forward", "head_dim": 128, "mask": "causal", "seq": 4096,
             "q_heads": 8, "kv_heads": 8, "bytes": {"tensor": 160, "tiling": 100, "mask": 4, "metadata": 16},
-            "threadgroup_peak_bytes": 20000, "dtype": "float16"}
-    wide = {**cell, "dtype": "float32", "threadgroup_peak_bytes": 30000}
+            "threadgroup_peak_bytes": 20000, "dtype": "float16", "flops": {"issued": 4096, "counted": 4096}}
+    wide = {**cell, "dtype": "float32", "threadgroup_peak_bytes": 30000, "flops": {"issued": 4096, "counted": 2048}}
     results = cost_report.evaluate([cell, wide])
-    assert [r["status"] for r in results] == ["FAIL", "NOT MEASURED", "FAIL", "NOT MEASURED", "FAIL", "FAIL",
-                                              "NOT MEASURED"]
-    assert "1.6" in results[0]["detail"] and "0.125" in results[2]["detail"] and "20,000" in results[4]["detail"]
-    assert "30,000" in results[5]["detail"] and "20,000" not in results[5]["detail"]
+    assert [r["status"] for r in results] == ["FAIL", "NOT MEASURED", "FAIL", "FAIL", "NOT MEASURED", "FAIL",
+                                              "FAIL", "NOT MEASURED"]
+    assert "1.6" in results[0]["detail"] and "0.125" in results[3]["detail"] and "20,000" in results[5]["detail"]
+    assert "over: demo forward D=128 L=4096 causal H=8/8 float32 2,048" in results[2]["detail"]
+    assert "30,000" in results[6]["detail"] and "20,000" not in results[6]["detail"]
 
 
 @pytest.mark.parametrize("args, message", [
