@@ -48,6 +48,7 @@ import yaml
 
 from ..attention import VARIANTS
 from ..folders import unwritable
+from ..text import first_line
 from . import builtin, gguf
 
 
@@ -512,11 +513,6 @@ def _check_hf_dataset(spec) -> None:
 def ignored_keys(values: dict) -> List[str]:
     """One warning per mlx-lm key that is set but means nothing here (``IGNORED``)."""
     return [f"{key}: {values[key]!r} is ignored: {why}" for key, why in IGNORED.items() if values.get(key) is not None]
-
-
-def first_line(error: Exception) -> str:
-    """The first line of an exception's message (or its type's name), for a one-line error."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _schedules() -> List[str]:

@@ -24,7 +24,8 @@ import types
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .config import RecipeError, first_line
+from ..text import first_line
+from .config import RecipeError
 
 SPLITS = ("train", "valid", "test")
 _FORMAT_HELP = "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/LORA.md#data"

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import RecipeError, first_line
+from ..text import first_line
+from .config import RecipeError
 
 
 def _cached(model: str) -> Optional[str]:

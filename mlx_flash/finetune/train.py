@@ -49,6 +49,7 @@ from ..explain import explain
 from ..machine import describe
 from ..patch import patched
 from ..plan.recipe import before_loading
+from ..text import first_line
 from ..stats import percentile
 from ..step import bounded
 from . import builtin, checkpoint, data, files, gguf, hub, interrupts, resume
@@ -103,8 +104,7 @@ def load_base(recipe):
                 trust_remote_code=recipe.trust_remote_code,
             )
     except Exception as e:  # noqa: BLE001 - every load failure is reported the same way
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RecipeError(f"model: cannot load '{recipe.model}': {first_line}") from None
+        raise RecipeError(f"model: cannot load '{recipe.model}': {first_line(e)}") from None
     return model, tokenizer, config, path
 
 
