@@ -16,8 +16,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 from mlx.utils import tree_flatten
 from mlx_lm.gguf import permute_weights, translate_weight_names
-from mlx_lm.utils import _get_classes
 from tokenizers import pre_tokenizers
+
+from mlx_flash.finetune.builtin import model_classes
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 TOKENS = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -59,7 +60,7 @@ TINY = {
 
 def tiny_model(config: dict, seed: int = 0):
     """A randomly initialised mlx-lm model of ``config`` (float32)."""
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     # Norm weights start at one; vary them so that a misplaced norm shows.

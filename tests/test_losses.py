@@ -13,9 +13,9 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import _get_classes
 
 from conftest import assert_close
+from mlx_flash.finetune.builtin import model_classes
 from mlx_flash.losses import LinearHead, chunked_loss, final_hidden, head_from_module, head_of, linear_cross_entropy
 
 
@@ -291,7 +291,7 @@ FAMILIES = {
 
 def build(model_type, seed=0, **extra):
     config = dict(BASE, model_type=model_type, **FAMILIES.get(model_type, {}), **extra)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())
@@ -372,7 +372,7 @@ def test_lora_gradients_equal_default_loss(model_type, keys, quantize):
 
 def test_unsplittable_model_is_refused_in_one_line():
     config = dict(BASE, model_type="minicpm", dim_model_base=16, scale_emb=1.0, scale_depth=1.0)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     for fn in (head_of, lambda m: final_hidden(m, mx.zeros((1, 2), mx.int32))):
         with pytest.raises(ValueError) as info:
@@ -436,7 +436,7 @@ def test_auto_threshold_and_refusal():
     assert loss_choice.choose("chunked", model, 1, 8, True, full, packed)[1] is loss_choice.chunked_packed_loss
     assert loss_choice.choose("full", model, 8, 65536, True, full, packed)[:2] == ("full", packed)
     config = dict(BASE, model_type="minicpm", dim_model_base=16, scale_emb=1.0, scale_depth=1.0)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     odd = model_class(args_class.from_dict(config))
     assert loss_choice.choose("auto", odd, 8, 65536, False, full, packed)[0] == "full"
     with pytest.raises(ValueError, match="model type 'minicpm' cannot be split"):
