@@ -282,7 +282,8 @@ def _peer_table(cells: List[dict], peer_cells: List[dict]) -> List[str]:
             f"| {mask_metadata_ratio(c):.3f} | {mask_metadata_ratio(default):.3f} |"
         )
     for p in peer_cells:
-        if p["kernel"] == "delta":
+        # Its delta kernel is the same in both variants.
+        if p["kernel"] == "delta" and p["variant"] == "default":
             lines.append(
                 f"| {p['head_dim']} | {p['seq']} | {p['mask']} | {p['q_heads']}/{p['kv_heads']} | delta "
                 f"| an MLX reduction | | {_mb(p['bytes']['tensor'])} ({p['variant']}, {p['dtype']}) | | | | | "
