@@ -77,6 +77,28 @@ def test_split_launch_is_bit_identical(backend, case, monkeypatch):
         assert np.array_equal(_bits(a), _bits(b)), f"{name} differs between the whole and the split launch"
 
 
+@pytest.mark.parametrize("family_name, dtype, kind", [("demo", mx.float16, "bool"), ("practical", mx.float32, "additive")])
+def test_head_ranges_slice_a_per_head_mask_array(family_name, dtype, kind, monkeypatch):
+    # A mask array with a query-head axis and sinks: each range of KV heads
+    # must get its own query heads' rows of both, or the split would differ.
+    B, n_q, n_kv, L, dim = 1, 4, 2, 40, 64
+    q, k, v, dout = random_inputs(B, n_q, n_kv, L, L, dim, dim, dtype, seed=5)
+    rng = np.random.default_rng(7)
+    keep = rng.random((B, n_q, L, L)) < 0.7
+    keep[..., 0] = True
+    array = mx.array(keep) if kind == "bool" else mx.array(np.where(keep, 0.0, -3.0).astype(np.float32))
+    mask = structured(L, L, array)
+    sinks = mx.array(np.linspace(-1, 1, n_q), dtype=mx.float32)
+    family = families.get(family_name)
+    monkeypatch.setenv(dispatch.BUDGET_ENV, "1e-9")
+    tiles = family.dispatch_tiles("forward", q, k, v)
+    assert dispatch.head_pieces("forward", family.name, q, k, v, mask, *tiles) == ((0, 1), (1, 2))
+    whole = _run(family, q, k, v, dout, mask, sinks, "emulator", monkeypatch, None)
+    pieces = _run(family, q, k, v, dout, mask, sinks, "emulator", monkeypatch, "1e-9")
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), whole, pieces):
+        assert np.array_equal(_bits(a), _bits(b)), f"{name} differs between the whole and the split launch"
+
+
 def test_pieces_stay_within_the_budget():
     assert dispatch.pieces_of([1, 1, 1, 1], 2) == ((0, 2), (2, 4))
     assert dispatch.pieces_of([3, 1, 1], 2) == ((0, 1), (1, 3))  # a tile over the budget is alone
