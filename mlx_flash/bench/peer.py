@@ -233,7 +233,7 @@ def count(problem: Problem, seed: int = 0) -> List[dict]:
             variant=dkv_tile[0], d_slab=dkv_tile[1], **packed)
         return results["dk"], results["dv"]
 
-    # In the order its API launches them (delta reads the forward's output).
+    # In the order its API launches them.
     launches = {"forward": forward, "delta": delta, "dq": dq, "dkdv": dkdv}
     profiles, seconds = {}, {}
     with _kernels_on_emulator():
