@@ -365,7 +365,8 @@ def describe(family: str, tiles, q, k, v, mask) -> str:
                               *tiles(stage)).pieces) for x, y in ranges)
         text = f"{names[stage]} {total} piece{'s' if total > 1 else ''}"
         if len(ranges) > 1:
-            text += f" ({len(ranges)} ranges of up to {b - a} KV heads, each in pieces of its {s.tiles} tiles)"
+            heads = f"{b - a} KV head{'s' if b - a > 1 else ''}"
+            text += f" ({len(ranges)} ranges of up to {heads}, each in pieces of its {s.tiles} tiles)"
         else:
             text += f" of {s.tiles} tiles"
         counts.append(text)

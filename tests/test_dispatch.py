@@ -147,7 +147,7 @@ def test_explain_reports_the_pieces(monkeypatch):
     with emulator.metal(schedule="forward"):
         plan = mlx_flash.explain(q, q, q, mask="causal", variant="demo")
     # One KV head per range (4 ranges), each cut at every one of its 8 tiles.
-    assert "forward 32 pieces (4 ranges of up to 1 KV heads, each in pieces of its 8 tiles)" in str(plan), str(plan)
+    assert "forward 32 pieces (4 ranges of up to 1 KV head, each in pieces of its 8 tiles)" in str(plan), str(plan)
     assert "dK/dV 32 pieces (4 ranges" in str(plan), str(plan)
 
 
