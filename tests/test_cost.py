@@ -286,6 +286,7 @@ def test_cost_targets_fail_above_their_bound():
     (["--cost", "--head-dim", "32", "--variants", "demo"], "--head-dim: demo takes"),
     (["--cost", "--heads", "8", "--kv-heads", "3"], "--kv-heads: 3 does not divide"),
     (["--before", "x.json"], "--before: only with --cost"),
+    (["--no-peer"], "--no-peer: only with --cost"),
 ])
 def test_cost_arguments_are_checked(args, message, capsys, tmp_path):
     assert cli.main(args + ["--out", str(tmp_path / "x")]) == 2

@@ -578,6 +578,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_cost(args, argv)
     if args.before:
         return _fail("--before: only with --cost")
+    if args.no_peer:
+        return _fail("--no-peer: only with --cost")
     if args.render:
         return render(args)
     chosen = settings(args)
