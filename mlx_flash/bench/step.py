@@ -87,39 +87,24 @@ def shipped_config(name: str) -> dict:
 
 def build(name: str, layers: int, seed: int = 0, vocab: Optional[int] = None):
     """An mlx-lm model of the shipped config ``name`` with ``layers`` layers
-    and random weights (quantized as the config says)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.utils import _get_classes
+    and random weights (quantized as the config says), and its bits."""
+    from ..lora_step import build as build_model
 
     config = dict(shipped_config(name))
     quantization = config.pop("quantization", None)
-    config["num_hidden_layers"] = layers
-    if "layer_types" in config:
-        config["layer_types"] = config["layer_types"][:layers]
-    if vocab:
-        config["vocab_size"] = vocab
-    model_class, args_class = _get_classes(config)
-    mx.random.seed(seed)
-    model = model_class(args_class.from_dict(config))
-    if quantization:
-        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"])
-    mx.eval(model.parameters())
+    model = build_model(config, layers, seed, vocab, quantization)
     return model, quantization["bits"] if quantization else None
 
 
 def run_cell(name: str, layers: int, seq: int, mode: str, batch: int = 1, documents: int = 8, rank: int = 8,
              seed: int = 0, chunk_tokens="auto", vocab: Optional[int] = None) -> dict:
     """One step of one cell in this process; the cell's record."""
-    from contextlib import nullcontext
-
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    from .. import lora_step
     from ..documents import segments
     from ..losses import chunked_loss
     from ..patch import patched
@@ -128,11 +113,7 @@ def run_cell(name: str, layers: int, seq: int, mode: str, batch: int = 1, docume
     if mode not in MODES:
         raise ValueError(f"--modes: unknown mode '{mode}' (from {', '.join(MODES)})")
     model, bits = build(name, layers, seed, vocab)
-    model.freeze()
-    linear_to_lora_layers(model, layers, {"rank": rank, "scale": 20.0, "dropout": 0.0})
-    mx.eval(model.parameters())
-    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
-    weights = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k not in trainable)
+    weights = lora_step.add_lora(model, layers, rank)
     if mode == "stock+ckpt":
         grad_checkpoint(model.layers[0])
     if mode == "all":
@@ -152,17 +133,12 @@ def run_cell(name: str, layers: int, seq: int, mode: str, batch: int = 1, docume
 
     optimizer = optim.Adam(learning_rate=1e-5)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    mx.eval(tokens, ids, lengths)
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    outer = segments(ids) if mode == "stock+ckpt" else nullcontext()
-    tic = time.perf_counter()
-    with patched("mlx" if mode.startswith("stock") else "auto"), outer:
-        (value, ntoks), grad = loss_and_grad(model, tokens, ids, lengths)
-        optimizer.update(model, grad)
-        mx.eval(value, ntoks, model.parameters(), optimizer.state)
-    wall = time.perf_counter() - tic
-    peak = mx.get_peak_memory()
+    contexts = [patched("mlx" if mode.startswith("stock") else "auto")]
+    if mode == "stock+ckpt":
+        # mlx-lm's checkpoint recomputes after the loss has left segments():
+        # held around the whole step, the recompute sees the documents too.
+        contexts.append(segments(ids))
+    value, wall, peak = lora_step.timed_step(model, loss_and_grad, optimizer, (tokens, ids, lengths), contexts)
     args = model.args
     return {
         "model": name,
@@ -196,15 +172,14 @@ def reference_loss(name: str, layers: int, seq: int, batch: int = 1, documents: 
     between layers. ``attention="auto"``: mlx-flash's fused attention
     instead, where the dense mask's ``L x L`` scores would not fit."""
     import mlx.core as mx
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from ..documents import segments
     from ..losses import chunked_loss
+    from ..lora_step import add_lora
     from ..patch import patched
 
     model, _ = build(name, layers, seed, vocab)
-    model.freeze()
-    linear_to_lora_layers(model, layers, {"rank": rank, "scale": 20.0, "dropout": 0.0})
+    add_lora(model, layers, rank)
     mx.random.seed(seed + 1)
     tokens = mx.random.randint(0, model.args.vocab_size, (batch, seq + 1))
     per_doc = -(-seq // documents)

@@ -37,7 +37,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 MODES = ("stock", "stock+ckpt", "fused")
@@ -45,47 +44,23 @@ MODES = ("stock", "stock+ckpt", "fused")
 FLASH_MODES = ("fused+loss", "all")
 
 
-def _build(name: str, layers: int, vocab, bits):
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.utils import _get_classes
-
-    from .models import shipped_config
-
-    config = dict(shipped_config(name))
-    config.pop("quantization", None)
-    config["num_hidden_layers"] = layers
-    if "layer_types" in config:
-        config["layer_types"] = config["layer_types"][:layers]
-    if vocab:
-        config["vocab_size"] = vocab
-    model_class, args_class = _get_classes(config)
-    mx.random.seed(0)
-    model = model_class(args_class.from_dict(config))
-    if bits:
-        nn.quantize(model, group_size=64, bits=bits)
-    mx.eval(model.parameters())
-    return model
-
-
 def run_cell(name, layers, seq, mode, batch=1, documents=8, vocab=None, bits=None, rank=8) -> dict:
     """Measure one cell in this process; returns the cell's record."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    from .. import lora_step
     from ..documents import segments
     from ..patch import patched
+    from .models import shipped_config
 
-    model = _build(name, layers, vocab, bits)
-    model.freeze()
-    linear_to_lora_layers(model, layers, {"rank": rank, "scale": 20.0, "dropout": 0.0})
-    mx.eval(model.parameters())
-    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
-    weights = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k not in trainable)
+    config = dict(shipped_config(name))
+    config.pop("quantization", None)
+    model = lora_step.build(config, layers, seed=0, vocab=vocab,
+                            quantization={"group_size": 64, "bits": bits} if bits else None)
+    weights = lora_step.add_lora(model, layers, rank)
     if mode == "stock+ckpt":
         grad_checkpoint(model.layers[0])
     loss = default_loss
@@ -109,16 +84,8 @@ def run_cell(name, layers, seq, mode, batch=1, documents=8, vocab=None, bits=Non
 
     optimizer = optim.Adam(learning_rate=1e-5)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    mx.eval(tokens, ids, lengths)
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    tic = time.perf_counter()
-    with patched(variant):
-        (value, ntoks), grad = loss_and_grad(model, tokens, ids, lengths)
-        optimizer.update(model, grad)
-        mx.eval(value, ntoks, model.parameters(), optimizer.state)
-    wall = time.perf_counter() - tic
-    peak = mx.get_peak_memory()
+    value, wall, peak = lora_step.timed_step(model, loss_and_grad, optimizer, (tokens, ids, lengths),
+                                             [patched(variant)])
     return {
         "model": name,
         "layers": layers,
