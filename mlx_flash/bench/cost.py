@@ -173,13 +173,27 @@ TENSOR_BUFFERS = ("q", "k", "v", "dout", "o", "out", "lse", "delta", "dq", "dk",
 MASK_BUFFERS = ("mask_array", "q_segments", "k_segments", "q_ranges", "k_ranges", "sinks")
 
 
-def buffer_class(name: str) -> str:
-    """``"tensor"``, ``"mask"`` or ``"metadata"`` for a kernel buffer name."""
-    if name in TENSOR_BUFFERS:
+def buffer_class(name: str, tensors: Sequence[str] = TENSOR_BUFFERS, mask: Sequence[str] = MASK_BUFFERS) -> str:
+    """``"tensor"``, ``"mask"`` or ``"metadata"`` for a kernel buffer name
+    (another kernel's buffer names: ``tensors`` and ``mask``)."""
+    if name in tensors:
         return "tensor"
-    if name in MASK_BUFFERS:
+    if name in mask:
         return "mask"
     return "metadata"
+
+
+def device_bytes(profile: emulator.Profile, factor: int, tensors: Sequence[str] = TENSOR_BUFFERS,
+                 mask: Sequence[str] = MASK_BUFFERS) -> Tuple[Dict[str, List[int]], Dict[str, int]]:
+    """``({buffer: [loaded, stored]}, {class: bytes})`` of a launch from the
+    profile of its first grid column, times ``factor`` (``scaled_totals``)."""
+    device: Dict[str, List[int]] = {}
+    classes = {"tensor": 0, "mask": 0, "metadata": 0}
+    for name, (loaded, stored) in profile.device_bytes.items():
+        loaded, stored = loaded * factor, stored * factor
+        device[name] = [loaded, stored]
+        classes[buffer_class(name, tensors, mask)] += loaded + stored
+    return device, classes
 
 
 def first_column(counts) -> List[Tuple[int, int, int]]:
@@ -276,12 +290,7 @@ def cell(case: Case, kernel: str, profile: emulator.Profile, tiling: bounds.Tili
     problem = _problem(case)
     pairs = bounds.kept_pairs(mask, case.batch) * case.q_heads
     evaluated = evaluated_pairs(mask, tiling, case.q_heads, case.batch)
-    device: Dict[str, List[int]] = {}
-    classes = {"tensor": 0, "mask": 0, "metadata": 0}
-    for name, (loaded, stored) in profile.device_bytes.items():
-        loaded, stored = loaded * factor, stored * factor
-        device[name] = [loaded, stored]
-        classes[buffer_class(name)] += loaded + stored
+    device, classes = device_bytes(profile, factor)
     counted_mma = totals.get("simdgroup_matrix.multiply_accumulate", 0)
     return {
         **asdict(case),

@@ -58,14 +58,6 @@ def version() -> Optional[str]:
     return importlib.metadata.version(DISTRIBUTION)
 
 
-def buffer_class(name: str) -> str:
-    if name in TENSOR_BUFFERS:
-        return "tensor"
-    if name in MASK_BUFFERS:
-        return "mask"
-    return "metadata"
-
-
 @dataclass(frozen=True)
 class Problem:
     """One attention problem of the cost grid, in one of its dtypes."""
@@ -253,11 +245,7 @@ def count(problem: Problem, seed: int = 0) -> List[dict]:
 def cell(problem: Problem, kernel: str, profile, mask, body, seconds: float) -> dict:
     """One of its kernels' counts, in the fields the cost report compares."""
     totals, factor = cost.scaled_totals(profile)
-    classes = {"tensor": 0, "mask": 0, "metadata": 0}
-    device = {}
-    for name, (loaded, stored) in profile.device_bytes.items():
-        device[name] = [loaded * factor, stored * factor]
-        classes[buffer_class(name)] += (loaded + stored) * factor
+    device, classes = cost.device_bytes(profile, factor, TENSOR_BUFFERS, MASK_BUFFERS)
     size = mx.finfo(DTYPES[problem.dtype]).bits // 8
     shape = bounds.Problem(1, problem.q_heads, problem.kv_heads, problem.seq, problem.seq,
                            problem.head_dim, problem.head_dim, size)
